@@ -1,0 +1,37 @@
+"""The ``synthvox`` command: one Typer app, one module per subcommand.
+
+Each subcommand module defines ``register(app)``, which adds its command(s) to the app. Heavy imports
+(torch, nibabel, monai) stay inside the command functions so that ``synthvox --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="synthvox",
+    help="General-purpose voxel features for 3D biomedical volumes, learned from synthetic data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+#: Subcommand modules, in the order ``--help`` lists them.
+SUBCOMMANDS: list[str] = []
+
+for _name in SUBCOMMANDS:
+    importlib.import_module(f"synthvox.cli.{_name}").register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from synthvox.cli.common import tune_allocator
+
+    tune_allocator()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Volume: a channel-first ``(C, X, Y, Z)`` tensor with a 4x4 voxel-to-world (RAS) affine.
+
+Geometry helpers (reorientation, resampling onto grids and spacings) live here; they never read or
+write files (that is :mod:`synthvox.io`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synthvox.errors import InputError
+
+
+@dataclass
+class Volume:
+    """A 3D image or label map with its geometry.
+
+    Attributes:
+        data: tensor of shape ``(C, X, Y, Z)``.
+        affine: ``(4, 4)`` float64 array mapping voxel indices to RAS world coordinates in mm.
+    """
+
+    data: torch.Tensor
+    affine: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 4:
+            raise InputError(f"a Volume needs a (C, X, Y, Z) tensor, got shape {tuple(self.data.shape)}")
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.affine.shape != (4, 4):
+            raise InputError(f"an affine must be 4x4, got {self.affine.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape ``(X, Y, Z)``."""
+        return tuple(int(s) for s in self.data.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each array axis (norms of the affine's columns)."""
+        return spacing_of(self.affine)
+
+    def to(self, device: torch.device | str) -> Volume:
+        return Volume(self.data.to(device), self.affine.copy())
+
+
+def spacing_of(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each array axis of ``affine``."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> bool:
+    """True when ``a`` and ``b`` share spatial shape and affine (within ``atol`` mm)."""
+    return a.shape == b.shape and bool(np.allclose(a.affine, b.affine, atol=atol))
+
+
+def to_canonical(vol: Volume) -> Volume:
+    """Reorder and flip axes so the array is closest to RAS+ (as nibabel's ``as_closest_canonical``).
+
+    Only permutations and flips are applied: no interpolation, so values are unchanged.
+    """
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(vol.affine)
+    target = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    transform = nib.orientations.ornt_transform(ornt, target)
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        return Volume(vol.data, vol.affine.copy())
+    data = vol.data
+    # transform[i] = (new axis, flip) for input axis i
+    perm = [0] * 3
+    for in_ax, (out_ax, flip) in enumerate(transform):
+        if flip < 0:
+            data = data.flip(in_ax + 1)
+        perm[int(out_ax)] = in_ax
+    data = data.permute(0, *(p + 1 for p in perm)).contiguous()
+    affine = vol.affine @ nib.orientations.inv_ornt_aff(transform, vol.shape)
+    return Volume(data, affine)
+
+
+def grid_to_grid(src_affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray:
+    """4x4 matrix mapping destination voxel indices to source voxel indices."""
+    return np.linalg.inv(np.asarray(src_affine, np.float64)) @ np.asarray(dst_affine, np.float64)
+
+
+def voxel_grid(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Voxel index coordinates of a grid, shape ``(X, Y, Z, 3)``, float32."""
+    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def normalise_coords(vox: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Voxel index coordinates ``(..., 3)`` in (x, y, z) array order to ``grid_sample``'s [-1, 1].
+
+    Returns the coordinates reversed to (z, y, x) as ``grid_sample`` expects for a ``(N, C, X, Y, Z)``
+    input, with ``align_corners=True`` semantics.
+    """
+    size = torch.tensor([max(s - 1, 1) for s in shape], dtype=vox.dtype, device=vox.device)
+    return (2.0 * vox / size - 1.0).flip(-1)
+
+
+def sample_at(
+    data: torch.Tensor, vox: torch.Tensor, mode: str = "linear", padding: str = "zeros"
+) -> torch.Tensor:
+    """Sample a ``(C, X, Y, Z)`` tensor at voxel coordinates ``vox`` of shape ``(X', Y', Z', 3)``.
+
+    Args:
+        data: the source array.
+        vox: voxel coordinates into ``data`` (x, y, z order).
+        mode: ``"linear"`` for images, ``"nearest"`` for label maps (ids preserved exactly).
+        padding: ``"zeros"`` or ``"border"``.
+    """
+    gs_mode = {"linear": "bilinear", "nearest": "nearest"}[mode]
+    grid = normalise_coords(vox, tuple(data.shape[1:]))[None]
+    is_int = not torch.is_floating_point(data)
+    src = data.to(torch.float64 if is_int else data.dtype)
+    if is_int and data.abs().max() < 2**24:
+        src = data.to(torch.float32)
+    out = F.grid_sample(src[None], grid.to(src.dtype), mode=gs_mode, padding_mode=padding, align_corners=True)[0]
+    if is_int:
+        out = out.round().to(data.dtype)
+    return out
+
+
+def resample_to_grid(
+    vol: Volume,
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    mode: str = "linear",
+    padding: str = "zeros",
+) -> Volume:
+    """Resample ``vol`` onto the grid given by ``shape`` and ``affine`` through world space.
+
+    Works for any (oblique, anisotropic, flipped) pair of affines. ``mode="nearest"`` keeps label ids.
+    """
+    m = torch.as_tensor(grid_to_grid(vol.affine, affine), dtype=torch.float64)
+    if np.allclose(m.numpy(), np.eye(4), atol=1e-6) and tuple(shape) == vol.shape:
+        return Volume(vol.data.clone(), np.asarray(affine, np.float64).copy())
+    device = vol.data.device
+    grid = voxel_grid(tuple(shape), device=device).to(torch.float64)
+    vox = grid @ m[:3, :3].T.to(device) + m[:3, 3].to(device)
+    out = sample_at(vol.data, vox.to(torch.float32), mode=mode, padding=padding)
+    return Volume(out, np.asarray(affine, np.float64).copy())
+
+
+def resample_like(vol: Volume, ref: Volume, mode: str = "linear", padding: str = "zeros") -> Volume:
+    """Resample ``vol`` onto ``ref``'s grid."""
+    return resample_to_grid(vol, ref.shape, ref.affine, mode=mode, padding=padding)
+
+
+def grid_for_spacing(
+    shape: tuple[int, int, int], affine: np.ndarray, spacing: float | tuple[float, float, float]
+) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The grid covering the same field of view as (``shape``, ``affine``) at a new ``spacing``.
+
+    The directions of the axes are kept; the centre of the field of view stays where it is.
+    """
+    affine = np.asarray(affine, np.float64)
+    old = spacing_of(affine)
+    new = np.broadcast_to(np.asarray(spacing, np.float64), (3,)).copy()
+    if np.any(new <= 0):
+        raise InputError(f"spacing must be positive, got {tuple(new)}")
+    new_shape = tuple(int(max(1, round(s * o / n))) for s, o, n in zip(shape, old, new))
+    direction = affine[:3, :3] / old
+    new_affine = np.eye(4)
+    new_affine[:3, :3] = direction * new
+    centre_old = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + affine[:3, 3]
+    new_affine[:3, 3] = centre_old - new_affine[:3, :3] @ ((np.asarray(new_shape) - 1) / 2.0)
+    return new_shape, new_affine  # type: ignore[return-value]
+
+
+def resample_to_spacing(
+    vol: Volume, spacing: float | tuple[float, float, float], mode: str = "linear"
+) -> Volume:
+    """Resample ``vol`` to a new voxel ``spacing`` (mm), keeping its field of view and directions."""
+    shape, affine = grid_for_spacing(vol.shape, vol.affine, spacing)
+    return resample_to_grid(vol, shape, affine, mode=mode)

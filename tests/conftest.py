@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny volumes with non-trivial (anisotropic, oblique) affines."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# Two cores on CI: keep torch from oversubscribing when several things run.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    cx, sx = np.cos(ax), np.sin(ax)
+    cy, sy = np.cos(ay), np.sin(ay)
+    cz, sz = np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def make_affine(spacing=(1.0, 1.2, 2.0), angles=(0.3, -0.2, 0.5), origin=(-10.0, 20.0, 5.0), flips=(1, 1, 1)):
+    """A 4x4 voxel-to-world affine with the given spacing, rotation (radians), origin and axis flips."""
+    a = np.eye(4)
+    a[:3, :3] = rotation(*angles) @ np.diag(np.asarray(spacing) * np.asarray(flips))
+    a[:3, 3] = origin
+    return a
+
+
+@pytest.fixture
+def oblique_affine() -> np.ndarray:
+    return make_affine()
+
+
+@pytest.fixture
+def blob_labels() -> torch.Tensor:
+    """A (1, 16, 20, 24) label map with three ellipsoids (ids 0, 7, 42, 3)."""
+    x, y, z = torch.meshgrid(torch.arange(16.0), torch.arange(20.0), torch.arange(24.0), indexing="ij")
+    lab = torch.zeros(16, 20, 24, dtype=torch.int64)
+    lab[((x - 8) / 6) ** 2 + ((y - 10) / 7) ** 2 + ((z - 12) / 9) ** 2 < 1] = 7
+    lab[((x - 6) / 3) ** 2 + ((y - 8) / 3) ** 2 + ((z - 10) / 4) ** 2 < 1] = 42
+    lab[((x - 11) / 2.5) ** 2 + ((y - 13) / 3) ** 2 + ((z - 15) / 3) ** 2 < 1] = 3
+    return lab[None]
+
+
+@pytest.fixture
+def smooth_image() -> torch.Tensor:
+    """A (1, 16, 20, 24) smooth float image."""
+    x, y, z = torch.meshgrid(torch.arange(16.0), torch.arange(20.0), torch.arange(24.0), indexing="ij")
+    return (torch.sin(x / 3) + torch.cos(y / 4) + 0.5 * torch.sin(z / 5))[None].float()

@@ -1,0 +1,83 @@
+import numpy as np
+import torch
+from conftest import make_affine
+
+from synthvox.volume import (
+    Volume,
+    grid_for_spacing,
+    resample_like,
+    resample_to_grid,
+    resample_to_spacing,
+    to_canonical,
+)
+
+
+def world_of(vol: Volume, idx) -> np.ndarray:
+    return vol.affine[:3, :3] @ np.asarray(idx, float) + vol.affine[:3, 3]
+
+
+def test_canonical_keeps_world_positions(blob_labels):
+    aff = make_affine(spacing=(1.0, 1.5, 2.0), angles=(0.1, 0.05, 2.9), flips=(-1, 1, -1))
+    vol = Volume(blob_labels, aff)
+    can = to_canonical(vol)
+    assert sorted(can.shape) == sorted(vol.shape)
+    # the columns of the new affine point mostly along +R, +A, +S
+    assert all(can.affine[i, i] > 0 for i in range(3))
+    # every voxel keeps its world position: compare the centroid of label 42 in world space
+    def centroid(v):
+        idx = torch.nonzero(v.data[0] == 42).double().mean(0).numpy()
+        return world_of(v, idx)
+    np.testing.assert_allclose(centroid(can), centroid(vol), atol=1e-6)
+    assert torch.equal(torch.bincount(can.data.flatten()), torch.bincount(vol.data.flatten()))
+
+
+def test_resample_onto_oblique_grid_and_back_keeps_label_volume(blob_labels):
+    src_aff = make_affine(spacing=(1.0, 1.0, 1.0), angles=(0, 0, 0), origin=(0, 0, 0))
+    vol = Volume(blob_labels, src_aff)
+    dst_aff = make_affine(spacing=(0.7, 0.9, 1.1), angles=(0.35, -0.25, 0.6), origin=(0.0, 0.0, 0.0))
+    # choose a destination grid that covers the source: centre it on the source's centre
+    shape = (34, 34, 34)
+    centre = src_aff[:3, :3] @ (np.array(vol.shape) - 1) / 2
+    dst_aff[:3, 3] = centre - dst_aff[:3, :3] @ (np.array(shape) - 1) / 2
+    there = resample_to_grid(vol, shape, dst_aff, mode="nearest")
+    back = resample_like(there, vol, mode="nearest")
+    for lab in (7, 42, 3):
+        v_src = (vol.data == lab).sum().item() * 1.0
+        v_there = (there.data == lab).sum().item() * np.prod(there.spacing)
+        v_back = (back.data == lab).sum().item() * 1.0
+        # "within a voxel's worth" per boundary layer: relative tolerance from the surface-to-volume ratio
+        surface = float(((vol.data == lab).float().sum()) ** (2 / 3)) * 6
+        assert abs(v_there - v_src) < 0.5 * surface, (lab, v_src, v_there)
+        assert abs(v_back - v_src) < 0.5 * surface, (lab, v_src, v_back)
+    assert set(torch.unique(back.data).tolist()) <= {0, 3, 7, 42}
+
+
+def test_linear_resampling_matches_world_function():
+    # an image that is a linear function of world coordinates is reproduced exactly by linear resampling
+    src_aff = make_affine(spacing=(1.0, 1.2, 2.0), angles=(0.2, 0.1, -0.3), origin=(-5, -6, -12))
+    shape = (20, 18, 14)
+    ii = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    world = ii @ src_aff[:3, :3].T + src_aff[:3, 3]
+    f = lambda w: 0.3 * w[..., 0] - 0.2 * w[..., 1] + 0.1 * w[..., 2]  # noqa: E731
+    vol = Volume(torch.from_numpy(f(world)).float()[None], src_aff)
+    dst_aff = make_affine(spacing=(1.5, 1.5, 1.5), angles=(-0.1, 0.3, 0.2), origin=(-2, -1, -4))
+    out = resample_to_grid(vol, (6, 6, 5), dst_aff, mode="linear")
+    jj = np.stack(np.meshgrid(*[np.arange(s) for s in (6, 6, 5)], indexing="ij"), -1)
+    w2 = jj @ dst_aff[:3, :3].T + dst_aff[:3, 3]
+    vox = (w2 - src_aff[:3, 3]) @ np.linalg.inv(src_aff[:3, :3]).T
+    inside = np.all((vox >= 0) & (vox <= np.array(shape) - 1), axis=-1)
+    assert inside.sum() > 50
+    np.testing.assert_allclose(out.data[0].numpy()[inside], f(w2)[inside], atol=1e-3)
+
+
+def test_resample_to_spacing_keeps_field_of_view(smooth_image):
+    aff = make_affine(spacing=(1.0, 1.2, 2.0))
+    vol = Volume(smooth_image, aff)
+    out = resample_to_spacing(vol, 2.0)
+    np.testing.assert_allclose(out.spacing, [2.0, 2.0, 2.0], atol=1e-6)
+    assert out.shape == (8, 12, 24)
+    c_old = world_of(vol, (np.array(vol.shape) - 1) / 2)
+    c_new = world_of(out, (np.array(out.shape) - 1) / 2)
+    np.testing.assert_allclose(c_old, c_new, atol=1e-6)
+    shape, a = grid_for_spacing(vol.shape, aff, (0.5, 0.6, 1.0))
+    assert shape == (32, 40, 48)
