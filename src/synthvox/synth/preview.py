@@ -1,0 +1,96 @@
+"""A montage of synthetic samples for people to look at: middle slices of labels and both views.
+
+Returns a matplotlib figure (Agg backend, no screen needed); writing it is the caller's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+#: The three planes shown, as (name, array axis sliced through).
+PLANES: tuple[tuple[str, int], ...] = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+
+
+def label_colors(n: int, seed: int = 0) -> np.ndarray:
+    """``(n, 4)`` RGBA colours for label ids ``0..n-1``: black background, distinct shuffled hues."""
+    rng = np.random.default_rng(seed)
+    k = max(n - 1, 1)
+    hues = (np.arange(k) * 0.618033988749895) % 1.0  # golden-ratio spacing
+    sat = 0.55 + 0.45 * rng.random(k)
+    val = 0.65 + 0.35 * rng.random(k)
+    import matplotlib.colors as mcolors
+
+    rgb = mcolors.hsv_to_rgb(np.stack([hues, sat, val], axis=1))
+    rgb = rgb[rng.permutation(k)]
+    out = np.ones((n, 4))
+    out[0, :3] = 0.0
+    out[1:, :3] = rgb[: n - 1]
+    return out
+
+
+def _slice(vol: np.ndarray, axis: int) -> np.ndarray:
+    """Middle slice through ``axis``, oriented for display (first remaining axis left to right)."""
+    sl = np.take(vol, vol.shape[axis] // 2, axis=axis)
+    return sl.T
+
+
+def preview_figure(
+    labels: Sequence[torch.Tensor | np.ndarray],
+    view1: Sequence[torch.Tensor | np.ndarray],
+    view2: Sequence[torch.Tensor | np.ndarray],
+    titles: Sequence[str] | None = None,
+    planes: Sequence[tuple[str, int]] = PLANES,
+):
+    """Montage: one row per sample; per plane, the labels, view 1 and view 2 side by side.
+
+    Args:
+        labels: per sample, a ``(X, Y, Z)`` (or ``(1, X, Y, Z)``) integer label map.
+        view1: per sample, the first view (same shape, float).
+        view2: per sample, the second view.
+        titles: optional row titles.
+        planes: planes to show, as ``(name, axis)``.
+
+    Returns:
+        A :class:`matplotlib.figure.Figure` (Agg canvas).
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    if not (len(labels) == len(view1) == len(view2)) or len(labels) == 0:
+        raise ValueError("preview_figure needs the same positive number of label maps and views")
+
+    def arr(x) -> np.ndarray:
+        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return a[0] if a.ndim == 4 else a
+
+    n = len(labels)
+    cols = 3 * len(planes)
+    fig = Figure(figsize=(1.7 * cols, 1.8 * n + 0.5), dpi=100)
+    fig.patch.set_facecolor("black")
+    axes = fig.subplots(n, cols, squeeze=False)
+    for r in range(n):
+        lab = arr(labels[r]).astype(np.int64)
+        v1, v2 = arr(view1[r]).astype(np.float32), arr(view2[r]).astype(np.float32)
+        cmap = ListedColormap(label_colors(int(lab.max()) + 1, seed=r))
+        for p, (name, axis) in enumerate(planes):
+            panels = [
+                (_slice(lab, axis), dict(cmap=cmap, vmin=-0.5, vmax=lab.max() + 0.5, interpolation="nearest")),
+                (_slice(v1, axis), dict(cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")),
+                (_slice(v2, axis), dict(cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")),
+            ]
+            for k, (img, kw) in enumerate(panels):
+                ax = axes[r, 3 * p + k]
+                ax.imshow(img, origin="lower", **kw)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if r == 0:
+                    ax.set_title(f"{name}\n{('labels', 'view 1', 'view 2')[k]}", color="white", fontsize=8)
+        if titles is not None:
+            axes[r, 0].set_ylabel(titles[r], color="white", fontsize=8)
+    fig.subplots_adjust(left=0.03, right=0.99, top=1 - 0.5 / (1.8 * n + 0.5), bottom=0.01, wspace=0.04, hspace=0.06)
+    return fig
