@@ -1,0 +1,63 @@
+"""``synthvox features``: write the network's feature maps of an image as a 4D NIfTI on its grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from synthvox.cli.common import DeviceOption, ForceOption, SeedOption, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``features`` command to ``app``."""
+
+    @app.command("features")
+    @user_errors
+    def features_cmd(
+        image: Path = typer.Argument(..., help="3D NIfTI image."),
+        out: Path = typer.Option(..., "--out", help="Output 4D NIfTI (X, Y, Z, C) on the image's grid."),
+        weights: str = typer.Option(
+            None, "--weights", help="Model directory (e.g. RUN/model); default: the shipped weights; 'random' for an untrained network."
+        ),
+        modality: str = typer.Option("auto", "--modality", help="Intensity normalisation: auto, mr or ct."),
+        ct_window: str = typer.Option(None, "--ct-window", help="CT window in HU as LOW,HIGH (implies CT)."),
+        patch: int = typer.Option(128, "--patch", help="Sliding-window size for large volumes."),
+        device: str = DeviceOption,
+        seed: int = SeedOption,
+        force: bool = ForceOption,
+    ) -> None:
+        """Compute dense voxel features of IMAGE with the pretrained UNet."""
+        from synthvox import io
+        from synthvox.cli.common import resolve_device
+        from synthvox.errors import InputError
+        from synthvox.models import (
+            build_model,
+            extract_features,
+            load_default_model,
+            load_model,
+            normalise_intensity,
+        )
+        from synthvox.volume import Volume
+
+        io.check_output(out, force)
+        if not io.is_nifti_path(out):
+            raise InputError(f"--out must be a NIfTI file (.nii or .nii.gz): {out}")
+        window = None
+        if ct_window:
+            try:
+                window = tuple(float(v) for v in ct_window.split(","))
+            except ValueError:
+                raise InputError(f"--ct-window must be LOW,HIGH in HU, got {ct_window!r}") from None
+        dev = resolve_device(device)
+        vol = io.load(image, what="image")
+        if weights == "random":
+            model = build_model("default", seed=seed).to(dev)
+        elif weights:
+            model = load_model(weights, dev)
+        else:
+            model = load_default_model(dev)
+        x = normalise_intensity(vol.data, modality=modality, ct_window=window)
+        feats = extract_features(model, x, dev, patch=patch)
+        io.save(Volume(feats.cpu(), vol.affine), out, force=force)
+        typer.echo(f"wrote {feats.shape[0]} feature channels of {'x'.join(map(str, vol.shape))} voxels to {out}")

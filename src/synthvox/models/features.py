@@ -1,0 +1,129 @@
+"""Dense feature maps of a volume: intensity normalisation and (sliding-window) network inference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from synthvox.errors import InputError
+
+#: CT window used when none is given: air to dense bone, in Hounsfield units.
+DEFAULT_CT_WINDOW = (-1000.0, 2000.0)
+
+
+def _percentile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``q``-th percentile (0-100) of all values (works on tensors of any size, unlike ``quantile``)."""
+    flat = x.reshape(-1)
+    k = int(round(q / 100.0 * (flat.numel() - 1))) + 1
+    return flat.float().kthvalue(min(max(k, 1), flat.numel())).values
+
+
+def looks_like_ct(image: torch.Tensor) -> bool:
+    """Heuristic: Hounsfield units have air near -1000 (a low percentile below -500)."""
+    return bool(_percentile(image, 1.0) < -500.0)
+
+
+def normalise_intensity(
+    image: torch.Tensor,
+    modality: str = "auto",
+    ct_window: Sequence[float] | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> torch.Tensor:
+    """Map intensities to [0, 1] the way the network saw them in training.
+
+    Args:
+        image: a tensor of any shape (usually ``(1, X, Y, Z)``).
+        modality: ``mr`` (robust min-max between two percentiles), ``ct`` (clip to a Hounsfield window
+            then scale) or ``auto`` (``ct`` when ``ct_window`` is given or the values look like
+            Hounsfield units, else ``mr``).
+        ct_window: ``(low, high)`` in HU for CT; :data:`DEFAULT_CT_WINDOW` when not given.
+        percentiles: lower and upper percentiles for ``mr``.
+
+    Returns:
+        A float32 tensor of the same shape with values in [0, 1].
+
+    Raises:
+        InputError: unknown modality, bad window, or non-finite values.
+    """
+    modality = (modality or "auto").lower()
+    if modality not in ("auto", "mr", "ct"):
+        raise InputError(f"unknown modality {modality!r}: use auto, mr or ct")
+    x = image.float()
+    if not torch.isfinite(x).all():
+        raise InputError("the image contains NaN or infinite values")
+    if ct_window is not None:
+        if len(ct_window) != 2 or not float(ct_window[0]) < float(ct_window[1]):
+            raise InputError(f"a CT window needs two values, low < high; got {tuple(ct_window)}")
+    if modality == "auto":
+        modality = "ct" if ct_window is not None or looks_like_ct(x) else "mr"
+    if modality == "ct":
+        lo, hi = (float(v) for v in (ct_window or DEFAULT_CT_WINDOW))
+        return ((x.clamp(lo, hi) - lo) / (hi - lo)).clamp(0.0, 1.0)
+    lo_t, hi_t = _percentile(x, percentiles[0]), _percentile(x, percentiles[1])
+    if float(hi_t - lo_t) <= 1e-12:
+        lo_t, hi_t = x.min(), x.max()
+    if float(hi_t - lo_t) <= 1e-12:
+        return torch.zeros_like(x)
+    return ((x - lo_t) / (hi_t - lo_t)).clamp(0.0, 1.0)
+
+
+def extract_features(
+    model: nn.Module,
+    image: torch.Tensor,
+    device: torch.device | str,
+    patch: int | Sequence[int] = 128,
+    overlap: float = 0.25,
+    amp: bool | None = None,
+    sw_batch_size: int = 1,
+) -> torch.Tensor:
+    """Feature maps of a normalised image.
+
+    Volumes larger than ``patch`` along any axis go through MONAI's sliding-window inference with
+    Gaussian blending; smaller ones through one forward pass (the UNet pads internally).
+
+    Args:
+        model: the feature network (e.g. from :func:`synthvox.models.load_model`).
+        image: ``(1, X, Y, Z)`` intensities, already normalised (see :func:`normalise_intensity`).
+        device: where to run the network; the result is on this device.
+        patch: window size (one int or three).
+        overlap: window overlap fraction in [0, 1).
+        amp: bfloat16 autocast; ``None`` means on for CUDA, off otherwise (never used on the CPU).
+        sw_batch_size: windows per forward pass.
+
+    Returns:
+        ``(C, X, Y, Z)`` float32 features on ``device``.
+    """
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise InputError(f"extract_features expects a (1, X, Y, Z) image, got shape {tuple(image.shape)}")
+    if not 0.0 <= overlap < 1.0:
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    device = torch.device(device)
+    roi = (int(patch),) * 3 if isinstance(patch, int) else tuple(int(p) for p in patch)
+    if len(roi) != 3 or min(roi) < 8:
+        raise InputError(f"patch must be one or three sizes of at least 8 voxels, got {patch}")
+    use_amp = (device.type == "cuda") if amp is None else (bool(amp) and device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    x = image[None].to(device=device, dtype=torch.float32)
+    try:
+        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            if all(s <= r for s, r in zip(x.shape[2:], roi)):
+                out = model(x)
+            else:
+                from monai.inferers import sliding_window_inference
+
+                out = sliding_window_inference(
+                    x,
+                    roi_size=roi,
+                    sw_batch_size=sw_batch_size,
+                    predictor=lambda t: model(t).float(),
+                    overlap=overlap,
+                    mode="gaussian",
+                    sw_device=device,
+                    device=device,
+                )
+    finally:
+        model.train(was_training)
+    return out[0].float()

@@ -1,0 +1,165 @@
+"""The voxel-level multi-positive supervised contrastive loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synthvox.losses.contrastive import (
+    MultiLayerContrastiveLoss,
+    block_mode_labels,
+    sample_coarse_voxels,
+    supcon_loss,
+)
+
+
+def naive_supcon(emb: torch.Tensor, labels: torch.Tensor, tau: float, balance: bool = False) -> float:
+    """Loop-by-loop reference (Khosla et al. 2020, multi-positive; anchors without positives skipped)."""
+    per_set = []
+    for e, lab in zip(emb, labels):
+        z = F.normalize(e.double(), dim=-1)
+        idx = [i for i in range(len(lab)) if lab[i] >= 0]
+        counts = {int(c): sum(1 for j in idx if lab[j] == c) for c in set(int(lab[j]) for j in idx)}
+        w = {j: (len(idx) / (len(counts) * counts[int(lab[j])]) if balance else 1.0) for j in idx}
+        losses = []
+        for i in idx:
+            pos = [p for p in idx if p != i and lab[p] == lab[i]]
+            if not pos:
+                continue
+            denom = sum(w[a] * math.exp(float(z[i] @ z[a]) / tau) for a in idx if a != i)
+            losses.append(-sum(float(z[i] @ z[p]) / tau - math.log(denom) for p in pos) / len(pos))
+        per_set.append(sum(losses) / len(losses) if losses else 0.0)
+    return sum(per_set) / len(per_set)
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_matches_naive_reference(balance: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 40, 8, generator=g)
+    labels = torch.randint(0, 4, (2, 40), generator=g)
+    labels[0, 3] = 9  # a label with a single member: an anchor without positives
+    labels[1, :5] = -1  # ignored entries
+    got = float(supcon_loss(emb, labels, 0.33, balance=balance))
+    assert got == pytest.approx(naive_supcon(emb, labels, 0.33, balance), rel=1e-5, abs=1e-6)
+
+
+def test_lower_for_features_that_separate_labels() -> None:
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 6, (3, 256), generator=g)
+    separating = F.one_hot(labels, 16).float() + 0.1 * torch.randn(3, 256, 16, generator=g)
+    random = torch.randn(3, 256, 16, generator=g)
+    for balance in (False, True):
+        good = supcon_loss(separating, labels, balance=balance)
+        bad = supcon_loss(random, labels, balance=balance)
+        assert good < bad - 0.5
+
+
+def test_invariant_to_permuting_label_ids() -> None:
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(2, 100, 12, generator=g)
+    labels = torch.randint(0, 5, (2, 100), generator=g)
+    ids = torch.tensor([42, 7, 1000, 3, 0])  # a permutation onto arbitrary ids
+    relabelled = ids[labels]
+    for balance in (False, True):
+        a = supcon_loss(emb, labels, balance=balance)
+        b = supcon_loss(emb, relabelled, balance=balance)
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_gradient_finite_in_degenerate_cases() -> None:
+    # identical embeddings, a set where every label is a singleton, a set with everything ignored
+    emb = torch.ones(3, 16, 4)
+    emb[1] = torch.randn(16, 4)
+    emb.requires_grad_(True)
+    labels = torch.stack([torch.arange(16) % 2, torch.arange(16), torch.full((16,), -1)])
+    for balance in (False, True):
+        loss = supcon_loss(emb, labels, balance=balance)
+        (g,) = torch.autograd.grad(loss, emb)
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
+    # no anchor anywhere: zero loss, zero gradient, no NaN
+    loss = supcon_loss(emb, torch.stack([torch.arange(16)] * 3))
+    (g,) = torch.autograd.grad(loss, emb)
+    assert float(loss.detach()) == 0.0 and torch.isfinite(g).all()
+
+
+def test_block_mode_labels_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 3, (2, 8, 12, 4), generator=g)
+    labels[:, 4:, :, :] = -1  # padding
+    scale, coarse = 4, (2, 3, 1)
+    idx = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    got = block_mode_labels(labels, scale, idx, coarse)
+    for b in range(2):
+        for n, flat in enumerate(idx[b].tolist()):
+            i, j, k = flat // 3, flat % 3, 0
+            block = labels[b, i * 4 : i * 4 + 4, j * 4 : j * 4 + 4, k * 4 : k * 4 + 4].reshape(-1)
+            vals, counts = block.unique(return_counts=True)
+            assert int(got[b, n]) == int(vals[counts == counts.max()].min())
+
+
+def test_sampling_stays_in_the_unpadded_region() -> None:
+    g = torch.Generator().manual_seed(4)
+    for valid, coarse, n in [((3, 5, 2), (4, 6, 2), 8), ((20, 20, 20), (24, 24, 24), 64)]:
+        idx = sample_coarse_voxels(valid, coarse, n, g, torch.device("cpu"))
+        i, j, k = idx // (coarse[1] * coarse[2]), (idx // coarse[2]) % coarse[1], idx % coarse[2]
+        assert len(idx) == min(n, valid[0] * valid[1] * valid[2])
+        assert (i < valid[0]).all() and (j < valid[1]).all() and (k < valid[2]).all()
+    small = sample_coarse_voxels((2, 2, 1), (2, 2, 2), 8, g, torch.device("cpu"))
+    assert len(small) == 4 and len(set(small.tolist())) == 4  # small grids: without replacement
+
+
+def _loss_module(**kw) -> MultiLayerContrastiveLoss:
+    torch.manual_seed(0)
+    return MultiLayerContrastiveLoss({"a": 6, "b": 4}, {"a": 4, "b": 1}, n_voxels=32, **kw)
+
+
+def _views(labels: torch.Tensor, shape: tuple[int, int, int], noise: float, seed: int) -> dict[str, torch.Tensor]:
+    """Features that encode the label (one-hot, pooled to each layer) plus noise, for two views."""
+    g = torch.Generator().manual_seed(seed)
+    oh = F.one_hot(labels[:, 0], 6).permute(0, 4, 1, 2, 3).float()
+    oh = F.pad(oh, (0, shape[2] - oh.shape[4], 0, shape[1] - oh.shape[3], 0, shape[0] - oh.shape[2]))
+    a = F.avg_pool3d(oh, 4)
+    both = lambda t: torch.cat([t, t]) + noise * torch.randn((2 * t.shape[0],) + t.shape[1:], generator=g)  # noqa: E731
+    return {"a": both(a), "b": both(oh[:, :4])}
+
+
+def test_multilayer_loss_prefers_label_features_and_pads_labels() -> None:
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 4, (2, 1, 2, 3, 1), generator=g).repeat_interleave(7, 2).repeat_interleave(5, 3).repeat_interleave(6, 4)
+    labels = labels[:, :, :14, :15, :6]  # (2, 1, 14, 15, 6): not a multiple of the scales
+    shape = (16, 16, 8)
+    crit = _loss_module()
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    good, parts = crit(_views(labels, shape, 0.05, 0), labels, gens())
+    noise = {k: torch.randn_like(v) for k, v in _views(labels, shape, 0.05, 0).items()}
+    bad, _ = crit(noise, labels, gens())
+    assert set(parts) == {"a", "b"}
+    assert float(good) < float(bad)
+
+
+def test_loss_of_a_batch_is_the_mean_of_its_pairs() -> None:
+    """Each pair's loss depends only on the pair and its generator: what makes DDP match one process."""
+    g = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 3, (2, 1, 16, 16, 8), generator=g)
+    feats = {"a": torch.randn(4, 6, 4, 4, 2, generator=g), "b": torch.randn(4, 4, 16, 16, 8, generator=g)}
+    crit = _loss_module(balance=True)
+    gen = lambda i: torch.Generator().manual_seed(100 + i)  # noqa: E731
+    both, _ = crit(feats, labels, [gen(0), gen(1)])
+    first, _ = crit({k: v[[0, 2]] for k, v in feats.items()}, labels[:1], [gen(0)])
+    second, _ = crit({k: v[[1, 3]] for k, v in feats.items()}, labels[1:], [gen(1)])
+    assert torch.allclose(both, (first + second) / 2, atol=1e-6)
+
+
+def test_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        MultiLayerContrastiveLoss({"a": 4}, {"a": 1}, temperature=0.0)
+    crit = _loss_module()
+    labels = torch.zeros(2, 1, 16, 16, 8, dtype=torch.long)
+    feats = {"a": torch.randn(4, 6, 4, 4, 2), "b": torch.randn(4, 4, 16, 16, 8)}
+    with pytest.raises(ValueError):
+        crit(feats, labels, [torch.Generator()])  # one generator for two pairs
+    with pytest.raises(ValueError):
+        supcon_loss(torch.randn(2, 5, 3), torch.zeros(2, 4, dtype=torch.long))
