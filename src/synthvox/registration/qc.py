@@ -1,0 +1,71 @@
+"""Quality-control picture: fixed, moved and a checkerboard of the two in three orthogonal planes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from synthvox.volume import Volume, to_canonical
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(x, [1, 99.5])
+    return np.clip((x - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+
+
+def _planes(vol: np.ndarray) -> list[np.ndarray]:
+    cx, cy, cz = (s // 2 for s in vol.shape)
+    # sagittal (y, z), coronal (x, z), axial (x, y); transposed so that up is superior / anterior
+    return [vol[cx].T, vol[:, cy].T, vol[:, :, cz].T]
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """A checkerboard of two equally shaped 2D arrays."""
+    ys = (np.arange(a.shape[0]) * tiles // max(a.shape[0], 1)) % 2
+    xs = (np.arange(a.shape[1]) * tiles // max(a.shape[1], 1)) % 2
+    board = (ys[:, None] + xs[None, :]) % 2 == 0
+    return np.where(board, a, b)
+
+
+def qc_figure(fixed: Volume, moved: Volume, title: str = "") -> Any:
+    """A matplotlib figure (Agg) with rows fixed / moved / checkerboard and columns sagittal, coronal, axial.
+
+    Both volumes must share a grid (``moved`` is on FIXED's grid); shown in RAS orientation with the
+    voxel aspect ratio kept.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    f = to_canonical(Volume(fixed.data[:1].float().cpu(), fixed.affine))
+    m = to_canonical(Volume(moved.data[:1].float().cpu(), moved.affine))
+    fa, ma = _unit(f.data[0].numpy()), _unit(m.data[0].numpy())
+    sp = f.spacing
+    aspects = [sp[2] / sp[1], sp[2] / sp[0], sp[1] / sp[0]]
+    fig = Figure(figsize=(9, 9), dpi=100)
+    rows = [("fixed", _planes(fa)), ("moved", _planes(ma)),
+            ("checkerboard", [checkerboard(x, y) for x, y in zip(_planes(fa), _planes(ma))])]
+    for r, (name, planes) in enumerate(rows):
+        for c, (img, asp) in enumerate(zip(planes, aspects)):
+            ax = fig.add_subplot(3, 3, r * 3 + c + 1)
+            ax.imshow(img, cmap="gray", origin="lower", aspect=asp, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def qc_png_bytes(fixed: Volume, moved: Volume, title: str = "") -> bytes:
+    """The QC figure rendered as PNG bytes (the caller writes them)."""
+    import io as _io
+
+    buf = _io.BytesIO()
+    qc_figure(fixed, moved, title).savefig(buf, format="png")
+    return buf.getvalue()
+

@@ -1,0 +1,149 @@
+"""Transforms as displacement fields: composition, the ITK/ANTs convention, and applying a warp.
+
+Conventions used throughout :mod:`synthvox.registration`:
+
+* A *world affine* ``T`` (4x4) maps a point of FIXED's physical (RAS, mm) space to MOVING's physical
+  space: registration finds where each fixed point comes from in the moving image.
+* A deformable displacement ``u`` lives on a *working grid* (``working_affine``, isotropic) in units of
+  working voxels, applied before ``T``: fixed point ``x`` (working voxel ``v``) maps to
+  ``T(A_w (v + u(v)))``.
+* The saved warp follows ITK/ANTs: a displacement ``d`` in mm on FIXED's grid, in LPS physical space,
+  such that LPS point ``p`` maps to ``p + d(p)`` in MOVING's LPS space. NIfTI affines are RAS, so the x
+  and y components change sign between the two.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from synthvox.errors import InputError
+from synthvox.volume import Volume, sample_at, voxel_grid
+
+#: Multiplying a RAS vector by this gives the LPS vector (and back).
+RAS_TO_LPS = (-1.0, -1.0, 1.0)
+
+
+def world_points(shape: tuple[int, int, int], affine: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """World (RAS, mm) coordinates of every voxel of a grid, ``(X, Y, Z, 3)`` float64."""
+    a = torch.as_tensor(np.asarray(affine, np.float64), device=device)
+    grid = voxel_grid(shape, device=device).to(torch.float64)
+    return grid @ a[:3, :3].T + a[:3, 3]
+
+
+def transform_points(points: torch.Tensor, matrix: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Apply a 4x4 matrix to ``(..., 3)`` points (float64)."""
+    m = torch.as_tensor(np.asarray(matrix, np.float64) if not isinstance(matrix, torch.Tensor) else matrix,
+                        device=points.device).to(points.dtype)
+    return points @ m[:3, :3].T + m[:3, 3]
+
+
+def compose_displacement(
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    world_affine: np.ndarray,
+    disp_vox: torch.Tensor | None = None,
+    working_affine: np.ndarray | None = None,
+) -> torch.Tensor:
+    """One displacement field (RAS, mm) on a grid for ``world_affine`` after a working-grid displacement.
+
+    Args:
+        shape: the output grid's spatial shape (normally FIXED's).
+        affine: the output grid's voxel-to-world affine.
+        world_affine: 4x4 fixed-world to moving-world matrix.
+        disp_vox: ``(3, h, w, d)`` displacement in working-grid voxels (or ``None`` for affine only).
+        working_affine: the working grid's affine (needed with ``disp_vox``).
+
+    Returns:
+        ``(3, X, Y, Z)`` float32 displacement ``d`` with ``x -> x + d(x)`` landing in MOVING's RAS space.
+    """
+    device = disp_vox.device if disp_vox is not None else "cpu"
+    x = world_points(shape, affine, device=device)
+    y = x
+    if disp_vox is not None:
+        if working_affine is None:
+            raise ValueError("compose_displacement needs working_affine with disp_vox")
+        wa = np.asarray(working_affine, np.float64)
+        v = transform_points(x, np.linalg.inv(wa))
+        u = sample_at(disp_vox.float(), v.float(), mode="linear", padding="border")  # (3, X, Y, Z)
+        lin = torch.as_tensor(wa[:3, :3], device=device)
+        y = x + u.permute(1, 2, 3, 0).to(torch.float64) @ lin.T
+    y = transform_points(y, world_affine)
+    return (y - x).permute(3, 0, 1, 2).float().contiguous()
+
+
+def ras_to_itk(disp_ras: torch.Tensor) -> torch.Tensor:
+    """RAS displacement ``(3, X, Y, Z)`` to the ITK (LPS) convention (and back: the map is its own inverse)."""
+    flip = torch.tensor(RAS_TO_LPS, dtype=disp_ras.dtype, device=disp_ras.device).view(3, 1, 1, 1)
+    return disp_ras * flip
+
+
+itk_to_ras = ras_to_itk
+
+
+def warp_to_itk_volume(disp_ras: torch.Tensor, affine: np.ndarray) -> Volume:
+    """The ITK/ANTs displacement field as a 3-channel :class:`Volume`; save it with ``io.save(..., vector=True)``."""
+    return Volume(ras_to_itk(disp_ras).float().cpu(), np.asarray(affine, np.float64).copy())
+
+
+def check_warp(warp: Volume) -> None:
+    """Raise :class:`InputError` unless ``warp`` is a 3-component displacement field."""
+    if warp.data.shape[0] != 3 or not torch.is_floating_point(warp.data):
+        raise InputError(f"a warp must hold 3 displacement components per voxel, got {warp.data.shape[0]}")
+
+
+def apply_displacement(
+    image: Volume,
+    disp_ras: torch.Tensor,
+    affine: np.ndarray,
+    *,
+    labels: bool = False,
+) -> Volume:
+    """Resample ``image`` through a RAS displacement field defined on the grid (``disp_ras``, ``affine``).
+
+    Args:
+        image: any volume, on any grid (its own affine places it in the world).
+        disp_ras: ``(3, X, Y, Z)`` displacement in mm (RAS), ``x -> x + d(x)`` into ``image``'s space.
+        affine: the displacement field's grid.
+        labels: nearest-neighbour sampling with label ids kept exactly (otherwise linear).
+
+    Returns:
+        ``image`` resampled onto the displacement field's grid (zeros outside ``image``).
+    """
+    shape = tuple(int(s) for s in disp_ras.shape[1:])
+    device = image.data.device
+    x = world_points(shape, affine, device=device)  # type: ignore[arg-type]
+    y = x + disp_ras.to(device).permute(1, 2, 3, 0).to(torch.float64)
+    vox = transform_points(y, np.linalg.inv(image.affine))
+    data = image.data
+    if not labels and not torch.is_floating_point(data):
+        data = data.float()
+    out = sample_at(data, vox.float(), mode="nearest" if labels else "linear", padding="zeros")
+    return Volume(out, np.asarray(affine, np.float64).copy())
+
+
+def apply_warp(image: Volume, warp: Volume, *, labels: bool = False, reference: Volume | None = None) -> Volume:
+    """Apply a saved ITK/ANTs warp (as written by ``synthvox register``) to any image or label map.
+
+    Args:
+        image: the volume to move (normally on MOVING's grid, but any grid placed in MOVING's space works).
+        warp: 3-channel displacement field in the ITK convention (LPS, mm) on FIXED's grid.
+        labels: nearest neighbour, label ids preserved.
+        reference: a grid to write onto instead of the warp's own (the displacement is interpolated
+            linearly onto it; zero displacement outside the warp's field of view is not assumed: the
+            border value is used).
+
+    Returns:
+        The moved volume on the warp's (or ``reference``'s) grid.
+    """
+    check_warp(warp)
+    disp = itk_to_ras(warp.data.float())
+    affine = warp.affine
+    if reference is not None and not (
+        reference.shape == warp.shape and np.allclose(reference.affine, warp.affine, atol=1e-4)
+    ):
+        x = world_points(reference.shape, reference.affine, device=disp.device)
+        vox = transform_points(x, np.linalg.inv(warp.affine))
+        disp = sample_at(disp, vox.float(), mode="linear", padding="border")
+        affine = reference.affine
+    return apply_displacement(image, disp, affine, labels=labels)
