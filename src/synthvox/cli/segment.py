@@ -1,0 +1,127 @@
+"""``synthvox finetune`` and ``synthvox segment``: few-shot segmentation from one to a few labelled volumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from synthvox.cli.common import DeviceOption, ForceOption, SeedOption, user_errors
+
+
+def finetune_command(
+    image: list[Path] = typer.Option(..., "--image", help="Training image (repeat for several)."),
+    label: list[Path] = typer.Option(..., "--label", help="Label map of the --image at the same position."),
+    out: Path = typer.Option(..., "--out", help="Model directory to write."),
+    init: str = typer.Option("default", "--init", help="default (shipped pretrained weights), random, or a model directory."),
+    variant: str = typer.Option("default", "--variant", help="Network variant for --init random (tiny, default, large)."),
+    steps: int = typer.Option(2000, "--steps", help="Optimisation steps (2000 suits a GPU; use a few dozen on a CPU)."),
+    train: str = typer.Option("all", "--train", help="Parameters that learn: all, decoder (frozen encoder) or head."),
+    val_image: Path | None = typer.Option(None, "--val-image", help="Held-out image for the Dice check."),
+    val_label: Path | None = typer.Option(None, "--val-label", help="Label map of --val-image."),
+    patch: int = typer.Option(96, "--patch", help="Training patch (and inference window) size, voxels."),
+    batch: int = typer.Option(2, "--batch", help="Patches per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
+    spacing: float | None = typer.Option(None, "--spacing", help="Training spacing in mm (default: median of the inputs)."),
+    modality: str = typer.Option("auto", "--modality", help="Intensity normalisation: auto, mr or ct."),
+    val_every: int | None = typer.Option(None, "--val-every", help="Steps between held-out checks (default: steps/10)."),
+    flip: bool = typer.Option(False, "--flip-augment", help="Random flips in augmentation (only for labels without left/right)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    device: str = DeviceOption,
+    seed: int = SeedOption,
+    force: bool = ForceOption,
+) -> None:
+    """Finetune a segmentation network on one to a few labelled volumes (label ids are kept)."""
+    import dataclasses
+
+    from synthvox import io
+    from synthvox.cli.common import resolve_device
+    from synthvox.errors import InputError
+    from synthvox.segmentation import AugmentConfig, finetune
+    from synthvox.segmentation.modeldir import is_model_dir
+
+    if len(image) != len(label):
+        raise InputError(f"got {len(image)} --image but {len(label)} --label: give one label map per image, in the same order")
+    if (val_image is None) != (val_label is None):
+        raise InputError("--val-image and --val-label go together: give both or neither")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out must be a directory, but a file is there: {out}")
+    if out.is_dir() and any(out.iterdir()) and not (force or resume):
+        what = "a model" if is_model_dir(out) else "files"
+        raise InputError(f"output directory {out} already holds {what} (use --force to overwrite or --resume to continue)")
+    dev = resolve_device(device)
+    images = [io.load(p, what=f"image {p.name}") for p in image]
+    labels = [io.load_labels(p, what=f"label map {p.name}") for p in label]
+    val = None
+    if val_image is not None and val_label is not None:
+        val = (io.load(val_image, what="validation image"), io.load_labels(val_label, what="validation label map"))
+    if force and not resume and out.is_dir():
+        import shutil
+
+        for sub in ("checkpoints", "backbone"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for name in ("segmentation.json", "head.safetensors", "log.csv", "finetune.json"):
+            (out / name).unlink(missing_ok=True)
+    model = finetune(
+        images,
+        labels,
+        out_dir=out,
+        init=init,
+        variant=variant,
+        steps=steps,
+        patch_size=patch,
+        batch_size=batch,
+        lr=lr,
+        train=train,
+        val=val,
+        device=dev,
+        seed=seed,
+        resume=resume,
+        spacing=spacing,
+        modality=modality,
+        val_every=val_every,
+        augment=dataclasses.replace(AugmentConfig(), flip=flip),
+    )
+    from synthvox.segmentation.modeldir import read_meta
+
+    meta = read_meta(model)
+    dice = meta.history.get("last_val_dice")
+    typer.echo(f"wrote {model} (labels {meta.label_ids}, spacing {[round(s, 3) for s in meta.spacing]} mm, "
+               f"held-out Dice {dice:.4f})")
+
+
+def segment_command(
+    image: Path = typer.Argument(..., help="Image to segment (any grid and orientation)."),
+    model: Path = typer.Option(..., "--model", help="Model directory written by synthvox finetune."),
+    out: Path = typer.Option(..., "--out", help="Label map to write (.nii or .nii.gz)."),
+    tta: bool = typer.Option(False, "--tta", help="Average over test-time flips (assumes no left/right labels)."),
+    overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap."),
+    device: str = DeviceOption,
+    seed: int = SeedOption,
+    force: bool = ForceOption,
+) -> None:
+    """Segment IMAGE with a finetuned model; writes a label map on IMAGE's grid with the training ids."""
+    from synthvox import io
+    from synthvox.cli.common import resolve_device
+    from synthvox.errors import InputError
+    from synthvox.segmentation import segment
+    from synthvox.segmentation.modeldir import read_meta
+
+    io.check_output(out, force)
+    if not io.is_nifti_path(out):
+        raise InputError(f"--out must be a NIfTI file (.nii or .nii.gz): {out}")
+    if not 0 <= overlap < 1:
+        raise InputError(f"--overlap must be in [0, 1), got {overlap}")
+    read_meta(model)  # a clear error for a non-model directory before reading the image
+    dev = resolve_device(device)
+    img = io.load(image, what="image")
+    seg = segment(model, img, device=dev, tta=tta, overlap=overlap)
+    io.save(seg, out, labels=True, force=force)
+    ids = sorted(int(i) for i in seg.data.unique().tolist())
+    typer.echo(f"wrote {out} (labels present: {ids})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``finetune`` and ``segment`` to the app."""
+    app.command("finetune")(user_errors(finetune_command))
+    app.command("segment")(user_errors(segment_command))

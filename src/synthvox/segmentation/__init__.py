@@ -1,0 +1,23 @@
+"""Few-shot segmentation: finetune the feature network on one to a few labelled volumes, then segment.
+
+>>> from synthvox.segmentation import finetune, segment
+>>> model_dir = finetune([image], [labels], out_dir="MODEL", init="default", steps=2000, device="cuda")
+>>> seg = segment(model_dir, new_image)     # label map on new_image's grid, training label ids
+"""
+
+from synthvox.segmentation.augment import AugmentConfig
+from synthvox.segmentation.fewshot import FinetuneConfig, finetune
+from synthvox.segmentation.infer import segment, segment_with
+from synthvox.segmentation.modeldir import SegmentationMeta, SegmentationNet, load_model_dir, read_meta
+
+__all__ = [
+    "AugmentConfig",
+    "FinetuneConfig",
+    "SegmentationMeta",
+    "SegmentationNet",
+    "finetune",
+    "load_model_dir",
+    "read_meta",
+    "segment",
+    "segment_with",
+]
