@@ -18,8 +18,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """General-purpose voxel features for 3D biomedical volumes, learned from synthetic data."""
+
+
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS: list[str] = []
+SUBCOMMANDS: list[str] = ["shapes", "synth", "pretrain", "features", "register", "segment"]
 
 for _name in SUBCOMMANDS:
     importlib.import_module(f"synthvox.cli.{_name}").register(app)
