@@ -25,7 +25,7 @@ def _root() -> None:
 
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS: list[str] = ["shapes", "synth", "pretrain", "features", "register", "segment"]
+SUBCOMMANDS: list[str] = ["demo", "register", "segment", "features", "pretrain", "synth", "shapes"]
 
 for _name in SUBCOMMANDS:
     importlib.import_module(f"synthvox.cli.{_name}").register(app)

@@ -31,14 +31,8 @@ def register(app: typer.Typer) -> None:
         from synthvox import io
         from synthvox.cli.common import resolve_device
         from synthvox.errors import InputError
-        from synthvox.models import (
-            build_model,
-            extract_features,
-            load_default_model,
-            load_model,
-            normalise_intensity,
-        )
-        from synthvox.volume import Volume
+        from synthvox.models import build_model
+        from synthvox.models.features import image_features
 
         io.check_output(out, force)
         if not io.is_nifti_path(out):
@@ -51,13 +45,7 @@ def register(app: typer.Typer) -> None:
                 raise InputError(f"--ct-window must be LOW,HIGH in HU, got {ct_window!r}") from None
         dev = resolve_device(device)
         vol = io.load(image, what="image")
-        if weights == "random":
-            model = build_model("default", seed=seed).to(dev)
-        elif weights:
-            model = load_model(weights, dev)
-        else:
-            model = load_default_model(dev)
-        x = normalise_intensity(vol.data, modality=modality, ct_window=window)
-        feats = extract_features(model, x, dev, patch=patch)
-        io.save(Volume(feats.cpu(), vol.affine), out, force=force)
+        model = build_model("default", seed=seed).to(dev) if weights == "random" else weights
+        feats = image_features(vol, model, dev, modality=modality, ct_window=window, patch=patch)
+        io.save(feats, out, force=force)
         typer.echo(f"wrote {feats.shape[0]} feature channels of {'x'.join(map(str, vol.shape))} voxels to {out}")

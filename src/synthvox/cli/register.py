@@ -39,6 +39,32 @@ def _load_warp(path: Path):  # noqa: ANN202 - returns a Volume (imported lazily)
     return Volume(torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0))), np.asarray(img.affine, np.float64))
 
 
+def write_outputs(out: Path, fixed, res, names: list[str], force: bool, title: str,  # noqa: ANN001
+                  fixed_labels=None) -> None:  # noqa: ANN001
+    """Write a registration's outputs into ``out``: moved, warp, moved labels, qc.png, report.json.
+
+    Everything is computed before the first file is written, and each file is written atomically, so
+    an error leaves no half-written output.
+    """
+    import json
+
+    from synthvox import io
+    from synthvox.cli.common import check_out_dir
+    from synthvox.registration.qc import qc_png_bytes
+
+    png = qc_png_bytes(fixed, res.moved, title=title, fixed_labels=fixed_labels, moved_labels=res.moved_labels)
+    report = json.dumps(res.report, indent=2, allow_nan=True)
+    check_out_dir(out, force, names)
+    io.save(res.moved, out / "moved.nii.gz", force=True)
+    io.save(res.warp, out / "warp.nii.gz", force=True, vector=True)
+    if res.moved_labels is not None:
+        io.save(res.moved_labels, out / "moved_labels.nii.gz", labels=True, force=True)
+    with io.atomic_path(out / "qc.png") as tmp:
+        tmp.write_bytes(png)
+    with io.atomic_path(out / "report.json") as tmp:
+        tmp.write_text(report)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``register`` and ``apply`` commands to ``app``."""
 
@@ -63,13 +89,10 @@ def register(app: typer.Typer) -> None:
         force: bool = ForceOption,
     ) -> None:
         """Register MOVING onto FIXED; writes moved.nii.gz, warp.nii.gz (ITK/ANTs), qc.png, report.json."""
-        import json
-
         from synthvox import io
         from synthvox.cli.common import check_out_dir, resolve_device
         from synthvox.registration.pipeline import RegistrationConfig
         from synthvox.registration.pipeline import register as run_registration
-        from synthvox.registration.qc import qc_png_bytes
 
         dev = resolve_device(device)
         names = [n for n in OUTPUTS if n != "moved_labels.nii.gz" or moving_labels is not None]
@@ -86,20 +109,11 @@ def register(app: typer.Typer) -> None:
             fixed_mask=fm, moving_mask=mm, init=init, affine=not no_affine, deformable=not no_deformable,
             config=RegistrationConfig(spacing=spacing), seed=seed,
         )
-        png = qc_png_bytes(fx, res.moved, title=f"{moving.name} -> {fixed.name} ({features})")
         res.report["inputs"] = {"fixed": str(fixed), "moving": str(moving),
                                 "moving_labels": str(moving_labels) if moving_labels else None,
                                 "fixed_labels": str(fixed_labels) if fixed_labels else None}
-        # everything is computed: now write, each file atomically
-        check_out_dir(out, force, names)
-        io.save(res.moved, out / "moved.nii.gz", force=True)
-        io.save(res.warp, out / "warp.nii.gz", force=True, vector=True)
-        if res.moved_labels is not None:
-            io.save(res.moved_labels, out / "moved_labels.nii.gz", labels=True, force=True)
-        with io.atomic_path(out / "qc.png") as tmp:
-            tmp.write_bytes(png)
-        with io.atomic_path(out / "report.json") as tmp:
-            tmp.write_text(json.dumps(res.report, indent=2, allow_nan=True))
+        write_outputs(out, fx, res, names, force, title=f"{moving.name} -> {fixed.name} ({features})",
+                      fixed_labels=fl)
         summary = f"folding {res.report['folding_percent']:.3f}%, {res.report['seconds']['total']:.1f} s"
         if "mean_dice" in res.report:
             summary += f", mean Dice {res.report['mean_dice']:.3f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,3 +128,39 @@ def extract_features(
     finally:
         model.train(was_training)
     return out[0].float()
+
+
+def image_features(
+    image: Any,
+    weights: Any = None,
+    device: torch.device | str = "cpu",
+    modality: str = "auto",
+    ct_window: tuple[float, float] | None = None,
+    patch: int | Sequence[int] = 128,
+) -> Any:
+    """Dense features of a :class:`synthvox.volume.Volume` on its own grid (``synthvox features``).
+
+    Args:
+        image: single-channel volume.
+        weights: a model directory, a loaded network, or ``None`` for the shipped default weights.
+        device: where to run the network.
+        modality: intensity normalisation, ``"auto"``, ``"mr"`` or ``"ct"``.
+        ct_window: optional CT window ``(low, high)`` in HU.
+        patch: sliding-window size for large volumes.
+
+    Returns:
+        A ``(C, X, Y, Z)`` volume with the image's affine (features on the CPU).
+    """
+    from synthvox.models.checkpoint import load_default_model, load_model
+    from synthvox.volume import Volume
+
+    if image.data.shape[0] != 1:
+        raise InputError(f"features need a single-channel image, got {image.data.shape[0]} channels")
+    if weights is None:
+        model = load_default_model(device)
+    elif isinstance(weights, nn.Module):
+        model = weights.to(device)
+    else:
+        model = load_model(weights, device)
+    x = normalise_intensity(image.data, modality=modality, ct_window=ct_window)
+    return Volume(extract_features(model, x, device, patch=patch).cpu(), image.affine)

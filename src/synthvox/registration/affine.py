@@ -270,6 +270,8 @@ def fit_affine(
     search_mm: float = 32.0,
     lr: float = 0.01,
     rigid_only: bool = False,
+    max_scale: float = 1.3,
+    max_shear: float = 0.15,
     max_points: int = 20_000,
 ) -> np.ndarray:
     """Fit a residual affine ``Q`` (fixed world to the moving grid's world) on features.
@@ -286,6 +288,8 @@ def fit_affine(
         search_mm: half-width of the exhaustive translation search at the coarsest level (0 skips it).
         lr: Adam learning rate (radians / relative scale per step; translations in units of 50 mm).
         rigid_only: keep the linear part a rotation (skip scaling and shear).
+        max_scale: largest scaling along an axis (and smallest, as its inverse).
+        max_shear: largest shear coefficient.
         max_points: fixed points used per level (an even subsample of the weighted region).
 
     Returns:
@@ -299,16 +303,21 @@ def fit_affine(
     # centre of rotation: weighted centre of the fixed grid
     pts_full = world_points(tuple(wf_full.shape), fixed_affine, device=device)
     centre = (pts_full * wf_full[..., None].double()).reshape(-1, 3).sum(0) / wf_full.sum().double().clamp_min(1e-6)
-    lin = torch.zeros(3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    rot = torch.zeros(3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    log_scale = torch.zeros(3, dtype=torch.float64, device=device, requires_grad=True)
+    shear = torch.zeros(3, dtype=torch.float64, device=device, requires_grad=True)
     trans = torch.zeros(3, dtype=torch.float64, device=device, requires_grad=True)
+    iu = torch.triu_indices(3, 3, offset=1, device=device)
+    s_max = float(np.log(max_scale))
 
     def matrix() -> torch.Tensor:
-        eye = torch.eye(3, dtype=torch.float64, device=device)
-        if rigid_only:
-            skew = lin - lin.T
-            a = torch.linalg.matrix_exp(skew)
-        else:
-            a = eye + lin
+        # rotation x bounded scaling x bounded shear: the fit cannot shrink MOVING to hide a smaller
+        # field of view (an unconstrained affine squeezes it to keep every fixed point inside)
+        a = torch.linalg.matrix_exp(rot.triu(1) - rot.triu(1).T)
+        if not rigid_only:
+            up = torch.zeros(3, 3, dtype=torch.float64, device=device)
+            up = up.index_put((iu[0], iu[1]), max_shear * torch.tanh(shear))
+            a = a @ torch.diag(torch.exp(s_max * torch.tanh(log_scale))) @ (torch.eye(3, dtype=torch.float64, device=device) + up)
         m = torch.eye(4, dtype=torch.float64, device=device)
         m = m.clone()
         m[:3, :3] = a
@@ -344,7 +353,7 @@ def fit_affine(
             with torch.no_grad():
                 best, _ = _translation_search(ff, wf, fa, mv, ma, matrix().detach(), search_mm)
                 trans.data += best / radius
-        opt = torch.optim.Adam([lin, trans], lr=lr)
+        opt = torch.optim.Adam([rot, log_scale, shear, trans], lr=lr)
         for _ in range(n_iter):
             opt.zero_grad(set_to_none=True)
             m = matrix()

@@ -153,7 +153,8 @@ def register(
         weights: a model directory, or a loaded network (``None``: the default weights).
         device: where to compute.
         moving_labels: MOVING's label map (same grid as MOVING), carried onto FIXED's grid.
-        fixed_labels: FIXED's label map (same grid as FIXED): Dice per label in the report.
+        fixed_labels: FIXED's label map (same grid as FIXED): Dice of every label id found in both
+            label maps in the report (ids in only one of them are listed, not scored).
         fixed_mask: region of FIXED to match (same grid as FIXED).
         moving_mask: region of MOVING to match (same grid as MOVING).
         init: ``"none"``, ``"com"`` or ``"moments"``.
@@ -289,7 +290,14 @@ def register(
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
     }
     if moved_labels is not None and fixed_labels is not None:
-        report["dice"] = dice_per_label(moved_labels.data.cpu(), fixed_labels.data.cpu())
+        # score the labels both maps have (the moving map's ids before warping: a small structure may
+        # vanish on a coarser fixed grid and then rightly scores 0); ids in one map only are listed
+        ids_f = {int(i) for i in torch.unique(fixed_labels.data).tolist()} - {0}
+        ids_m = {int(i) for i in torch.unique(moving_labels.data).tolist()} - {0}
+        shared = sorted(ids_f & ids_m)
+        report["dice"] = dice_per_label(moved_labels.data.cpu(), fixed_labels.data.cpu(), shared)
+        report["labels_only_in_fixed"] = sorted(ids_f - ids_m)
+        report["labels_only_in_moving"] = sorted(ids_m - ids_f)
         vals = [v for v in report["dice"].values() if v == v]
         report["mean_dice"] = float(np.mean(vals)) if vals else float("nan")
     return RegistrationResult(
