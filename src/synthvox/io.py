@@ -132,6 +132,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp_path
+        # writers that replace the file (safetensors) bring back mkstemp's 0600: set it again
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, p)
     finally:
         if tmp_path.exists():
