@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def demo_cmd(
         out: Path = typer.Option(..., "--out", help="Output directory."),
-        features: str = typer.Option("net", "--features", help="net, mind or both."),
+        features: str = typer.Option(
+            "auto", "--features", help="auto (the default weights' best setting; mind when no weights ship), net, mind or both."
+        ),
         weights: str = typer.Option(None, "--weights", help="Model directory (default: the shipped weights)."),
         device: str = DeviceOption,
         seed: int = SeedOption,
@@ -25,9 +27,10 @@ def register(app: typer.Typer) -> None:
         """Register the bundled abdominal MR onto a CT of another person; print Dice on 7 organs."""
         from synthvox.cli.common import check_out_dir, resolve_device
         from synthvox.cli.register import OUTPUTS, write_outputs
-        from synthvox.demo import dice_table, run_demo
+        from synthvox.demo import dice_table, resolve_features, run_demo
 
         dev = resolve_device(device)
+        features = resolve_features(features, weights)
         names = list(OUTPUTS)
         if out.exists():  # refuse before the work, not after it; create nothing yet
             check_out_dir(out, force, names)
