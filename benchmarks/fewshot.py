@@ -1,0 +1,387 @@
+"""Few-shot segmentation on nichart_dev: train on 1 and on 3 subjects, score Dice on the others.
+
+Labels: the DLMUSE parcellations of ``t1/`` mapped to the 14 coarse structures of
+``dlmuse_groups.json`` (left and right merged), class ids 1..14 in the file's order; background and
+every DLMUSE id in no group are 0. Training uses the first N subjects (Subj1, Subj1-3), testing the
+others (all of them, or the first ``--test-subjects``), each on its own 2 mm T1 grid.
+
+Variants, all at the same budget (steps, patch, batch, learning rate, seed):
+
+- ``random``: the UNet from random initialisation, every parameter trained;
+- ``default``: the pretrained weights (``--weights``, default: the shipped weights), every parameter;
+- ``default-decoder``: the pretrained weights with the encoder frozen.
+
+Without shipped weights and without ``--weights``, the ``default*`` variants are skipped and the
+reason is printed and recorded. The random network has the architecture of the weights (or
+``--variant``) so the comparison is like for like.
+
+Per variant and training-set size: Dice per structure per test subject and their mean, finetuning
+seconds per step (optimisation only, read from the model's ``log.csv``), inference seconds per 2 mm
+volume, and the learning curve (training loss every step; Dice on a held-out subject at every
+``--val-every`` steps: monitoring only, the final model is the one scored). Writes ``fewshot.json``,
+``fewshot.md``, ``fewshot_curves.png`` and ``fewshot_structures.png`` into ``--out``.
+
+Budgets (all overridable): on a GPU 2000 steps of two 96³ patches at the native 2 mm; on the CPU
+200 steps of two 48³ patches at 4 mm (the model frame; the label map comes back onto the 2 mm grid
+and is scored there) and 3 test subjects, about 25 minutes on one core for 1 and 3 training subjects
+and the three variants with the 5.9 M-parameter ``default`` architecture. Finetuning from scratch
+needs far more steps than a CPU allows, so the CPU budget measures the start of the learning curve.
+
+    python benchmarks/fewshot.py                               # CPU budget: 200 steps at 4 mm, 48³ patches
+    python benchmarks/fewshot.py --device cuda --steps 2000 --patch 96 --test-subjects 0
+    python benchmarks/fewshot.py --weights RUN/model --variants default,default-decoder
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+#: variant name -> (initialisation, trained parameters); "weights" means the pretrained weights.
+VARIANTS: dict[str, tuple[str, str]] = {
+    "random": ("random", "all"),
+    "default": ("weights", "all"),
+    "default-decoder": ("weights", "decoder"),
+}
+
+#: Budgets per device (``--quick`` overrides both): steps, patch, batch, test subjects (0: all), val every.
+BUDGETS: dict[str, dict[str, Any]] = {
+    "cpu": {"steps": 200, "patch": 48, "batch": 2, "test_subjects": 3, "val_every": 50, "spacing": 4.0},
+    "cuda": {"steps": 2000, "patch": 96, "batch": 2, "test_subjects": 0, "val_every": 200, "spacing": None},
+    "quick": {"steps": 10, "patch": 32, "batch": 1, "test_subjects": 1, "val_every": 5, "spacing": 4.0},
+}
+
+
+def coarse_labels(lab: torch.Tensor, groups: dict[str, list[int]]) -> torch.Tensor:
+    """DLMUSE ids -> 1..len(groups) (in ``groups`` order); ids in no group -> 0."""
+    lab = lab.round().long()
+    lut = torch.zeros(max(int(lab.max()), max(max(v) for v in groups.values())) + 1, dtype=torch.int64)
+    for i, ids in enumerate(groups.values(), start=1):
+        lut[torch.as_tensor(ids)] = i
+    return lut[lab]
+
+
+def load_subject(subject: str, groups: dict[str, list[int]]) -> tuple[Any, Any]:
+    """The T1 and its coarse label map (a :class:`synthvox.volume.Volume` each)."""
+    from synthvox import io
+    from synthvox.volume import Volume
+
+    p = common.nichart_paths(subject)
+    image = io.load(p["t1"])
+    lab = io.load_labels(p["dlmuse"])
+    return image, Volume(coarse_labels(lab.data, groups), lab.affine)
+
+
+def weights_architecture(weights: Path) -> tuple[str, dict[str, Any]]:
+    """The variant name of a model directory's UNet and any constructor arguments that differ from it."""
+    from synthvox.models import VARIANTS as ARCH
+    from synthvox.models import build_model, read_model_config
+
+    _, cfg = read_model_config(weights)
+    arch = dict(cfg["architecture"])
+    for name in ARCH:
+        if build_model(name, seed=0).config() == arch:
+            return name, {}
+    base = build_model("default", seed=0).config()
+    return "default", {k: v for k, v in arch.items() if base.get(k) != v}
+
+
+def step_seconds(log: Path) -> dict[str, float]:
+    """Optimisation seconds per step from a finetune ``log.csv`` (steps after a validation excluded)."""
+    with open(log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    secs = [float(r["seconds"]) for r in rows]
+    pure = [secs[i] - secs[i - 1] for i in range(1, len(rows)) if not rows[i - 1]["val_dice"]]
+    return {
+        "s_per_step": statistics.median(pure) if pure else (secs[0] if secs else float("nan")),
+        "train_s_total": secs[-1] if secs else float("nan"),
+    }
+
+
+def read_curve(log: Path) -> dict[str, list[float]]:
+    """Loss per step and held-out Dice at the validation steps from a finetune ``log.csv``."""
+    with open(log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {
+        "step": [int(r["step"]) for r in rows],
+        "loss": [float(r["loss"]) for r in rows],
+        "val_step": [int(r["step"]) for r in rows if r["val_dice"]],
+        "val_dice": [float(r["val_dice"]) for r in rows if r["val_dice"]],
+    }
+
+
+def score(seg: torch.Tensor, ref: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Dice per structure (class ``i + 1`` is ``names[i]``); NaN where absent from both maps."""
+    from synthvox.metrics import dice_per_label
+
+    return dice_per_label(seg, ref, {n: [i] for i, n in enumerate(names, start=1)})
+
+
+def run_one(
+    variant: str,
+    train: list[str],
+    test: list[str],
+    val_subject: str,
+    data: dict[str, tuple[Any, Any]],
+    names: list[str],
+    args: argparse.Namespace,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Finetune one variant on ``train``, then segment and score every ``test`` subject."""
+    from synthvox.segmentation import finetune, load_model_dir, segment_with
+
+    init, trained = VARIANTS[variant]
+    init_arg = str(args.weights) if init == "weights" else "random"
+    overrides = args.overrides if init == "random" else None
+    device = torch.device(args.device)
+    out = workdir / f"{variant}_{len(train)}"
+    t0 = time.perf_counter()
+    finetune(
+        [data[s][0] for s in train], [data[s][1] for s in train], out_dir=out, init=init_arg,
+        variant=args.variant, steps=args.steps, patch_size=args.patch, batch_size=args.batch, lr=args.lr,
+        train=trained, val=data[val_subject], device=device, seed=args.seed, spacing=args.spacing,
+        val_every=args.val_every, checkpoint_every=args.steps, model_overrides=overrides, progress=False,
+    )
+    wall = time.perf_counter() - t0
+    timing = step_seconds(out / "log.csv")
+    curve = read_curve(out / "log.csv")
+    net, meta = load_model_dir(out, device)
+    per_subject, inf_s = {}, []
+    for s in test:
+        image, ref = data[s]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        seg = segment_with(net, meta, image, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        inf_s.append(time.perf_counter() - t)
+        per_subject[s] = score(seg.data, ref.data, names)
+    mat = np.array([[per_subject[s][n] for n in names] for s in test], dtype=float)
+    per_structure = dict(zip(names, np.nanmean(mat, axis=0).tolist()))
+    res = {
+        "variant": variant,
+        "init": "random" if init == "random" else str(args.weights),
+        "trained": trained,
+        "n_train": len(train),
+        "mean_dice": float(np.nanmean(mat)),
+        "mean_dice_per_subject": {s: float(np.nanmean(list(per_subject[s].values()))) for s in test},
+        "per_structure": per_structure,
+        "per_subject": per_subject,
+        "s_per_step": timing["s_per_step"],
+        "steps_per_s": 1.0 / timing["s_per_step"] if timing["s_per_step"] > 0 else float("nan"),
+        "train_s_total": wall,
+        "inference_s_per_volume": float(np.mean(inf_s)),
+        "final_loss": curve["loss"][-1],
+        "curve": curve,
+    }
+    print(f"  {variant:16s} {len(train)} train: mean Dice {res['mean_dice']:.3f}  {res['s_per_step']:.2f} s/step  "
+          f"inference {res['inference_s_per_volume']:.1f} s/volume  (total {wall:.0f} s)", flush=True)
+    return res
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path, val_subject: str) -> None:
+    """Training loss (smoothed) and held-out Dice against step, one line per variant and size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {"random": "tab:gray", "default": "tab:blue", "default-decoder": "tab:orange"}
+    for r in results:
+        c = r["curve"]
+        style = "-" if r["n_train"] > 1 else "--"
+        label = f"{r['variant']}, {r['n_train']} train"
+        loss = np.asarray(c["loss"])
+        k = max(1, len(loss) // 20)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax1.plot(c["step"][k - 1:], smooth, style, color=colours.get(r["variant"]), label=label)
+        ax2.plot(c["val_step"], c["val_dice"], style, marker="o", color=colours.get(r["variant"]), label=label)
+    ax1.set(xlabel="step", ylabel="Dice + CE loss (running mean)", title="training loss")
+    ax2.set(xlabel="step", ylabel="mean Dice", title=f"held-out Dice ({val_subject})", ylim=(0, 1))
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_structures(results: list[dict[str, Any]], names: list[str], path: Path) -> None:
+    """Mean Dice per structure, grouped bars per variant, one panel per training-set size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["n_train"] for r in results})
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(12, 3.2 * len(sizes)), squeeze=False)
+    for ax, n in zip(axes[:, 0], sizes):
+        rows = [r for r in results if r["n_train"] == n]
+        w = 0.8 / max(1, len(rows))
+        x = np.arange(len(names))
+        for j, r in enumerate(rows):
+            ax.bar(x + (j - (len(rows) - 1) / 2) * w, [r["per_structure"][k] for k in names], w, label=r["variant"])
+        ax.set_xticks(x, [k.replace("_", " ") for k in names], rotation=30, ha="right", fontsize=8)
+        ax.set(ylabel="Dice", ylim=(0, 1), title=f"{n} training subject(s)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The README table: mean and per-structure Dice side by side, speed underneath."""
+    results, names = payload["results"], payload["structures"]
+    s = payload["settings"]
+    lines = [
+        f"{payload['date']} · commit {payload['commit']} · {common.machine_line(payload['machine'])} · "
+        f"device {s['device']}",
+        "",
+        f"Budget per variant: {s['steps']} steps, patch {s['patch']}³, batch {s['batch']}, lr {s['lr']}, "
+        f"spacing {s['spacing'] or 'native (2 mm)'}; pretrained weights: {payload['weights'] or '–'}"
+        + (f" ({payload['weights_note']})" if payload.get("weights_note") else "")
+        + "." + (f" {payload['skipped']}." if payload.get("skipped") else ""),
+        "",
+    ]
+    for n in sorted({r["n_train"] for r in results}):
+        rows = [r for r in results if r["n_train"] == n]
+        test = list(rows[0]["per_subject"])
+        lines.append(f"**{n} training subject(s)** ({', '.join(payload['train_subjects'][str(n)])}); "
+                     f"{len(test)} test subjects ({', '.join(test)})")
+        lines.append("")
+        table = [["**mean Dice**", *[r["mean_dice"] for r in rows]]]
+        table += [[k.replace("_", " "), *[r["per_structure"][k] for r in rows]] for k in names]
+        table += [["finetune s/step", *[r["s_per_step"] for r in rows]],
+                  ["inference s/volume", *[r["inference_s_per_volume"] for r in rows]]]
+        lines.append(common.md_table(["structure", *[r["variant"] for r in rows]], table))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-sizes", default="1,3", help="training-set sizes, comma-separated (first N subjects)")
+    ap.add_argument("--variants", default="random,default,default-decoder", help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--weights", type=Path, default=None, help="pretrained model directory (default: the shipped weights)")
+    ap.add_argument("--variant", default="default", help="architecture of the random network when there are no weights")
+    ap.add_argument("--steps", type=int, default=None, help="finetuning steps per variant (CPU default 200, GPU 2000)")
+    ap.add_argument("--patch", type=int, default=None, help="training patch and inference window (CPU 48, GPU 96)")
+    ap.add_argument("--batch", type=int, default=None, help="patches per step (2)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--spacing", type=float, default=None, help="training spacing in mm (CPU default 4, GPU native 2 mm); Dice is always scored on the 2 mm T1 grid")
+    ap.add_argument("--val-every", type=int, default=None, help="steps between held-out Dice checks")
+    ap.add_argument("--test-subjects", type=int, default=None, help="score only the first N test subjects (0: all)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: unchanged)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=common.RESULTS, help="results folder (default benchmarks/results)")
+    ap.add_argument("--quick", action="store_true", help="1 train and 1 test subject, 10 steps, 32³ patches at 4 mm")
+    args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = BUDGETS["quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")]
+    for k, v in budget.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.quick and args.train_sizes == "1,3":
+        args.train_sizes = "1"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if not common.has_shared_data():
+        raise SystemExit(f"nichart_dev not found under {common.eval_dir()} (set SYNTHVOX_SHARED)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from synthvox.models import default_weights_path
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}: use {', '.join(VARIANTS)}")
+    sizes = [int(v) for v in args.train_sizes.split(",") if v]
+    if not sizes or min(sizes) < 1 or max(sizes) > len(common.SUBJECTS) - 2:
+        raise SystemExit(f"--train-sizes must be between 1 and {len(common.SUBJECTS) - 2}")
+
+    skipped, weights_note = "", ""
+    if args.weights is None:
+        args.weights = default_weights_path()
+        if args.weights is None and any(VARIANTS[v][0] == "weights" for v in variants):
+            dropped = [v for v in variants if VARIANTS[v][0] == "weights"]
+            variants = [v for v in variants if v not in dropped]
+            skipped = f"skipped {', '.join(dropped)}: no default weights ship yet and no --weights given"
+            print(skipped, flush=True)
+        elif args.weights is not None:
+            weights_note = "the shipped default weights"
+    else:
+        weights_note = "given with --weights, not the shipped default"
+    if not variants:
+        raise SystemExit("nothing to run: " + skipped)
+    args.overrides = None
+    if args.weights is not None:
+        args.variant, args.overrides = weights_architecture(args.weights)
+        args.overrides = args.overrides or None
+
+    groups = common.dlmuse_groups()
+    names = list(groups)
+    subjects = common.SUBJECTS
+    val_subject = subjects[-1]
+    needed: set[str] = {val_subject}
+    plan = []
+    for n in sizes:
+        train, rest = subjects[:n], subjects[n:]
+        test = rest[: args.test_subjects] if args.test_subjects else rest
+        plan.append((train, test))
+        needed.update(train, test)
+    data = {s: load_subject(s, groups) for s in sorted(needed, key=subjects.index)}
+    header = common.header("fewshot", args.device)
+    print(f"{common.machine_line(header['machine'])}; device {args.device}; budget {args.steps} steps, patch "
+          f"{args.patch}, batch {args.batch}; architecture {args.variant}"
+          f"{' + ' + str(args.overrides) if args.overrides else ''}; weights {args.weights or '-'}", flush=True)
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fewshot_") as tmp:
+        for train, test in plan:
+            print(f"{len(train)} training subject(s) {train}; {len(test)} test subjects", flush=True)
+            for v in variants:
+                results.append(run_one(v, train, test, val_subject, data, names, args, Path(tmp)))
+
+    payload: dict[str, Any] = {
+        **header,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "architecture": args.variant,
+        "weights": None if args.weights is None else str(args.weights),
+        "weights_note": weights_note,
+        "skipped": skipped,
+        "structures": names,
+        "label_mapping": "DLMUSE ids -> 14 coarse groups of dlmuse_groups.json (ids 1..14 in file order); other ids -> 0",
+        "val_subject": val_subject,
+        "train_subjects": {str(len(t)): t for t, _ in plan},
+        "results": results,
+        "peak_rss_mb": common.peak_rss_mb(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_curves(results, args.out / "fewshot_curves.png", val_subject)
+    plot_structures(results, names, args.out / "fewshot_structures.png")
+    md = markdown(payload)
+    js, mdp = common.write_results("fewshot", payload, md, args.out)
+    print("\n" + md)
+    print(f"wrote {js}, {mdp}, {args.out / 'fewshot_curves.png'}, {args.out / 'fewshot_structures.png'}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The few-shot benchmark harness end to end, in its quick mode (one pair, a few steps), on nichart_dev."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import fewshot  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """The benchmark runs with ``--threads 1`` (two threads spin-wait on a busy 2-core machine); restore after."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+needs_data = pytest.mark.skipif(not common.has_shared_data(), reason=f"nichart_dev not found under {common.eval_dir()} (set SYNTHVOX_SHARED)")
+
+
+def test_coarse_labels_maps_groups_and_drops_the_rest():
+    groups = {"a": [4, 11], "b": [35], "c": [200]}
+    lab = torch.tensor([[0, 4, 11, 35, 1, 46, 200, 7]])
+    assert fewshot.coarse_labels(lab, groups).tolist() == [[0, 1, 1, 2, 0, 0, 3, 0]]
+
+
+def test_step_seconds_excludes_steps_after_a_validation(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss,lr,val_dice,seconds\n1,1.0,1e-3,,1.00\n2,0.9,1e-3,0.5,2.00\n"
+                   "3,0.8,1e-3,,12.00\n4,0.7,1e-3,,13.00\n5,0.6,1e-3,,14.00\n")
+    t = fewshot.step_seconds(log)
+    assert t["s_per_step"] == pytest.approx(1.0)  # the 10 s validation after step 2 is not counted
+    assert t["train_s_total"] == pytest.approx(14.0)
+    c = fewshot.read_curve(log)
+    assert c["val_step"] == [2] and c["val_dice"] == [0.5] and len(c["loss"]) == 5
+
+
+def test_weights_architecture_follows_the_weights(tmp_path):
+    from synthvox.models import build_model, save_model
+
+    save_model(build_model("tiny", seed=1), tmp_path / "tiny")
+    assert fewshot.weights_architecture(tmp_path / "tiny") == ("tiny", {})
+    save_model(build_model("tiny", seed=1, activation="leaky"), tmp_path / "leaky")
+    assert fewshot.weights_architecture(tmp_path / "leaky") == ("default", {"base_channels": 4, "activation": "leaky"})
+
+
+@needs_data
+def test_quick_run_writes_results_for_every_variant(tmp_path, one_thread):
+    from synthvox.models import build_model, save_model
+
+    weights = save_model(build_model("tiny", seed=3), tmp_path / "weights")
+    out = tmp_path / "out"
+    payload = fewshot.main(["--quick", "--steps", "6", "--val-every", "3", "--weights", str(weights),
+                            "--out", str(out), "--device", "cpu", "--threads", "1"])
+    for name in ("fewshot.json", "fewshot.md", "fewshot_curves.png", "fewshot_structures.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "fewshot.json").read_text())
+    assert saved["benchmark"] == "fewshot" and saved["machine"]["cores"] >= 1 and saved["commit"]
+    assert saved["architecture"] == "tiny" and saved["weights"] == str(weights)
+    res = saved["results"]
+    assert [r["variant"] for r in res] == ["random", "default", "default-decoder"]
+    assert [r["trained"] for r in res] == ["all", "all", "decoder"]
+    names = list(common.dlmuse_groups())
+    assert saved["structures"] == names and len(names) == 14
+    for r in res:
+        assert r["n_train"] == 1 and list(r["per_subject"]) == ["Subj2"]
+        dice = [v for v in r["per_subject"]["Subj2"].values() if v == v]
+        assert len(dice) == 14  # every structure is present in the reference, so none is NaN
+        assert all(0.0 <= v <= 1.0 for v in dice)
+        assert 0.0 <= r["mean_dice"] <= 1.0
+        assert r["s_per_step"] > 0 and r["inference_s_per_volume"] > 0
+        assert r["curve"]["step"] == list(range(1, 7)) and r["curve"]["val_step"] == [3, 6]
+    # the same budget for every variant: the random network has the weights' architecture
+    assert saved["settings"]["steps"] == 6 and saved["settings"]["patch"] == 32
+    table = (out / "fewshot.md").read_text()
+    assert "| structure | random | default | default-decoder |" in table and "hippocampus" in table
+    assert payload["results"][0]["mean_dice"] == res[0]["mean_dice"]
+
+
+@needs_data
+def test_default_variants_are_skipped_without_weights(tmp_path, monkeypatch, capsys):
+    import synthvox.models
+
+    monkeypatch.setattr(synthvox.models, "default_weights_path", lambda: None)
+    with pytest.raises(SystemExit, match="no default weights"):
+        fewshot.main(["--quick", "--variants", "default,default-decoder", "--out", str(tmp_path)])
+    assert "skipped default, default-decoder" in capsys.readouterr().out
+    assert not (tmp_path / "fewshot.json").exists()
