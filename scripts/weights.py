@@ -86,6 +86,7 @@ def export(run: Path, carry: Path | None, model: Path | None, hardware: str | No
         carry.parent.mkdir(parents=True, exist_ok=True)
         tmp = carry.with_name(carry.name + ".tmp")
         strip_optimizer(path, tmp)
+        tmp.chmod(0o644)
         tmp.replace(carry)
         print(f"carry-over file: {carry} ({carry.stat().st_size / 2**20:.1f} MiB)")
     if model is not None:
