@@ -91,7 +91,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     far = Volume(phantom(32), make_affine(origin=(900.0, 0.0, 0.0)))
     farp = io.save(far, tmp_path / "far.nii.gz")
     assert "overlap" in _err(["register", str(p["fixed"]), str(farp), "--out", out, "--init", "none"])
-    msg = _err(["register", str(p["fixed"]), str(p["moving"]), "--out", out, "--features", "net"])
-    assert "weights" in msg
+    msg = _err(["register", str(p["fixed"]), str(p["moving"]), "--out", out, "--features", "net",
+                "--weights", str(tmp_path / "no_such_model")])
+    assert "no_such_model" in msg
+    assert "unknown --features" in _err(["register", str(p["fixed"]), str(p["moving"]), "--out", out, "--features", "sift"])
     assert not (tmp_path / "o" / "moved.nii.gz").exists()
     assert "warp" in _err(["apply", str(p["moving"]), "--warp", str(p["fixed"]), "--out", str(tmp_path / "x.nii.gz")])
