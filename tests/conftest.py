@@ -51,3 +51,20 @@ def smooth_image() -> torch.Tensor:
     """A (1, 16, 20, 24) smooth float image."""
     x, y, z = torch.meshgrid(torch.arange(16.0), torch.arange(20.0), torch.arange(24.0), indexing="ij")
     return (torch.sin(x / 3) + torch.cos(y / 4) + 0.5 * torch.sin(z / 5))[None].float()
+
+
+def two_ellipsoids(n: int = 32) -> torch.Tensor:
+    """A ``(1, n, n, n)`` label map with two ellipsoids (ids 7 and 42, 6% and 4% of a 32^3 volume)."""
+    x, y, z = torch.meshgrid(*(torch.arange(n, dtype=torch.float32),) * 3, indexing="ij")
+    lab = torch.zeros(n, n, n, dtype=torch.int64)
+    lab[((x - 10) / 7) ** 2 + ((y - 16) / 9) ** 2 + ((z - 14) / 8) ** 2 < 1] = 7
+    lab[((x - 23) / 6) ** 2 + ((y - 15) / 8) ** 2 + ((z - 17) / 7) ** 2 < 1] = 42
+    return lab[None]
+
+
+@pytest.fixture
+def one_thread():
+    """For benchmark harnesses run with ``--threads 1`` (which sets torch's threads): restore them after."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -15,15 +15,6 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import fewshot  # noqa: E402
 
-
-@pytest.fixture
-def one_thread():
-    """The benchmark runs with ``--threads 1`` (two threads spin-wait on a busy 2-core machine); restore after."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 needs_data = pytest.mark.skipif(not common.has_shared_data(), reason=f"nichart_dev not found under {common.eval_dir()} (set SYNTHVOX_SHARED)")
 
 

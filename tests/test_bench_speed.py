@@ -7,21 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
 import speed  # noqa: E402
-
-
-@pytest.fixture
-def one_thread():
-    """The benchmark runs with ``--threads 1`` (two threads spin-wait on a busy 2-core machine); restore after."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _positive(x: object) -> bool:

@@ -97,3 +97,5 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert "unknown --features" in _err(["register", str(p["fixed"]), str(p["moving"]), "--out", out, "--features", "sift"])
     assert not (tmp_path / "o" / "moved.nii.gz").exists()
     assert "warp" in _err(["apply", str(p["moving"]), "--warp", str(p["fixed"]), "--out", str(tmp_path / "x.nii.gz")])
+    # a non-NIfTI output name is refused before the warp is read or applied
+    assert "NIfTI" in _err(["apply", str(p["moving"]), "--warp", str(p["fixed"]), "--out", str(tmp_path / "x.png")])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_affine
+from conftest import two_ellipsoids as layout
 from typer.testing import CliRunner
 
 from synthvox import io
@@ -18,14 +19,6 @@ from synthvox.volume import Volume
 
 runner = CliRunner()
 AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])
-
-
-def layout(n: int = 32) -> torch.Tensor:
-    x, y, z = torch.meshgrid(*(torch.arange(n, dtype=torch.float32),) * 3, indexing="ij")
-    lab = torch.zeros(n, n, n, dtype=torch.int64)
-    lab[((x - 10) / 7) ** 2 + ((y - 16) / 9) ** 2 + ((z - 14) / 8) ** 2 < 1] = 7
-    lab[((x - 23) / 6) ** 2 + ((y - 15) / 8) ** 2 + ((z - 17) / 7) ** 2 < 1] = 42
-    return lab[None]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_affine
+from conftest import two_ellipsoids as layout
 
 from synthvox.errors import InputError
 from synthvox.models import default_weights_path
@@ -22,15 +23,6 @@ IDS = (0, 7, 42)
 AFFINE = np.diag([1.5, 1.5, 1.5, 1.0])
 #: The tiny variant's 4-channel first level learns far more reliably with leaky ReLUs than with ReLUs.
 LEAKY = {"activation": "leaky"}
-
-
-def layout(n: int = 32) -> torch.Tensor:
-    """Two ellipsoids (ids 7 and 42, 6% and 4% of the volume) in a 32^3 volume."""
-    x, y, z = torch.meshgrid(*(torch.arange(n, dtype=torch.float32),) * 3, indexing="ij")
-    lab = torch.zeros(n, n, n, dtype=torch.int64)
-    lab[((x - 10) / 7) ** 2 + ((y - 16) / 9) ** 2 + ((z - 14) / 8) ** 2 < 1] = 7
-    lab[((x - 23) / 6) ** 2 + ((y - 15) / 8) ** 2 + ((z - 17) / 7) ** 2 < 1] = 42
-    return lab[None]
 
 
 def render(lab: torch.Tensor, means: dict[int, float], noise: float, seed: int) -> torch.Tensor:

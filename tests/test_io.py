@@ -73,3 +73,17 @@ def test_vector_image_layout(tmp_path, oblique_affine):
     assert img.shape == (4, 5, 6, 1, 3)
     assert img.header.get_intent()[0] == "vector"
     np.testing.assert_allclose(np.asarray(img.dataobj)[1, 2, 3, 0], disp[:, 1, 2, 3].numpy(), atol=1e-6)
+
+
+def test_check_output_refuses_existing_and_non_nifti_names(tmp_path):
+    existing = tmp_path / "a.nii.gz"
+    existing.write_bytes(b"x")
+    with pytest.raises(InputError, match="--force"):
+        io.check_output(existing)
+    assert io.check_output(existing, force=True) == existing
+    with pytest.raises(InputError, match="NIfTI"):
+        io.check_output(tmp_path / "seg.png", nifti=True)
+    assert io.check_output(tmp_path / "seg.nii", nifti=True) == tmp_path / "seg.nii"
+    with pytest.raises(InputError, match="NIfTI"):  # save refuses too, and writes nothing
+        io.save(Volume(torch.zeros(1, 4, 4, 4), np.eye(4)), tmp_path / "v.npy")
+    assert not (tmp_path / "v.npy").exists()

@@ -110,9 +110,12 @@ def load_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
     return load(path, labels=True, what=what)
 
 
-def check_output(path: str | os.PathLike, force: bool = False) -> Path:
-    """Check that ``path`` may be written: refuse an existing file unless ``force``."""
+def check_output(path: str | os.PathLike, force: bool = False, nifti: bool = False) -> Path:
+    """Check that ``path`` may be written: refuse an existing file unless ``force``, and with ``nifti``
+    a name without a ``.nii``/``.nii.gz`` suffix (so commands can refuse before doing the work)."""
     p = Path(path)
+    if nifti and not is_nifti_path(p):
+        raise InputError(f"output must be a NIfTI file (.nii or .nii.gz): {p}")
     if p.exists() and not force:
         raise InputError(f"output exists, not overwriting (use --force): {p}")
     return p
@@ -162,9 +165,7 @@ def save(
     """
     import nibabel as nib
 
-    p = check_output(path, force)
-    if not is_nifti_path(p):
-        raise InputError(f"output must be a NIfTI file (.nii or .nii.gz): {p}")
+    p = check_output(path, force, nifti=True)
     if isinstance(vol, Volume):
         data, affine = vol.data, vol.affine
     else:

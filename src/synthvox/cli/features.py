@@ -34,9 +34,7 @@ def register(app: typer.Typer) -> None:
         from synthvox.models import build_model
         from synthvox.models.features import image_features
 
-        io.check_output(out, force)
-        if not io.is_nifti_path(out):
-            raise InputError(f"--out must be a NIfTI file (.nii or .nii.gz): {out}")
+        io.check_output(out, force, nifti=True)
         window = None
         if ct_window:
             try:

@@ -137,7 +137,7 @@ def register(app: typer.Typer) -> None:
         from synthvox.registration.warp import apply_warp
 
         dev = resolve_device(device)
-        io.check_output(out, force)
+        io.check_output(out, force, nifti=True)
         w = _load_warp(warp)
         img = io.load_labels(image, what="label map") if labels else io.load(image)
         ref = io.load(fixed, what="fixed image") if fixed else None

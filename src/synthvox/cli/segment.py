@@ -107,9 +107,7 @@ def segment_command(
     from synthvox.segmentation import segment
     from synthvox.segmentation.modeldir import read_meta
 
-    io.check_output(out, force)
-    if not io.is_nifti_path(out):
-        raise InputError(f"--out must be a NIfTI file (.nii or .nii.gz): {out}")
+    io.check_output(out, force, nifti=True)
     if not 0 <= overlap < 1:
         raise InputError(f"--overlap must be in [0, 1), got {overlap}")
     read_meta(model)  # a clear error for a non-model directory before reading the image
