@@ -74,7 +74,9 @@ def export(run: Path, carry: Path | None, model: Path | None, hardware: str | No
     """Newest intact checkpoint of ``run`` -> carry-over file and/or half-precision model directory."""
     import torch
 
-    from synthvox.models import build_model, save_model
+    from synthvox.models import save_model
+    from synthvox.models.unet import UNet
+    from synthvox.train.config import ModelConfig, from_dict, model_kwargs
     from synthvox.train.checkpointing import load_latest, strip_optimizer
 
     latest = load_latest(run / "checkpoints")
@@ -90,9 +92,7 @@ def export(run: Path, carry: Path | None, model: Path | None, hardware: str | No
         tmp.replace(carry)
         print(f"carry-over file: {carry} ({carry.stat().st_size / 2**20:.1f} MiB)")
     if model is not None:
-        mcfg = state["config"]["model"]
-        overrides = {k: v for k, v in mcfg.items() if k != "variant" and v is not None}
-        net = build_model(mcfg["variant"], **overrides)
+        net = UNet(**model_kwargs(from_dict(ModelConfig, state["config"]["model"])))
         net.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}, strict=True)
         with torch.no_grad():
             save_model(net, model, extra={"model_card": model_card(state, hardware)}, half=True)

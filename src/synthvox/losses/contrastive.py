@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: How the loss draws its voxel locations (see :class:`MultiLayerContrastiveLoss`).
+SAMPLING = ("uniform", "balanced")
+
 #: Stand-in for -inf on masked logits: finite so that fully masked rows stay NaN-free in backward.
 _MASKED = -1.0e4
 
@@ -123,15 +126,64 @@ def sample_coarse_voxels(
     return (i * cy + j) * cz + k
 
 
-class ProjectionHead(nn.Module):
-    """Linear - ReLU - Linear, then L2 normalisation (one per layer, training only)."""
+def sample_balanced_voxels(
+    labels: torch.Tensor, scale: int, valid_shape: Sequence[int], coarse_shape: Sequence[int], n: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Draw ``n`` flat coarse-grid indices so that every label present gets the same expected share.
 
-    def __init__(self, in_channels: int, hidden: int = 256, out: int = 128) -> None:
+    Each valid coarse voxel is labelled by :func:`block_mode_labels` and drawn with probability
+    proportional to ``1 / (voxels of its label)`` (the background is one label like any other); the
+    draw is with replacement, so a label smaller than its share repeats voxels.
+
+    Args:
+        labels: ``(X, Y, Z)`` integer labels of one pair on the padded input grid (``-1`` for padding).
+        scale: the layer's downsampling factor.
+        valid_shape: the unpadded part of the coarse grid.
+        coarse_shape: the layer's grid.
+        n: number of indices.
+        generator: the pair's generator.
+    """
+    vx, vy, vz = (int(s) for s in valid_shape)
+    cy, cz = int(coarse_shape[1]), int(coarse_shape[2])
+    dev = labels.device
+    i = torch.arange(vx, device=dev)[:, None, None]
+    j = torch.arange(vy, device=dev)[None, :, None]
+    k = torch.arange(vz, device=dev)[None, None, :]
+    idx = ((i * cy + j) * cz + k).reshape(1, -1)
+    lab = block_mode_labels(labels[None], scale, idx, coarse_shape)[0]
+    ok = lab >= 0
+    idx, lab = idx[0][ok], lab[ok]
+    _, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts.double()[inverse]
+    pick = torch.multinomial(weight.float(), n, replacement=True, generator=generator)
+    return idx[pick]
+
+
+#: Projection head designs: ``mlp`` (Linear-ReLU-Linear) and ``mlp3bn`` (three Linear layers with
+#: BatchNorm and ReLU between them, as in the method's reference code).
+HEADS = ("mlp", "mlp3bn")
+
+
+class ProjectionHead(nn.Module):
+    """A small MLP (see :data:`HEADS`), then L2 normalisation (one per layer, training only)."""
+
+    def __init__(self, in_channels: int, hidden: int = 256, out: int = 128, kind: str = "mlp") -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+        if kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+        elif kind == "mlp3bn":
+            self.net = nn.Sequential(
+                nn.Linear(in_channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                nn.Linear(hidden, out),
+            )
+        else:
+            raise ValueError(f"unknown projection head {kind!r}: use one of {', '.join(HEADS)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(x), dim=-1)
+        shape = x.shape
+        return F.normalize(self.net(x.reshape(-1, shape[-1])), dim=-1).reshape(*shape[:-1], -1)
 
 
 class MultiLayerContrastiveLoss(nn.Module):
@@ -147,6 +199,9 @@ class MultiLayerContrastiveLoss(nn.Module):
         head_dim: output width of the projection heads.
         balance: class-balanced denominator (see :func:`supcon_loss`).
         weights: optional per-layer weights (normalised to sum to one; equal by default).
+        sampling: ``uniform`` (locations uniform over the volume) or ``balanced`` (every label present,
+            the background included, an equal expected share; see :func:`sample_balanced_voxels`).
+        head: projection head design (:data:`HEADS`).
     """
 
     def __init__(
@@ -159,8 +214,12 @@ class MultiLayerContrastiveLoss(nn.Module):
         head_dim: int = 128,
         balance: bool = False,
         weights: Mapping[str, float] | None = None,
+        sampling: str = "uniform",
+        head: str = "mlp",
     ) -> None:
         super().__init__()
+        if sampling not in SAMPLING:
+            raise ValueError(f"unknown voxel sampling {sampling!r}: use one of {', '.join(SAMPLING)}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if n_voxels < 2:
@@ -170,10 +229,11 @@ class MultiLayerContrastiveLoss(nn.Module):
         self.temperature = float(temperature)
         self.n_voxels = int(n_voxels)
         self.balance = bool(balance)
+        self.sampling = sampling
         w = {k: float((weights or {}).get(k, 1.0)) for k in self.layers}
         total = sum(w.values())
         self.weights = {k: v / total for k, v in w.items()}
-        self.heads = nn.ModuleDict({k: ProjectionHead(c, head_hidden, head_dim) for k, c in layer_channels.items()})
+        self.heads = nn.ModuleDict({k: ProjectionHead(c, head_hidden, head_dim, head) for k, c in layer_channels.items()})
 
     def forward(
         self,
@@ -218,9 +278,15 @@ class MultiLayerContrastiveLoss(nn.Module):
             if f.shape[0] != 2 * bsz or tuple(f.shape[2:]) != coarse:
                 raise ValueError(f"layer {name}: expected ({2 * bsz}, C, {coarse}) features, got {tuple(f.shape)}")
             valid = tuple(-(-s // scale) for s in shape)
-            idx = torch.stack(
-                [sample_coarse_voxels(valid, coarse, self.n_voxels, g, f.device) for g in generators]
-            )  # (B, n)
+            if self.sampling == "balanced":
+                idx = torch.stack([
+                    sample_balanced_voxels(labels[b], scale, valid, coarse, self.n_voxels, g)
+                    for b, g in enumerate(generators)
+                ])
+            else:
+                idx = torch.stack(
+                    [sample_coarse_voxels(valid, coarse, self.n_voxels, g, f.device) for g in generators]
+                )  # (B, n)
             lab = block_mode_labels(labels, scale, idx, coarse)  # (B, n)
             c = f.shape[1]
             flat = f.reshape(2 * bsz, c, -1)

@@ -30,6 +30,7 @@ class ModelConfig:
     variant: str = "default"
     norm: str | None = None
     activation: str | None = None
+    padding: str | None = None
 
 
 @dataclass
@@ -49,7 +50,13 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """The multi-layer supervised contrastive loss (see ``synthvox.losses.contrastive``)."""
+    """The multi-layer supervised contrastive loss (see ``synthvox.losses.contrastive``).
+
+    Attributes:
+        sampling: ``uniform`` or ``balanced`` (every label an equal share of the sampled voxels).
+        layer_weights: layer name -> weight (layers not named weigh 1; normalised to sum to one).
+        head: projection head design, ``mlp`` or ``mlp3bn``.
+    """
 
     temperature: float = 0.33
     n_voxels: int = 512
@@ -57,6 +64,9 @@ class LossConfig:
     head_hidden: int = 256
     head_dim: int = 128
     balance: bool = False
+    sampling: str = "uniform"
+    layer_weights: dict[str, float] = field(default_factory=dict)
+    head: str = "mlp"
 
 
 @dataclass
@@ -128,6 +138,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The method's setting on a GPU: 128^3, the reference-size network.
     "default": {},
+    # The accumulating run on one CPU thread (scripts/cpu_accumulate.sh): the reference-size network
+    # at 64^3 and 2 mm (the registration grid's spacing), voxels drawn per label, the loss weighted
+    # towards the full-resolution layers (the ablation in benchmarks/README.md chose these).
+    "cpu": {
+        "data.size": [64, 64, 64],
+        "data.synth": {"labels.fov_mm": 128.0},
+        "loss.sampling": "balanced",
+        "loss.layer_weights": {"enc3": 0.5, "bottleneck": 0.5, "dec3": 1.0, "dec2": 1.0, "dec1": 2.0, "out": 3.0},
+        "optim.lr": 6e-4,
+        "optim.warmup": 100,
+        "batch_pairs": 1,
+        "ckpt_every": 100,
+        "keep_last": 40,
+        "log_every": 10,
+        "tensorboard": False,
+    },
 }
 
 
@@ -335,20 +361,42 @@ def config_from_dict(d: dict[str, Any]) -> PretrainConfig:
     return from_dict(PretrainConfig, d)
 
 
+def model_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """UNet constructor arguments of a model section (its variant with the given changes)."""
+    from synthvox.models.registry import variant_kwargs
+
+    return variant_kwargs(m.variant, norm=m.norm, activation=m.activation, padding_mode=m.padding)
+
+
 def validate(cfg: PretrainConfig) -> PretrainConfig:
     """Check values that a type cannot express; raise a one-line :class:`InputError`."""
-    from synthvox.models.registry import VARIANTS, variant_kwargs
+    from synthvox.models.registry import VARIANTS
     from synthvox.models.unet import UNet
 
     if cfg.model.variant not in VARIANTS:
         raise InputError(f"unknown model.variant {cfg.model.variant!r}: use one of {', '.join(VARIANTS)}")
     try:
-        net = UNet(**variant_kwargs(cfg.model.variant, norm=cfg.model.norm, activation=cfg.model.activation))
+        net = UNet(**model_kwargs(cfg.model))
     except ValueError as exc:
         raise InputError(f"bad model config: {exc}") from None
     bad = [name for name in cfg.loss.layers if name not in net.layer_names()]
     if bad or not cfg.loss.layers:
         raise InputError(f"loss.layers must name layers of the network ({', '.join(net.layer_names())}); got {list(cfg.loss.layers)}")
+    from synthvox.losses.contrastive import HEADS, SAMPLING
+
+    extra = [k for k in cfg.loss.layer_weights if k not in cfg.loss.layers]
+    if extra:
+        raise InputError(f"loss.layer_weights names layers that loss.layers does not use: {', '.join(map(str, extra))}")
+    for k, v in list(cfg.loss.layer_weights.items()):
+        cfg.loss.layer_weights[k] = coerce(v, float, f"loss.layer_weights.{k}")
+        if cfg.loss.layer_weights[k] < 0:
+            raise InputError(f"loss.layer_weights.{k} must be >= 0")
+    if cfg.loss.layer_weights and sum(cfg.loss.layer_weights.get(k, 1.0) for k in cfg.loss.layers) <= 0:
+        raise InputError("loss.layer_weights must give some layer a positive weight")
+    if cfg.loss.sampling not in SAMPLING:
+        raise InputError(f"loss.sampling must be one of {', '.join(SAMPLING)}, got {cfg.loss.sampling!r}")
+    if cfg.loss.head not in HEADS:
+        raise InputError(f"loss.head must be one of {', '.join(HEADS)}, got {cfg.loss.head!r}")
     if len(set(cfg.loss.layers)) != len(cfg.loss.layers):
         raise InputError(f"loss.layers repeats a layer: {list(cfg.loss.layers)}")
     if min(cfg.data.size) < 8:

@@ -156,7 +156,8 @@ class PretrainModule(nn.Module):
 
 def build_module(cfg: PretrainConfig, device: torch.device) -> PretrainModule:
     """UNet (weights from ``cfg.seed``) and loss heads, on ``device``, with CUDA-only speed options."""
-    net = build_model(cfg.model.variant, seed=cfg.seed, norm=cfg.model.norm, activation=cfg.model.activation)
+    net = build_model(cfg.model.variant, seed=cfg.seed, norm=cfg.model.norm, activation=cfg.model.activation,
+                      padding_mode=cfg.model.padding)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         loss = MultiLayerContrastiveLoss(
@@ -167,6 +168,9 @@ def build_module(cfg: PretrainConfig, device: torch.device) -> PretrainModule:
             head_hidden=cfg.loss.head_hidden,
             head_dim=cfg.loss.head_dim,
             balance=cfg.loss.balance,
+            weights=cfg.loss.layer_weights,
+            sampling=cfg.loss.sampling,
+            head=cfg.loss.head,
         )
     cuda = device.type == "cuda"
     module = PretrainModule(net, loss, amp=cfg.amp and cuda, channels_last=cfg.channels_last and cuda, compile=cfg.compile)
