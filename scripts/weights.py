@@ -76,8 +76,8 @@ def export(run: Path, carry: Path | None, model: Path | None, hardware: str | No
 
     from synthvox.models import save_model
     from synthvox.models.unet import UNet
-    from synthvox.train.config import ModelConfig, from_dict, model_kwargs
     from synthvox.train.checkpointing import load_latest, strip_optimizer
+    from synthvox.train.config import ModelConfig, from_dict, model_kwargs
 
     latest = load_latest(run / "checkpoints")
     if latest is None:
