@@ -80,29 +80,86 @@ def load(
     arr = arr.reshape(shape)
     if arr.dtype.kind == "c":
         raise InputError(f"{what} has complex values, expected real numbers: {p}")
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{what} has values of type {arr.dtype}, expected numbers: {p}")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise InputError(f"{what} contains NaN or infinite values: {p}")
     if len(shape) == 3:
         arr = arr[None]
     else:
         arr = np.moveaxis(arr, -1, 0)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(f"{what} has an invalid (singular or non-finite) affine: {p}")
+    affine = check_affine(img.affine, what, p)
     if labels:
-        if arr.dtype.kind == "f":
-            rounded = np.rint(arr)
-            if not np.allclose(arr, rounded, atol=1e-3):
-                raise InputError(f"{what} is not a label map (it has non-integer values): {p}")
-            arr = rounded
-        data = torch.from_numpy(np.ascontiguousarray(arr).astype(np.int64))
-        if (data < 0).any():
-            raise InputError(f"{what} has negative label ids: {p}")
+        arr = _label_array(arr, what, p)
+        data = torch.from_numpy(np.ascontiguousarray(arr))
     else:
-        data = torch.from_numpy(np.ascontiguousarray(arr).astype(np.float32))
+        data = torch.from_numpy(_float32_array(arr, what, p))
         if dtype is not None:
             data = data.to(dtype)
     return Volume(data, affine)
+
+
+#: Largest label id a label map may hold: int64, the dtype label tensors use everywhere.
+MAX_LABEL_ID = np.iinfo(np.int64).max
+#: Largest magnitude an image intensity may have: float32 arithmetic (differences, squares of
+#: normalised values) stays finite well below float32's maximum of 3.4e38.
+MAX_INTENSITY = 1e30
+
+
+def check_affine(affine: np.ndarray, what: str, path: str | os.PathLike | None = None) -> np.ndarray:
+    """A 4x4 float64 voxel-to-world affine, or an :class:`InputError` when it is unusable.
+
+    Refuses non-finite entries, a singular or nearly singular 3x3 part (zero, duplicated or
+    collinear axes) and voxel sizes outside 1 micrometre to 1 metre, all of which make every later
+    resampling step fail or produce garbage.
+    """
+    where = f": {path}" if path is not None else ""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise InputError(f"{what} has an invalid (non-finite or malformed) affine{where}")
+    lin = a[:3, :3]
+    spacing = np.sqrt((lin**2).sum(axis=0))
+    if np.any(spacing < 1e-6) or np.any(spacing > 1e6):
+        raise InputError(f"{what} has voxel sizes {tuple(float(f'{s:.3g}') for s in spacing)} mm, outside 1e-6 to 1e6 mm{where}")
+    # |det| relative to the product of the column norms: 1 for orthogonal axes, 0 for collinear ones
+    if abs(np.linalg.det(lin)) < 1e-6 * float(np.prod(spacing)):
+        raise InputError(f"{what} has a degenerate (singular) affine: its voxel axes are collinear{where}")
+    return a
+
+
+def _float32_array(arr: np.ndarray, what: str, p: Path) -> np.ndarray:
+    """``arr`` as float32, refusing values that float32 cannot hold or compute with."""
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{what} has values of type {arr.dtype}, expected numbers: {p}")
+    if arr.size:
+        hi = float(np.max(arr))
+        lo = float(np.min(arr))
+        if max(abs(hi), abs(lo)) > MAX_INTENSITY:
+            raise InputError(
+                f"{what} has values up to {max(abs(hi), abs(lo)):.3g}, beyond the supported "
+                f"±{MAX_INTENSITY:.0e} (float32 arithmetic would overflow): {p}"
+            )
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _label_array(arr: np.ndarray, what: str, p: Path) -> np.ndarray:
+    """``arr`` as int64 label ids, exactly; refuses fractions, negative ids and ids int64 cannot hold."""
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{what} has values of type {arr.dtype}, expected whole numbers: {p}")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    lo, hi = arr.min(), arr.max()
+    if lo < 0:
+        raise InputError(f"{what} has negative label ids: {p}")
+    # compare as Python numbers: exact for every integer dtype
+    if (int(hi) if arr.dtype.kind in "biu" else float(hi)) > MAX_LABEL_ID:
+        raise InputError(f"{what} has label ids up to {int(hi)}, above the largest supported id {MAX_LABEL_ID}: {p}")
+    if arr.dtype.kind == "f":
+        rounded = np.rint(arr)
+        if not np.allclose(arr, rounded, atol=1e-3, rtol=0.0):
+            raise InputError(f"{what} is not a label map (it has non-integer values): {p}")
+        arr = rounded
+    return arr.astype(np.int64)
 
 
 def load_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
@@ -111,14 +168,42 @@ def load_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
 
 
 def check_output(path: str | os.PathLike, force: bool = False, nifti: bool = False) -> Path:
-    """Check that ``path`` may be written: refuse an existing file unless ``force``, and with ``nifti``
-    a name without a ``.nii``/``.nii.gz`` suffix (so commands can refuse before doing the work)."""
+    """Check that ``path`` may be written, before any work: refuse an existing file unless ``force``,
+    a folder in its place, a place that cannot be written (see :func:`check_writable`), and with
+    ``nifti`` a name without a ``.nii``/``.nii.gz`` suffix."""
     p = Path(path)
     if nifti and not is_nifti_path(p):
         raise InputError(f"output must be a NIfTI file (.nii or .nii.gz): {p}")
+    if p.is_dir():
+        raise InputError(f"output is a directory, expected a file name: {p}")
     if p.exists() and not force:
         raise InputError(f"output exists, not overwriting (use --force): {p}")
+    check_writable(p.parent)
     return p
+
+
+def check_writable(folder: str | os.PathLike, what: str = "output") -> Path:
+    """Refuse, with one line, a folder that cannot be written; creates nothing.
+
+    ``folder`` need not exist yet: then its nearest existing ancestor must be a directory in which
+    files can be created (tested by creating and removing a hidden probe file, which also catches
+    read-only file systems and permissions that ``os.access`` misjudges).
+    """
+    target = Path(folder).absolute()
+    anc = target
+    while not anc.exists() and anc != anc.parent:
+        if anc.is_symlink():  # a dangling link: mkdir would fail on it
+            raise InputError(f"cannot write {what} in {target}: {anc} is a broken symbolic link")
+        anc = anc.parent
+    if not anc.is_dir():
+        raise InputError(f"cannot write {what} in {target}: {anc} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".synthvox-write-test.", dir=anc)
+    except OSError as exc:
+        raise InputError(f"cannot write {what} in {target}: {exc.strerror or exc} ({anc})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return target
 
 
 @contextlib.contextmanager
@@ -143,6 +228,84 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def label_dtype(arr: np.ndarray) -> np.dtype:
+    """The smallest NIfTI integer type that holds every id of ``arr`` exactly.
+
+    ``uint8``, ``int16``, ``int32`` (the types other tools read most widely), then ``uint32`` and
+    ``int64`` for ids that do not fit a 32-bit signed integer (3,000,000,000, say), then ``uint64``.
+    """
+    if arr.size == 0:
+        return np.dtype(np.uint8)
+    lo, hi = int(arr.min()), int(arr.max())
+    for dt in (np.uint8, np.int16, np.int32, np.uint32, np.int64, np.uint64):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(dt)
+    raise InputError(f"label ids from {lo} to {hi} do not fit any NIfTI integer type")
+
+
+def _integral(arr: np.ndarray, p: Path) -> np.ndarray:
+    """Floating-point label ids as the smallest integer type, refusing fractions and non-finite values."""
+    if not np.isfinite(arr).all():
+        raise InputError(f"label map has NaN or infinite values; not writing {p}")
+    rounded = np.rint(arr)
+    if not np.array_equal(rounded, arr):
+        raise InputError(f"label map has non-integer values; not writing {p}")
+    if arr.size and (rounded.min() < np.iinfo(np.int64).min or rounded.max() > np.iinfo(np.uint64).max):
+        raise InputError(f"label ids up to {float(np.abs(rounded).max()):.3g} do not fit any NIfTI integer type")
+    as_int = rounded.astype(np.uint64) if rounded.size and rounded.min() >= 0 else rounded.astype(np.int64)
+    return as_int.astype(label_dtype(as_int))
+
+
+@contextlib.contextmanager
+def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden folder inside ``out`` for a command's outputs; on success move them into ``out``.
+
+    On any error or Ctrl-C, the staging folder is deleted, and so are ``out`` and its parents when
+    this call created them, so a failed command leaves nothing behind. The final moves (renames on
+    one file system) run with Ctrl-C deferred, so ``out`` never gets part of a set of outputs.
+    """
+    import shutil
+    import signal
+    import threading
+
+    target = Path(out)
+    created: list[Path] = []
+    d = target.absolute()
+    while not d.exists():
+        created.append(d)
+        d = d.parent
+    target.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".partial.", dir=target))
+    ok = False
+    try:
+        yield stage
+        deferred: list[int] = []
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, lambda signum, frame: deferred.append(signum)) if main else None
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            for f in sorted(stage.iterdir()):
+                if f.is_file():
+                    os.chmod(f, 0o666 & ~umask)
+                os.replace(f, target / f.name)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
+        ok = True
+        if deferred:
+            raise KeyboardInterrupt
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not ok:
+            for c in created:  # deepest first
+                try:
+                    c.rmdir()
+                except OSError:
+                    break
+
+
 def save(
     vol: Volume | torch.Tensor | np.ndarray,
     path: str | os.PathLike,
@@ -158,7 +321,7 @@ def save(
         vol: a :class:`Volume` (``(C, X, Y, Z)``), or an array with ``affine`` given.
         path: ``.nii`` or ``.nii.gz``.
         affine: the affine when ``vol`` is a bare array.
-        labels: store as the smallest integer type that holds the ids.
+        labels: store as the smallest integer type that holds the ids exactly (see :func:`label_dtype`).
         force: overwrite an existing file.
         vector: store ``C`` channels as a 5D ``(X, Y, Z, 1, C)`` vector image (NIfTI intent 1007),
             as ITK expects for displacement fields.
@@ -183,14 +346,16 @@ def save(
         arr = arr[0]
     else:
         arr = np.moveaxis(arr, 0, -1)
+    affine = check_affine(affine, "output", p)
     if labels:
-        hi = int(arr.max()) if arr.size else 0
-        lo = int(arr.min()) if arr.size else 0
-        dt = np.uint8 if lo >= 0 and hi < 256 else (np.int16 if -32768 <= lo and hi < 32768 else np.int32)
-        arr = arr.astype(dt)
-    elif arr.dtype == np.float64 or arr.dtype == np.float16 or arr.dtype.kind != "f":
+        arr = arr.astype(label_dtype(arr), copy=False) if arr.dtype.kind in "biu" else _integral(arr, p)
+    elif arr.dtype != np.float32:
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"save() takes numeric arrays, got {arr.dtype}")
+        if arr.size and np.abs(arr).max() > np.finfo(np.float32).max:
+            raise InputError(f"values up to {float(np.abs(arr).max()):.3g} do not fit float32; not writing {p}")
         arr = arr.astype(np.float32)
-    img = nib.Nifti1Image(arr, np.asarray(affine, np.float64))
+    img = nib.Nifti1Image(arr, affine, dtype=arr.dtype)
     img.header.set_qform(np.asarray(affine, np.float64), code=1)
     img.header.set_sform(np.asarray(affine, np.float64), code=1)
     img.header.set_xyzt_units("mm", "sec")

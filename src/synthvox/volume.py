@@ -115,14 +115,30 @@ def sample_at(
         padding: ``"zeros"`` or ``"border"``.
     """
     gs_mode = {"linear": "bilinear", "nearest": "nearest"}[mode]
-    grid = normalise_coords(vox, tuple(data.shape[1:]))[None]
     is_int = not torch.is_floating_point(data)
+    if is_int and mode == "nearest":
+        return _gather_nearest(data, vox, padding)
+    grid = normalise_coords(vox, tuple(data.shape[1:]))[None]
     src = data.to(torch.float64 if is_int else data.dtype)
     if is_int and data.abs().max() < 2**24:
         src = data.to(torch.float32)
     out = F.grid_sample(src[None], grid.to(src.dtype), mode=gs_mode, padding_mode=padding, align_corners=True)[0]
     if is_int:
         out = out.round().to(data.dtype)
+    return out
+
+
+def _gather_nearest(data: torch.Tensor, vox: torch.Tensor, padding: str) -> torch.Tensor:
+    """Nearest-neighbour sampling of integer data by indexing: every id is kept exactly, however
+    large (``grid_sample`` works in floating point, which rounds ids above 2**24 or 2**53)."""
+    shape = torch.tensor(data.shape[1:], device=vox.device)
+    idx = torch.round(vox).to(torch.int64)  # round half to even, as grid_sample's nearest mode
+    inside = ((idx >= 0) & (idx < shape)).all(dim=-1)
+    idx = torch.minimum(idx.clamp(min=0), shape - 1)
+    flat = (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2]
+    out = data.reshape(data.shape[0], -1)[:, flat.reshape(-1).to(data.device)].reshape(data.shape[0], *vox.shape[:-1])
+    if padding == "zeros":
+        out = out * inside.to(data.device)
     return out
 
 
@@ -162,8 +178,8 @@ def grid_for_spacing(
     affine = np.asarray(affine, np.float64)
     old = spacing_of(affine)
     new = np.broadcast_to(np.asarray(spacing, np.float64), (3,)).copy()
-    if np.any(new <= 0):
-        raise InputError(f"spacing must be positive, got {tuple(new)}")
+    if not np.all(np.isfinite(new)) or np.any(new <= 0):
+        raise InputError(f"spacing must be a positive, finite number of mm, got {tuple(float(v) for v in new)}")
     new_shape = tuple(int(max(1, round(s * o / n))) for s, o, n in zip(shape, old, new))
     direction = affine[:3, :3] / old
     new_affine = np.eye(4)

@@ -49,6 +49,34 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_number(
+    option: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Refuse an option value that is NaN, infinite or outside ``[low, high]`` (``(`` / ``)`` when open).
+
+    Typer parses ``nan`` and ``inf`` as valid floats, so every float option goes through this.
+    """
+    import math
+
+    from synthvox.errors import InputError
+
+    v = float(value)
+    lo_ok = low is None or (v > low if low_open else v >= low)
+    hi_ok = high is None or (v < high if high_open else v <= high)
+    if not math.isfinite(v) or not (lo_ok and hi_ok):
+        lo_txt = "-inf" if low is None else f"{low:g}"
+        hi_txt = "inf" if high is None else f"{high:g}"
+        where = f"{'(' if low_open or low is None else '['}{lo_txt}, {hi_txt}{')' if high_open or high is None else ']'}"
+        raise InputError(f"{option} must be a finite number in {where}, got {value}")
+    return v
+
+
 def resolve_device(name: str) -> Any:
     """``auto`` picks CUDA when available, else the CPU; unknown names are a user error."""
     import torch
@@ -70,11 +98,14 @@ def resolve_device(name: str) -> Any:
 
 
 def check_out_dir(path: Path, force: bool, names: list[str] | None = None) -> Path:
-    """Refuse to write into ``path`` when it already holds outputs, unless ``force``.
+    """Check an output directory before any work; creates nothing (writers create it when they write).
 
-    With ``names``, only those files count as existing outputs; otherwise any non-empty directory does.
+    Refuses a file in its place, a place that cannot be written, and (unless ``force``) a directory
+    that already holds outputs: with ``names``, only those files count as existing outputs; otherwise
+    any non-empty directory does.
     """
     from synthvox.errors import InputError
+    from synthvox.io import check_writable
 
     if path.exists() and not path.is_dir():
         raise InputError(f"--out must be a directory, but a file is there: {path}")
@@ -82,7 +113,7 @@ def check_out_dir(path: Path, force: bool, names: list[str] | None = None) -> Pa
         clash = [n for n in names if (path / n).exists()] if names is not None else list(path.iterdir())
         if clash:
             raise InputError(f"output directory {path} already holds outputs (use --force to overwrite)")
-    path.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
     return path
 
 

@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         force: bool = ForceOption,
     ) -> None:
         """Compute dense voxel features of IMAGE with the pretrained UNet."""
+        import math
+
         from synthvox import io
         from synthvox.cli.common import resolve_device
         from synthvox.errors import InputError
@@ -41,9 +43,17 @@ def register(app: typer.Typer) -> None:
                 window = tuple(float(v) for v in ct_window.split(","))
             except ValueError:
                 raise InputError(f"--ct-window must be LOW,HIGH in HU, got {ct_window!r}") from None
+            if len(window) != 2 or not all(math.isfinite(v) for v in window) or not window[0] < window[1]:
+                raise InputError(f"--ct-window must be two finite numbers LOW,HIGH in HU with LOW < HIGH, got {ct_window!r}")
+        if patch < 8:
+            raise InputError(f"--patch must be at least 8 voxels, got {patch}")
+        if weights is not None and weights != "random":
+            from synthvox.models.checkpoint import read_model_config
+
+            read_model_config(weights)  # a clear error for a wrong --weights before reading the image
         dev = resolve_device(device)
         vol = io.load(image, what="image")
         model = build_model("default", seed=seed).to(dev) if weights == "random" else weights
         feats = image_features(vol, model, dev, modality=modality, ct_window=window, patch=patch)
         io.save(feats, out, force=force)
-        typer.echo(f"wrote {feats.shape[0]} feature channels of {'x'.join(map(str, vol.shape))} voxels to {out}")
+        typer.echo(f"wrote {feats.data.shape[0]} feature channels of {'x'.join(map(str, vol.shape))} voxels to {out}")

@@ -35,11 +35,28 @@ def finetune_command(
     import dataclasses
 
     from synthvox import io
-    from synthvox.cli.common import resolve_device
+    from synthvox.cli.common import check_number, resolve_device
     from synthvox.errors import InputError
     from synthvox.segmentation import AugmentConfig, finetune
+    from synthvox.segmentation.fewshot import TRAIN_MODES
     from synthvox.segmentation.modeldir import is_model_dir
 
+    # Every option is checked before any input is read or anything is written.
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
+    if batch < 1:
+        raise InputError(f"--batch must be at least 1, got {batch}")
+    if patch < 8:
+        raise InputError(f"--patch must be at least 8 voxels, got {patch}")
+    if val_every is not None and val_every < 1:
+        raise InputError(f"--val-every must be at least 1, got {val_every}")
+    if train not in TRAIN_MODES:
+        raise InputError(f"--train must be one of {', '.join(TRAIN_MODES)}, got {train!r}")
+    if modality.lower() not in ("auto", "mr", "ct"):
+        raise InputError(f"--modality must be auto, mr or ct, got {modality!r}")
+    check_number("--lr", lr, 0.0, low_open=True)
+    if spacing is not None:
+        check_number("--spacing", spacing, 0.0, 100.0, low_open=True)
     if len(image) != len(label):
         raise InputError(f"got {len(image)} --image but {len(label)} --label: give one label map per image, in the same order")
     if (val_image is None) != (val_label is None):
@@ -49,6 +66,7 @@ def finetune_command(
     if out.is_dir() and any(out.iterdir()) and not (force or resume):
         what = "a model" if is_model_dir(out) else "files"
         raise InputError(f"output directory {out} already holds {what} (use --force to overwrite or --resume to continue)")
+    io.check_writable(out)
     dev = resolve_device(device)
     images = [io.load(p, what=f"image {p.name}") for p in image]
     labels = [io.load_labels(p, what=f"label map {p.name}") for p in label]

@@ -42,7 +42,7 @@ def shapes(
     import time
 
     from synthvox import io
-    from synthvox.cli.common import resolve_device
+    from synthvox.cli.common import check_number, resolve_device
     from synthvox.errors import InputError
     from synthvox.shapes.bank import build_bank
 
@@ -52,8 +52,7 @@ def shapes(
     if not out.name.lower().endswith(".npz"):
         raise InputError(f"--out must be a .npz file, got {out}")
     io.check_output(out, force)
-    if spacing <= 0:
-        raise InputError(f"--spacing must be positive, got {spacing}")
+    check_number("--spacing", spacing, 0.0, 100.0, low_open=True)
     if min_voxels < 1:
         raise InputError(f"--min-voxels must be at least 1, got {min_voxels}")
     if max_extent < 0 or max_extent == 1:

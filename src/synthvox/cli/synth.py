@@ -68,10 +68,11 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--n must be at least 1, got {n}")
         if batch_size < 1:
             raise InputError(f"--batch must be at least 1, got {batch_size}")
+        if preview_samples < 1:
+            raise InputError(f"--preview must be at least 1, got {preview_samples}")
         dims = parse_size(size)
         dev = resolve_device(device)
         names = output_names(n)
-        check_out_dir(out, force, names)
 
         from synthvox.synth.engine import SynthConfig, SynthEngine
         from synthvox.synth.labels import LabelConfig
@@ -86,6 +87,7 @@ def register(app: typer.Typer) -> None:
             bank = ShapeBank.load(choice)
             if len(bank) == 0:
                 raise InputError(f"shape bank {choice} holds no templates")
+        check_out_dir(out, force, names)  # after every input is read, before anything is written
         config = SynthConfig(labels=LabelConfig(size=dims), use_bank=use_bank, seed=seed)
         engine = SynthEngine(config, dev, bank)
 
@@ -95,27 +97,28 @@ def register(app: typer.Typer) -> None:
         records: list[dict] = []
         shown: tuple[list, list, list] = ([], [], [])
         start = time.perf_counter()
-        for first in range(0, n, batch_size):
-            idx = list(range(first, min(n, first + batch_size)))
-            b = engine.batch(idx)
-            for j, i in enumerate(idx):
-                io.save(b.labels[j].cpu(), out / f"{i:04d}_labels.nii.gz", affine, labels=True, force=force)
-                io.save(b.view1[j].cpu(), out / f"{i:04d}_view1.nii.gz", affine, force=force)
-                io.save(b.view2[j].cpu(), out / f"{i:04d}_view2.nii.gz", affine, force=force)
-                if len(shown[0]) < preview_samples:
-                    shown[0].append(b.labels[j].cpu())
-                    shown[1].append(b.view1[j].cpu())
-                    shown[2].append(b.view2[j].cpu())
-            records.extend(b.params)
-        elapsed = time.perf_counter() - start
+        # Everything is written into a hidden staging folder inside --out and moved into place at the
+        # end, so an error or Ctrl-C leaves neither samples without params.json nor a half-made folder.
+        with io.staging_dir(out) as stage:
+            for first in range(0, n, batch_size):
+                idx = list(range(first, min(n, first + batch_size)))
+                b = engine.batch(idx)
+                for j, i in enumerate(idx):
+                    io.save(b.labels[j].cpu(), stage / f"{i:04d}_labels.nii.gz", affine, labels=True)
+                    io.save(b.view1[j].cpu(), stage / f"{i:04d}_view1.nii.gz", affine)
+                    io.save(b.view2[j].cpu(), stage / f"{i:04d}_view2.nii.gz", affine)
+                    if len(shown[0]) < preview_samples:
+                        shown[0].append(b.labels[j].cpu())
+                        shown[1].append(b.view1[j].cpu())
+                        shown[2].append(b.view2[j].cpu())
+                records.extend(b.params)
+            elapsed = time.perf_counter() - start
 
-        doc = {"config": config.to_dict(), "device": str(dev), "voxel_mm": vox, "samples": records}
-        with io.atomic_path(out / "params.json") as tmp:
-            tmp.write_text(json.dumps(doc))
-        titles = [f"#{i}  {int(lab.max()) + 1} labels" for i, lab in enumerate(shown[0])]
-        fig = preview_figure(shown[0], shown[1], shown[2], titles=titles)
-        with io.atomic_path(out / "preview.png") as tmp:
-            fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
+            doc = {"config": config.to_dict(), "device": str(dev), "voxel_mm": vox, "samples": records}
+            (stage / "params.json").write_text(json.dumps(doc))
+            titles = [f"#{i}  {int(lab.max()) + 1} labels" for i, lab in enumerate(shown[0])]
+            fig = preview_figure(shown[0], shown[1], shown[2], titles=titles)
+            fig.savefig(stage / "preview.png", format="png", facecolor=fig.get_facecolor())
         typer.echo(
             f"wrote {n} label maps with two views each ({'x'.join(map(str, dims))}, {vox:.3g} mm) to {out} "
             f"in {elapsed:.1f} s ({elapsed / n:.2f} s per pair on {dev}); preview: {out / 'preview.png'}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,15 @@ def read_model_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         raise InputError(f"cannot read {cfg_path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise InputError(f"{cfg_path} does not describe a synthvox UNet (format tag {cfg.get('format') if isinstance(cfg, dict) else None!r})")
-    if int(cfg.get("version", 0)) > FORMAT_VERSION:
-        raise InputError(f"model {p} was written by a newer synthvox (format version {cfg.get('version')})")
+    version = cfg.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(f"{cfg_path} has an invalid format version {version!r:.40}")
+    if version > FORMAT_VERSION:
+        raise InputError(f"model {p} was written by a newer synthvox (format version {version})")
+    for key, kind, name in (("architecture", dict, "a JSON object"), ("extra", dict, "a JSON object"),
+                            ("sha256", str, "a hex string"), ("dtype", str, "a string")):
+        if key in cfg and not isinstance(cfg[key], kind):
+            raise InputError(f"{cfg_path}: {key!r} must be {name}, got {cfg[key]!r:.60}")
     return p, cfg
 
 
@@ -151,10 +159,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> U
     arch = cfg.get("architecture")
     if not isinstance(arch, dict):
         raise InputError(f"{p / CONFIG_NAME} has no architecture description")
+    _check_architecture(arch, p / CONFIG_NAME)
     try:
         net = UNet(**arch)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{p / CONFIG_NAME} describes an invalid network: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OverflowError) as exc:
+        raise InputError(f"{p / CONFIG_NAME} describes an invalid network: {' '.join(str(exc).split())[:200]}") from None
     expected = cfg.get("sha256")
     if expected and file_sha256(weights) != expected:
         raise InputError(f"{weights} is corrupt or truncated (checksum mismatch with {CONFIG_NAME})")
@@ -169,6 +178,34 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> U
         msg = " ".join(str(exc).split())
         raise InputError(f"weights in {weights} do not match its {CONFIG_NAME}: {msg[:300]}") from None
     return net.to(device).eval()
+
+
+def _check_architecture(arch: dict[str, Any], where: Path) -> None:
+    """Refuse architecture values of the wrong JSON type before they reach the UNet's constructor.
+
+    Sizes must be whole numbers in a sane range (a channel count of 10**9 would try to allocate
+    terabytes: at most 1024 channels and 8 levels), names must be strings, switches booleans.
+    """
+    import inspect
+
+    params = inspect.signature(UNet.__init__).parameters
+    unknown = sorted(k for k in arch if k not in params or k == "self")
+    if unknown:
+        raise InputError(f"{where} describes an invalid network: unknown architecture keys {unknown}")
+    for key, value in arch.items():
+        default = params[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= (8 if key == "levels" else 1024)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = value is None or isinstance(value, (str, int, float, bool, list))
+        if not ok:
+            raise InputError(f"{where} describes an invalid network: {key!r} = {value!r:.40} is of the wrong type or size")
 
 
 def weights_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,19 +56,22 @@ def normalise_intensity(
     if not torch.isfinite(x).all():
         raise InputError("the image contains NaN or infinite values")
     if ct_window is not None:
-        if len(ct_window) != 2 or not float(ct_window[0]) < float(ct_window[1]):
-            raise InputError(f"a CT window needs two values, low < high; got {tuple(ct_window)}")
+        w = [float(v) for v in ct_window]
+        if len(w) != 2 or not all(math.isfinite(v) for v in w) or not w[0] < w[1]:
+            raise InputError(f"a CT window needs two finite values, low < high; got {tuple(ct_window)}")
     if modality == "auto":
         modality = "ct" if ct_window is not None or looks_like_ct(x) else "mr"
+    # differences of float32 values can overflow (3e38 - -3e38): scale in float64, return float32
+    x64 = x.double()
     if modality == "ct":
         lo, hi = (float(v) for v in (ct_window or DEFAULT_CT_WINDOW))
-        return ((x.clamp(lo, hi) - lo) / (hi - lo)).clamp(0.0, 1.0)
-    lo_t, hi_t = _percentile(x, percentiles[0]), _percentile(x, percentiles[1])
+        return ((x64.clamp(lo, hi) - lo) / (hi - lo)).clamp(0.0, 1.0).float()
+    lo_t, hi_t = _percentile(x, percentiles[0]).double(), _percentile(x, percentiles[1]).double()
     if float(hi_t - lo_t) <= 1e-12:
-        lo_t, hi_t = x.min(), x.max()
+        lo_t, hi_t = x64.min(), x64.max()
     if float(hi_t - lo_t) <= 1e-12:
         return torch.zeros_like(x)
-    return ((x - lo_t) / (hi_t - lo_t)).clamp(0.0, 1.0)
+    return ((x64 - lo_t) / (hi_t - lo_t)).clamp(0.0, 1.0).float()
 
 
 def extract_features(

@@ -540,9 +540,6 @@ def finetune(
             with one class only, an image that is not a single-channel 3D volume, unknown settings,
             or (with ``resume``) a checkpoint from incompatible settings.
     """
-    from monai.losses import DiceCELoss
-    from tqdm.auto import tqdm
-
     images, labels = list(images), list(labels)
     if len(images) == 0:
         raise InputError("finetuning needs at least one image with its label map")
@@ -566,8 +563,8 @@ def finetune(
         _check_pair(im, lab, f"training pair {i + 1}:")
     label_ids = label_ids_of(labels)
     train_spacing = cfg.spacing or common_spacing(images)
-    if len(train_spacing) != 3 or min(train_spacing) <= 0:
-        raise InputError(f"--spacing must be positive, got {train_spacing}")
+    if len(train_spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in train_spacing):
+        raise InputError(f"--spacing must be a positive, finite number of mm, got {train_spacing}")
     normalisation = resolve_normalisation(images[0].data, cfg.modality)
     subjects = [
         prepare_subject(im, lab, label_ids, train_spacing, normalisation, f"training pair {i + 1}:")
@@ -581,9 +578,6 @@ def finetune(
         val_source = "mirrored copy of training volume 1"
     for sub in [*subjects, val_subject]:  # volumes live on the device; patches are cut there
         sub.image, sub.classes = sub.image.to(device), sub.classes.to(device)
-    has_background = label_ids[0] == 0
-    n_classes = len(label_ids)
-
     backbone, source = _build_backbone(cfg.init, cfg.variant, device, cfg.seed, cfg.model_overrides)
     backbone = backbone.to(device)
     smallest = 2 * int(getattr(backbone, "multiple", 1))
@@ -594,7 +588,68 @@ def finetune(
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None and (out / LOG_NAME).exists():
         raise InputError(f"--resume: no checkpoint found in {out / CHECKPOINT_DIR}")
+    created = _missing_dirs(out)
+    before = set(out.iterdir()) if out.is_dir() else set()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _finetune_into(
+            out, cfg, ckpt, backbone, source, subjects, val_subject, val_source, label_ids, train_spacing,
+            normalisation, device, progress,
+        )
+    except BaseException:
+        # A run that fails (out of memory, a bad value, Ctrl-C) before its first checkpoint leaves
+        # nothing behind: what it wrote is removed, and so is the folder when this call made it.
+        if latest_checkpoint(out) is None:
+            _remove_new(out, before, created)
+        raise
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing, d = [], path.absolute()
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    return missing
+
+
+def _remove_new(out: Path, before: set[Path], created: list[Path]) -> None:
+    """Delete what appeared in ``out`` since ``before``, then the folders in ``created`` when empty."""
+    import shutil
+
+    for p in set(out.iterdir()) - before if out.is_dir() else ():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _finetune_into(
+    out: Path,
+    cfg: FinetuneConfig,
+    ckpt: Path | None,
+    backbone: nn.Module,
+    source: str,
+    subjects: list[Subject],
+    val_subject: Subject,
+    val_source: str,
+    label_ids: list[int],
+    train_spacing: Sequence[float],
+    normalisation: dict[str, Any],
+    device: torch.device,
+    progress: bool,
+) -> Path:
+    """The training loop of :func:`finetune`, writing into the existing folder ``out``."""
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    has_background = label_ids[0] == 0
+    n_classes = len(label_ids)
 
     c_feat = feature_channels(backbone, device)
     with torch.random.fork_rng(devices=[]):  # the head's initialisation from the seed, global RNG untouched

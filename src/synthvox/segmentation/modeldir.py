@@ -16,6 +16,7 @@ written last, so a directory that has it is complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,25 +67,87 @@ class SegmentationMeta:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: str = "") -> SegmentationMeta:
-        if d.get("format") != FORMAT:
+    def from_json(cls, d: Any, where: str = "") -> SegmentationMeta:
+        """Parse ``segmentation.json``, checking the type and range of every field.
+
+        Raises:
+            InputError: a foreign or newer format, or a field of the wrong JSON type or value.
+        """
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise InputError(f"not a synthvox segmentation model (wrong format tag in {where})")
-        if int(d.get("version", 0)) > FORMAT_VERSION:
-            raise InputError(f"segmentation model {where} was written by a newer synthvox (format version {d.get('version')})")
-        try:
-            return cls(
-                label_ids=[int(i) for i in d["label_ids"]],
-                spacing=[float(s) for s in d["spacing"]],
-                orientation=str(d.get("orientation", "RAS")),
-                normalisation=dict(d.get("normalisation", {})),
-                patch_size=[int(p) for p in d["patch_size"]],
-                feature_channels=int(d.get("feature_channels", 16)),
-                train=dict(d.get("train", {})),
-                history=dict(d.get("history", {})),
-                flip_augmented=bool(d.get("flip_augmented", False)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"segmentation model description {where} is incomplete or invalid: {exc!r}") from None
+        version = d.get("version")
+        if not _is_int(version) or version < 1:
+            raise InputError(f"segmentation model description {where} has an invalid format version {version!r}")
+        if version > FORMAT_VERSION:
+            raise InputError(f"segmentation model {where} was written by a newer synthvox (format version {version})")
+
+        def bad(key: str, expected: str) -> InputError:
+            return InputError(f"segmentation model description {where}: {key!r} must be {expected}, got {d.get(key)!r:.80}")
+
+        if "label_ids" not in d or "spacing" not in d or "patch_size" not in d:
+            missing = [k for k in ("label_ids", "spacing", "patch_size") if k not in d]
+            raise InputError(f"segmentation model description {where} is incomplete (no {', '.join(missing)})")
+        ids = d["label_ids"]
+        if not isinstance(ids, list) or len(ids) < 2 or not all(_is_int(i) and 0 <= i <= 2**63 - 1 for i in ids) \
+                or ids != sorted(set(ids)):
+            raise bad("label_ids", "a sorted list of at least two distinct non-negative integers")
+        spacing = d["spacing"]
+        if not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_number(v) and 0 < v <= 100 for v in spacing):
+            raise bad("spacing", "three finite voxel sizes in mm")
+        patch = d["patch_size"]
+        if not isinstance(patch, list) or len(patch) != 3 or not all(_is_int(v) and 8 <= v <= 1024 for v in patch):
+            raise bad("patch_size", "three integers from 8 to 1024")
+        if d.get("orientation", "RAS") != "RAS":
+            raise bad("orientation", '"RAS"')
+        channels = d.get("feature_channels", 16)
+        if not _is_int(channels) or not 1 <= channels <= 4096:
+            raise bad("feature_channels", "an integer from 1 to 4096")
+        for key in ("normalisation", "train", "history"):
+            if not isinstance(d.get(key, {}), dict):
+                raise bad(key, "a JSON object")
+        if not isinstance(d.get("flip_augmented", False), bool):
+            raise bad("flip_augmented", "true or false")
+        return cls(
+            label_ids=[int(i) for i in ids],
+            spacing=[float(v) for v in spacing],
+            orientation="RAS",
+            normalisation=_check_normalisation(dict(d.get("normalisation", {})), where),
+            patch_size=[int(v) for v in patch],
+            feature_channels=int(channels),
+            train=dict(d.get("train", {})),
+            history=dict(d.get("history", {})),
+            flip_augmented=bool(d.get("flip_augmented", False)),
+        )
+
+
+def _is_int(v: Any) -> bool:
+    """A JSON integer (not a boolean, not a float)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    """A finite JSON number (not a boolean)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_normalisation(n: dict[str, Any], where: str) -> dict[str, Any]:
+    """Refuse a normalisation record that :func:`synthvox.segmentation.infer.normalise` cannot apply."""
+    def bad(what: str) -> InputError:
+        return InputError(f"segmentation model description {where}: normalisation {what}")
+
+    if n.get("method", "percentile") != "percentile":
+        raise bad(f"method must be \"percentile\", got {n.get('method')!r:.40}")
+    if n.get("modality", "auto") not in ("auto", "mr", "ct"):
+        raise bad(f"modality must be auto, mr or ct, got {n.get('modality')!r:.40}")
+    pct = n.get("percentiles", [0.5, 99.5])
+    if not isinstance(pct, list) or len(pct) != 2 or not all(_is_number(v) and 0 <= v <= 100 for v in pct) \
+            or not pct[0] < pct[1]:
+        raise bad(f"percentiles must be two numbers 0 <= low < high <= 100, got {pct!r:.40}")
+    window = n.get("ct_window")
+    if window is not None and (not isinstance(window, list) or len(window) != 2
+                               or not all(_is_number(v) for v in window) or not window[0] < window[1]):
+        raise bad(f"ct_window must be two finite numbers low < high, got {window!r:.40}")
+    return n
 
 
 class SegmentationNet(nn.Module):
@@ -119,8 +182,8 @@ def read_meta(path: str | os.PathLike) -> SegmentationMeta:
         raise InputError(f"not a synthvox segmentation model directory (no {META_NAME}): {p}")
     try:
         d = json.loads((p / META_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {p / META_NAME}: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {p / META_NAME}: {' '.join(str(exc).split())}") from None
     return SegmentationMeta.from_json(d, str(p / META_NAME))
 
 
@@ -170,6 +233,11 @@ def load_model_dir(
     if not (p / HEAD_NAME).is_file() or not (p / BACKBONE_DIR).is_dir():
         raise InputError(f"segmentation model {p} is incomplete (needs {HEAD_NAME} and {BACKBONE_DIR}/)")
     backbone = load_model(p / BACKBONE_DIR, device)
+    if getattr(backbone, "out_channels", meta.feature_channels) != meta.feature_channels:
+        raise InputError(
+            f"segmentation model {p} does not fit together: its backbone gives {backbone.out_channels} feature "
+            f"channels, its {META_NAME} says {meta.feature_channels}"
+        )
     net = SegmentationNet(backbone, meta.feature_channels, len(meta.label_ids))
     try:
         head = load_file(str(p / HEAD_NAME))

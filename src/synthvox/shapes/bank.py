@@ -250,9 +250,13 @@ class ShapeBank:
         Raises:
             InputError: missing file or a file that is not a synthvox shape bank.
         """
+        import zipfile
+
         p = Path(path)
         if not p.is_file():
             raise InputError(f"shape bank not found: {p}")
+        if not zipfile.is_zipfile(p):
+            raise InputError(f"not a synthvox shape bank (expected a .npz file written by 'synthvox shapes'): {p}")
         try:
             with np.load(p, allow_pickle=False) as z:
                 missing = [k for k in _KEYS if k not in z.files]
@@ -270,22 +274,39 @@ class ShapeBank:
             raise InputError(f"not a synthvox shape bank (unreadable metadata): {p}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise InputError(f"not a synthvox shape bank: {p}")
-        if int(meta.get("version", -1)) > FORMAT_VERSION:
-            raise InputError(f"shape bank {p} has format version {meta.get('version')}; this synthvox reads up to {FORMAT_VERSION}")
+        version = meta.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InputError(f"shape bank {p} has an invalid format version {version!r}")
+        if version > FORMAT_VERSION:
+            raise InputError(f"shape bank {p} has format version {version}; this synthvox reads up to {FORMAT_VERSION}")
+        spacing = meta.get("spacing")
+        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not (0 < spacing < float("inf")):
+            raise InputError(f"shape bank {p} has an invalid spacing {spacing!r}")
+        extra = meta.get("meta", {})
+        if not isinstance(extra, dict) or not isinstance(provenance, list):
+            raise InputError(f"not a synthvox shape bank (metadata of the wrong type): {p}")
+        if any(arrays[k].dtype.kind not in "iu" for k in ("shapes", "offsets")) or arrays["bits"].dtype != np.uint8:
+            raise InputError(f"shape bank {p} is corrupt (arrays of the wrong type)")
         shapes = arrays["shapes"].astype(np.int64).reshape(-1, 3)
         offsets = arrays["offsets"].astype(np.int64)
         bits = arrays["bits"]
+        spacings = np.asarray(arrays["spacings"])
         n = len(shapes)
+        if n and shapes.min() < 1:
+            raise InputError(f"shape bank {p} is corrupt (empty template shapes)")
         expected = (np.prod(shapes, axis=1) + 7) // 8
         if (
             len(offsets) != n + 1
             or len(provenance) != n
             or not np.array_equal(np.diff(offsets), expected)
             or (n and offsets[-1] != bits.size)
+            or spacings.dtype.kind != "f"
+            or spacings.shape != (n,)
+            or not (np.isfinite(spacings).all() and (spacings > 0).all())
         ):
             raise InputError(f"shape bank {p} is corrupt (sizes do not match)")
         packed = [bits[offsets[i] : offsets[i + 1]] for i in range(n)]
-        return cls(packed, shapes, float(meta["spacing"]), provenance, arrays["spacings"], meta.get("meta", {}))
+        return cls(packed, shapes, float(spacing), provenance, spacings, extra)
 
 
 def _chmod_like_new_file(path: Path) -> None:
@@ -408,8 +429,8 @@ def templates_from_label_map(
     """
     from scipy import ndimage
 
-    if spacing <= 0:
-        raise InputError(f"spacing must be positive, got {spacing}")
+    if not (0 < spacing < float("inf")):
+        raise InputError(f"spacing must be a positive, finite number of mm, got {spacing}")
     if max_extent is not None and max_extent < 2:
         raise InputError(f"max extent must be at least 2 voxels, got {max_extent}")
     vol = to_canonical(vol)

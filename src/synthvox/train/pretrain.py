@@ -280,10 +280,16 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a run unless ``force`` (then clear its outputs); nothing to do on resume."""
+    """Refuse to overwrite a run unless ``force`` (then clear its outputs); nothing to do on resume.
+
+    A folder that cannot be written is refused here, before the network or the data engine is built.
+    """
+    from synthvox.io import check_writable
+
     owned = ["config.yaml", "checkpoints", "log.csv", "tensorboard", "model"]
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a directory, but a file is there: {out}")
+    check_writable(out, what="the run")
     if resume:
         out.mkdir(parents=True, exist_ok=True)
         return
@@ -299,6 +305,50 @@ def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _clean_up_on_failure(fn: Any) -> Any:
+    """Make a failed run leave nothing behind unless it wrote a checkpoint to resume from.
+
+    When :func:`pretrain` raises (out of memory, a bad value, a second Ctrl-C) and the run folder
+    holds no checkpoint, what this call added there (``config.yaml``, ``log.csv``, ``tensorboard/``,
+    an empty ``checkpoints/``) is removed, and so is the folder itself when this call created it,
+    so the next run does not find a "run" that blocks it.
+    """
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = Path(bound.arguments["out"]).absolute()
+        info = bound.arguments["dist_info"] or DistInfo()
+        created, d = [], out
+        while not d.exists():
+            created.append(d)
+            d = d.parent
+        before = set(out.iterdir()) if out.is_dir() else set()
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            if info.is_main and out.is_dir() and not list_checkpoints(out / "checkpoints"):
+                for p in set(out.iterdir()) - before:
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+                for c in created:  # deepest first
+                    try:
+                        c.rmdir()
+                    except OSError:
+                        break
+            raise
+
+    return wrapper
+
+
+@_clean_up_on_failure
 def pretrain(
     cfg: PretrainConfig,
     out: str | os.PathLike,
