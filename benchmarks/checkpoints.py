@@ -1,95 +1,219 @@
-"""How registration with network features changed as pretraining went on: every exported checkpoint.
+"""The learning curve of a pretraining run, by the feature probe: probe figures against steps and CPU-hours.
 
-For each model directory given (e.g. the half-precision exports of a run's checkpoints,
-``python scripts/weights.py export RUN --model DIR``), runs ``benchmarks/registration.py`` with
-``--methods net,both`` on the same pairs, and MIND once as the reference, then tabulates mean Dice
-per dataset against the training step recorded in each model's card.
+Every checkpoint of a run folder (``--run RUN``, each exported to a temporary model directory) and any
+model directory given are measured in one probe run (``benchmarks/features.py``: MIND-SSC and raw
+intensity are computed once, beside them). CPU-hours come from the run logs (``--log``, repeatable:
+the logs of earlier parts of the same run, e.g. ``training/log_cpu64.csv``, then ``RUN/log.csv``):
+the summed synthesis and network seconds up to each step, one thread.
 
-    python benchmarks/checkpoints.py MODEL_DIR [MODEL_DIR ...] [--pairs 2] [--datasets nichart,ctmr]
+The markdown gives the table and a straight-line fit of the probe score against log10(CPU-hours),
+extrapolated to the CPU-hours at which it would reach MIND-SSC's score (only a trend, stated as such).
 
-Writes ``checkpoints.json`` and ``checkpoints.md`` into ``--out`` (default benchmarks/results).
+    python benchmarks/checkpoints.py --run training/runs/cpu --log training/log_cpu64.csv --log training/runs/cpu/log.csv
+    python benchmarks/checkpoints.py MODEL_DIR [MODEL_DIR ...] [--reg-pairs 1] [--quick]
+
+Writes ``checkpoints.json``, ``checkpoints.md`` and ``checkpoints.png`` into ``--out`` (default benchmarks/results).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-import registration  # noqa: E402
+import features  # noqa: E402
 
 NAME = "checkpoints"
+METRICS = ("score", "knn", "boundary", "interior")
 
 
 def step_of(model_dir: Path) -> int:
     """The training step recorded in a model directory's card (-1 when absent)."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return int(cfg.get("extra", {}).get("model_card", {}).get("training_steps", -1))
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    extra = cfg.get("extra", {})
+    card = extra.get("model_card", extra)
+    return int(card.get("training_steps", card.get("steps", -1)))
 
 
-def evaluate(model_dirs: list[Path], pairs: int, datasets: str, threads: int, device: str, quick: bool = False) -> dict[str, Any]:
-    payload: dict[str, Any] = {**common.header(NAME, device), "pairs": pairs, "datasets": datasets.split(","),
-                               "threads": threads, "rows": []}
-    base = ["--pairs", str(pairs), "--datasets", datasets, "--threads", str(threads), "--device", device]
-    if quick:
-        base.append("--quick")
-    with tempfile.TemporaryDirectory(prefix="ckbench_") as td:
-        ref_out = Path(td) / "mind"
-        registration.main([*base, "--methods", "affine,mind", "--out", str(ref_out)])
-        ref = json.loads((ref_out / "registration.json").read_text())
-        for ds, res in ref["results"].items():
-            for m, r in res.items():
-                payload["rows"].append({"model": m, "step": None, "dataset": ds, "method": m,
-                                        "mean_dice": r["summary"]["mean_dice"]})
-        for md in sorted(model_dirs, key=step_of):
-            out = Path(td) / md.name
-            registration.main([*base, "--methods", "net,both", "--weights", str(md), "--out", str(out)])
-            res = json.loads((out / "registration.json").read_text())
-            for ds, rr in res["results"].items():
-                for m, r in rr.items():
-                    payload["rows"].append({"model": str(md), "step": step_of(md), "dataset": ds, "method": m,
-                                            "mean_dice": r["summary"]["mean_dice"],
-                                            "folding_percent": r["summary"]["folding_percent"]})
-    return payload
+def cpu_hours(logs: list[Path]) -> dict[int, float]:
+    """Step -> cumulative one-thread CPU-hours (synthesis + network seconds) over the logs, in order."""
+    out: dict[int, float] = {}
+    total, last = 0.0, -1
+    for log in logs:
+        with open(log, newline="") as f:
+            for row in csv.DictReader(f):
+                step = int(row["step"])
+                if step <= last:
+                    continue
+                total += float(row["synth_s"]) + float(row["net_s"])
+                out[step] = total / 3600.0
+                last = step
+    return out
 
 
-def markdown(payload: dict[str, Any]) -> str:
-    m = payload["machine"]
-    datasets = payload["datasets"]
-    lines = [f"Measured {payload['date']} on {common.machine_line(m)} (commit {payload['commit']}); "
-             f"{payload['pairs']} nichart pair(s); mean Dice per dataset.", ""]
-    cols = ["step", "features"] + datasets
+def hours_at(step: int, table: dict[int, float]) -> float | None:
+    """CPU-hours at ``step`` (linear between logged steps), None when outside the logs."""
+    if not table or step < 0:
+        return None
+    steps = sorted(table)
+    if step <= steps[0]:
+        return table[steps[0]] * step / steps[0] if steps[0] > 0 else 0.0
+    if step > steps[-1]:
+        return None
+    return float(np.interp(step, steps, [table[s] for s in steps]))
+
+
+def export_checkpoints(run: Path, dst: Path, every: int = 1) -> list[Path]:
+    """Each checkpoint of ``run`` as a model directory under ``dst`` (every ``every``-th, and the newest)."""
+    import torch
+
+    from synthvox.models import save_model
+    from synthvox.models.unet import UNet
+    from synthvox.train.checkpointing import list_checkpoints, load_checkpoint
+    from synthvox.train.config import ModelConfig, from_dict, model_kwargs
+
+    ckpts = list_checkpoints(run / "checkpoints")
+    chosen = [c for i, c in enumerate(ckpts) if i % every == 0 or i == len(ckpts) - 1]
+    out = []
+    for step, path in chosen:
+        tensors, state = load_checkpoint(path)
+        net = UNet(**model_kwargs(from_dict(ModelConfig, state["config"]["model"])))
+        net.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+        md = dst / f"step_{step:08d}"
+        with torch.no_grad():
+            save_model(net, md, extra={"model_card": {"training_steps": int(step)}})
+        out.append(md)
+    return out
+
+
+def trend(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """Least-squares line of score against log10(CPU-hours); where it would reach ``target``."""
+    pts = [(math.log10(r["cpu_hours"]), r["score"]) for r in rows if r.get("cpu_hours") and r["cpu_hours"] > 0]
+    if len(pts) < 3:
+        return None
+    x, y = np.array(pts).T
+    slope, icpt = np.polyfit(x, y, 1)
+    res: dict[str, Any] = {"slope_per_decade": float(slope), "intercept": float(icpt), "target": target, "points": len(pts)}
+    res["hours_to_target"] = float(10 ** ((target - icpt) / slope)) if slope > 0 else None
+    return res
+
+
+def evaluate(models: list[Path], logs: list[Path], quick: bool, reg_pairs: int, threads: int) -> dict[str, Any]:
+    models = sorted(models, key=step_of)
+    probe = features.run([str(m) for m in models], ["nichart"] if quick else list(features.DATASETS),
+                         ["Subj1", "Subj2"] if quick else ["Subj1", "Subj2", "Subj4"], 150 if quick else 300,
+                         300 if quick else 600, reg_pairs, quick, threads)
+    hours = cpu_hours(logs)
+    labels = list(probe["weights"])
+    nich = probe["results"]["nichart"]["mean"]
     rows = []
-    keyed: dict[tuple[Any, str], dict[str, float]] = {}
-    for r in payload["rows"]:
-        keyed.setdefault((r["step"], r["method"]), {})[r["dataset"]] = r["mean_dice"]
-    for (step, method), d in sorted(keyed.items(), key=lambda kv: (-1 if kv[0][0] is None else kv[0][0], kv[0][1])):
-        rows.append(["– (no network)" if step is None else step, method] + [d.get(ds) for ds in datasets])
+    for lab, md in zip(labels, models):
+        st = step_of(md)
+        row = {"model": str(md), "label": lab, "step": st, "cpu_hours": hours_at(st, hours), "score": probe["score"][lab],
+               **{k: nich[lab][k] for k in ("knn", "boundary", "interior")}}
+        for ds in probe["results"]:
+            if ds != "nichart":
+                row[f"{ds}_knn"] = probe["results"][ds]["mean"][lab]["knn"]
+        if probe.get("registration"):
+            for kind in ("net", "both"):
+                r = probe["registration"].get(f"{kind}:{lab}")
+                row[f"reg_{kind}"] = r["mean_dice"] if r else None
+        rows.append(row)
+    ref = {name: {"score": probe["score"][name], **nich[name]} for name in ("mind", "intensity")}
+    if probe.get("registration") and "mind" in probe["registration"]:
+        ref["mind"]["reg"] = probe["registration"]["mind"]["mean_dice"]
+    return {**common.header(NAME), "quick": quick, "logs": [str(p) for p in logs], "rows": rows, "reference": ref,
+            "trend": trend(rows, ref["mind"]["score"]), "probe_seconds": probe["seconds"]}
+
+
+def markdown(p: dict[str, Any]) -> str:
+    lines = [f"Learning curve by the feature probe ({p['date']}, commit {p['commit']}; {common.machine_line(p['machine'])}).", ""]
+    extra = [k for k in p["rows"][0] if k.endswith("_knn") or k.startswith("reg_")] if p["rows"] else []
+    cols = ["step", "CPU-hours", *METRICS, *extra]
+    rows = [[r["step"], None if r["cpu_hours"] is None else f"{r['cpu_hours']:.2f}", *[r[m] for m in METRICS],
+             *[r.get(k) for k in extra]] for r in p["rows"]]
+    for name, ref in p["reference"].items():
+        rows.append([name, "–", *[ref.get(m) for m in METRICS], *[ref.get("reg") if k == "reg_net" and name == "mind" else None for k in extra]])
     lines.append(common.md_table(cols, rows))
+    t = p.get("trend")
+    if t:
+        lines.append("")
+        if t["hours_to_target"] is not None:
+            lines.append(f"Trend: score {t['slope_per_decade']:+.3f} per tenfold CPU-hours over {t['points']} checkpoints; "
+                         f"the line reaches MIND-SSC's score ({t['target']:.3f}) at about {t['hours_to_target']:.3g} "
+                         "CPU-hours (one thread) — an extrapolation of a short curve, not a promise.")
+        else:
+            lines.append(f"Trend: score {t['slope_per_decade']:+.3f} per tenfold CPU-hours over {t['points']} checkpoints: "
+                         "not rising, so no extrapolation to MIND-SSC's score.")
     return "\n".join(lines)
+
+
+def plot(p: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in p["rows"] if r["step"] >= 0]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, xkey, xlabel in ((axes[0], "step", "training step"), (axes[1], "cpu_hours", "CPU-hours (one thread)")):
+        pts = [r for r in rows if r.get(xkey) is not None]
+        for m, colour in zip(METRICS, ("k", "tab:blue", "tab:orange", "tab:green")):
+            ax.plot([r[xkey] for r in pts], [r[m] for r in pts], "o-", color=colour, label=f"net {m}")
+            ax.axhline(p["reference"]["mind"][m], color=colour, ls="--", lw=0.8)
+        ax.set_xlabel(xlabel)
+        if xkey == "cpu_hours" and len(pts) > 1:
+            ax.set_xscale("log")
+        ax.set_ylabel("probe (dashed: MIND-SSC)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", type=Path)
-    ap.add_argument("--pairs", type=int, default=2)
-    ap.add_argument("--datasets", default="nichart,ctmr")
+    ap.add_argument("models", nargs="*", type=Path, help="model directories")
+    ap.add_argument("--run", type=Path, default=None, help="a run folder: probe each of its checkpoints")
+    ap.add_argument("--every", type=int, default=1, help="with --run: every k-th checkpoint (and the newest)")
+    ap.add_argument("--log", action="append", type=Path, default=[], help="run logs in training order (for CPU-hours)")
+    ap.add_argument("--reg-pairs", type=int, default=0, help="nichart registration pairs per model (default 0)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="nichart only, two subjects, fewer voxels")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    if not common.has_shared_data():
+        print(f"no evaluation data at {common.eval_dir()} (set SYNTHVOX_SHARED)", file=sys.stderr)
+        return 2
     for md in args.models:
         if not (md / "config.json").is_file():
             ap.error(f"not a model directory: {md}")
-    payload = evaluate(args.models, args.pairs, args.datasets, args.threads, args.device, args.quick)
+    for log in args.log:
+        if not log.is_file():
+            ap.error(f"no such log: {log}")
+    with tempfile.TemporaryDirectory(prefix="ckprobe_") as td:
+        models = list(args.models)
+        if args.run is not None:
+            models += export_checkpoints(args.run, Path(td), max(1, args.every))
+        if not models:
+            ap.error("give model directories or --run")
+        payload = evaluate(models, args.log, args.quick, args.reg_pairs, args.threads)
+    out = args.out if args.out is not None else common.RESULTS
     text = markdown(payload)
-    common.write_results(NAME, payload, text, args.out)
+    common.write_results(NAME, payload, text, out)
+    plot(payload, Path(out) / f"{NAME}.png")
     print(text)
     return 0
 

@@ -163,3 +163,43 @@ def test_rejects_bad_arguments() -> None:
         crit(feats, labels, [torch.Generator()])  # one generator for two pairs
     with pytest.raises(ValueError):
         supcon_loss(torch.randn(2, 5, 3), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_balanced_sampling_gives_every_label_its_share() -> None:
+    from synthvox.losses.contrastive import sample_balanced_voxels
+
+    lab = torch.zeros(32, 32, 32, dtype=torch.long)  # background: 97 % of the volume
+    lab[2:6, 2:6, 2:6] = 1  # 64 voxels
+    lab[10:20, 10:20, 10:12] = 2  # 200 voxels
+    lab[:, :, 30:] = -1  # padding: never drawn
+    g = torch.Generator().manual_seed(0)
+    idx = sample_balanced_voxels(lab, 1, (32, 32, 30), (32, 32, 32), 3000, g)
+    picked = lab.reshape(-1)[idx]
+    share = torch.stack([(picked == c).float().mean() for c in (0, 1, 2)])
+    assert (picked >= 0).all()
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.04), share
+    # on a coarse layer the label of a location is its block's mode
+    idx2 = sample_balanced_voxels(lab, 2, (16, 16, 15), (16, 16, 16), 600, g)
+    modes = block_mode_labels(lab[None], 2, idx2[None], (16, 16, 16))[0]
+    assert set(modes.tolist()) <= {0, 1, 2} and len(set(modes.tolist())) == 3
+
+
+@pytest.mark.parametrize("head", ["mlp", "mlp3bn"])
+def test_loss_options_run_and_weight_layers(head: str) -> None:
+    layers = {"dec1": 8, "out": 4}
+    scales = {"dec1": 2, "out": 1}
+    loss = MultiLayerContrastiveLoss(layers, scales, n_voxels=64, head_hidden=16, head_dim=8, sampling="balanced",
+                                     head=head, weights={"out": 3.0})
+    assert loss.weights == pytest.approx({"dec1": 0.25, "out": 0.75})
+    lab = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    lab[0, 4:8, 4:8, 4:8] = 1
+    feats = {"dec1": torch.randn(2, 8, 8, 8, 8, requires_grad=True), "out": torch.randn(2, 4, 16, 16, 16, requires_grad=True)}
+    total, parts = loss(feats, lab, [torch.Generator().manual_seed(1)])
+    assert torch.isfinite(total) and set(parts) == {"dec1", "out"}
+    assert float(total) == pytest.approx(0.25 * float(parts["dec1"]) + 0.75 * float(parts["out"]), rel=1e-5)
+    total.backward()
+    assert feats["out"].grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        MultiLayerContrastiveLoss(layers, scales, sampling="stratified")
+    with pytest.raises(ValueError):
+        MultiLayerContrastiveLoss(layers, scales, head="transformer")

@@ -73,7 +73,7 @@ def test_presets_overrides_and_round_trip(tmp_path) -> None:
     cfg = resolve_config("tiny", ["optim.lr=1e-3", "batch_pairs=3", "data.size=48", "loss.layers=out,dec1", "grad_clip=2", "data.synth.labels.n_templates=[5, 9]"], seed=7)
     assert cfg.optim.lr == 1e-3 and cfg.batch_pairs == 3 and cfg.data.size == (48, 48, 48)
     assert cfg.loss.layers == ("out", "dec1") and cfg.optim.grad_clip == 2.0 and cfg.seed == 7
-    assert cfg.data.synth["labels.n_templates"] == [5, 9] and cfg.model.variant == "tiny"
+    assert cfg.data.synth.labels.n_templates == (5, 9) and cfg.model.variant == "tiny"
     assert resolve_config("default").data.size == (128, 128, 128)
     again = config_from_dict(to_dict(cfg))
     assert again == cfg
@@ -109,13 +109,44 @@ class _Outer:
 def test_unknown_preset_and_engine_key() -> None:
     with pytest.raises(InputError):
         resolve_config("medium")
-    from synthvox.train.config import apply_dataclass_overrides
+    from synthvox.config import apply_overrides
 
     obj = _Outer(inner=_Inner())
-    new = apply_dataclass_overrides(obj, {"inner.n": [3, 4], "seed": 5})
+    new = apply_overrides(obj, {"inner.n": [3, 4], "seed": 5})
     assert new.inner.n == (3, 4) and new.seed == 5 and obj.inner.n == (1, 2)
+    assert apply_overrides(obj, ["inner.n=[7, 8]"]).inner.n == (7, 8)
     with pytest.raises(InputError):
-        apply_dataclass_overrides(obj, {"inner.m": 1})
+        apply_overrides(obj, {"inner.m": 1})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["data.synth.labels.fov_mm=-3"], ["data.synth.labels.bogus=1"], ["data.synth.labels.n_templates=[5,1]"],
+     ["data.synth.labels.size=32"], ["data.synth.use_bank=false"], ["data.synth.appearance.nope=1"],
+     ["data.synth.cube_size=2"], ["data.synth.labels.affine.bogus=1"], ["loss.sampling=stratified"],
+     ["loss.head=big"], ["loss.layer_weights={enc9: 1}"], ["loss.layer_weights={out: -1}"], ["model.padding=circular"]],
+)
+def test_engine_and_recipe_settings_are_checked_when_resolved(overrides, tmp_path) -> None:
+    """The engine's settings are a typed part of the config: a wrong one fails before a run folder exists."""
+    with pytest.raises(InputError) as e:
+        resolve_config("tiny", overrides)
+    assert "\n" not in str(e.value)
+    from typer.testing import CliRunner
+
+    from synthvox.cli import app
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["pretrain", "--config", "tiny", "--out", str(run), *overrides])
+    assert res.exit_code == 2 and not run.exists(), res.output
+
+
+def test_engine_settings_round_trip_and_old_dotted_form() -> None:
+    cfg = resolve_config("cpu")
+    assert cfg.data.synth.labels.fov_mm == 128.0 and cfg.loss.sampling == "balanced"
+    assert config_from_dict(to_dict(cfg)) == cfg
+    old = {"data": {"size": [64, 64, 64], "use_bank": True, "synth": {"labels.fov_mm": 100}}}  # checkpoints before the typed form
+    assert config_from_dict(old).data.synth.labels.fov_mm == 100.0
+    assert config_from_dict({"data": {"synth": {}}}).data.synth == resolve_config("default").data.synth
 
 
 def test_learning_rate_schedule() -> None:

@@ -23,19 +23,13 @@ def demo_dir() -> Path:
     return Path(__file__).resolve().parent / "data" / "demo"
 
 
-#: What ``--features auto`` means when network weights are at hand: the best setting on the
-#: registration benchmarks with the shipped weights. With the current interim weights (a short CPU
-#: pretraining run) MIND-SSC beats the network's features (benchmarks/README.md), so it is MIND.
-AUTO_FEATURES = "mind"
-
-
 def resolve_features(features: str, weights: Any = None) -> str:
-    """``"auto"`` -> :data:`AUTO_FEATURES` when weights are given or ship with the package, else ``"mind"``."""
+    """``"auto"`` -> what the weights' model card records as measured best (:func:`synthvox.models.card.auto_features`)."""
     if features != "auto":
         return features
-    from synthvox.models import default_weights_path
+    from synthvox.models.card import auto_features
 
-    return AUTO_FEATURES if weights is not None or default_weights_path() is not None else "mind"
+    return auto_features(weights)
 
 
 def organs() -> dict[str, int]:

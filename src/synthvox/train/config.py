@@ -1,23 +1,32 @@
 """Typed pretraining configuration: presets, then a YAML file, then ``key=value`` overrides.
 
 Keys are dotted paths into :class:`PretrainConfig` (``optim.lr=1e-3``, ``data.size=64``,
-``loss.layers=out,dec1``); a key that is the unique name of a field in one section may be given
-without its section (``lr=1e-3``). ``data.synth.<path>=<value>`` sets a field of the data engine's
-``SynthConfig`` (``data.synth.labels.n_templates=[10,20]``). Values are parsed as YAML and checked
-against the field's type; unknown keys and wrong types are one-line :class:`InputError` s.
+``loss.layers=out,dec1``), in the one config dialect of :mod:`synthvox.config`. The data engine's
+settings are a typed part of it: ``data.synth`` is the engine's :class:`~synthvox.synth.engine.SynthConfig`
+(``data.synth.labels.n_templates=[10,20]``, ``data.synth.appearance.p_bias=0.8``), checked by the
+engine's own rules when the config is resolved, before any run folder is touched.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
+from synthvox.config import (  # noqa: F401  (re-exported: the pretraining API has always offered them)
+    apply_overrides,
+    coerce,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    parse_overrides,
+    rebuild,
+    set_key,
+    to_dict,
+)
 from synthvox.errors import InputError
+from synthvox.synth.engine import SynthConfig
 
 #: The layers the method applies its loss to: two deep encoder layers, the decoder layers, the output.
 DEFAULT_LAYERS = ("enc3", "bottleneck", "dec3", "dec2", "dec1", "out")
@@ -40,12 +49,13 @@ class DataConfig:
     Attributes:
         size: label map and view size in voxels (one int or three).
         use_bank: place templates from the shipped shape bank (else procedural shapes only).
-        synth: dotted overrides of the engine's ``SynthConfig`` fields, e.g. ``{"labels.n_templates": [10, 20]}``.
+        synth: the engine's settings (``labels``, ``appearance``, ``cube_size``); its ``labels.size``,
+            ``use_bank`` and ``seed`` come from ``data.size``, ``data.use_bank`` and ``seed``.
     """
 
     size: tuple[int, int, int] = (128, 128, 128)
     use_bank: bool = True
-    synth: dict[str, Any] = field(default_factory=dict)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
 
 @dataclass
@@ -124,7 +134,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.variant": "tiny",
         "data.size": [32, 32, 32],
         # templates for a 32^3 map need no 64^3 cubes; a small procedural pool warms up quickly
-        "data.synth": {"labels.max_resolution": 32, "labels.procedural_pool": 64, "cube_size": 16},
+        "data.synth.labels.max_resolution": 32,
+        "data.synth.labels.procedural_pool": 64,
+        "data.synth.cube_size": 16,
         "loss.n_voxels": 256,
         "loss.head_hidden": 64,
         "loss.head_dim": 64,
@@ -143,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # towards the full-resolution layers (the ablation in benchmarks/README.md chose these).
     "cpu": {
         "data.size": [64, 64, 64],
-        "data.synth": {"labels.fov_mm": 128.0},
+        "data.synth.labels.fov_mm": 128.0,
         "loss.sampling": "balanced",
         "loss.layer_weights": {"enc3": 0.5, "bottleneck": 0.5, "dec3": 1.0, "dec2": 1.0, "dec1": 2.0, "out": 3.0},
         "optim.lr": 6e-4,
@@ -155,205 +167,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tensorboard": False,
     },
 }
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except (NameError, TypeError):  # unresolvable annotations: accept any value
-        return {f.name: Any for f in dataclasses.fields(cls)}
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the type annotation ``tp`` and convert it (lists -> tuples, int -> float, ...).
-
-    Raises:
-        InputError: the value does not fit the type.
-    """
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, key)
-            except InputError as exc:
-                errors.append(str(exc))
-        raise InputError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise InputError(f"{key} must be true or false, got {value!r}")
-    if tp in (int, float) and isinstance(value, str) and _looks_numeric(value):
-        value = _number(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise InputError(f"{key} must be an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise InputError(f"{key} must be a string, got {value!r}")
-        return value
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if origin is tuple and len(args) > 1 and args[-1] is not Ellipsis:
-            if not isinstance(value, (list, tuple)):
-                value = [value] * len(args)  # size=64 -> (64, 64, 64)
-            if len(value) != len(args):
-                raise InputError(f"{key} needs {len(args)} values, got {value!r}")
-            return tuple(coerce(v, a, key) for v, a in zip(value, args))
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        inner = args[0] if args else Any
-        items = [coerce(v, inner, key) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise InputError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise InputError(f"{key} must be a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
-    return value
-
-
-def from_dict(cls: type, d: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) mapping; unknown keys are an :class:`InputError`."""
-    hints = _hints(cls)
-    out = cls()
-    for k, v in d.items():
-        if k not in hints:
-            raise InputError(f"unknown config key {prefix}{k!r}; known: {', '.join(prefix + n for n in hints)}")
-        if _is_dataclass_type(hints[k]) and isinstance(v, dict):
-            sub = getattr(out, k)
-            for kk, vv in v.items():
-                set_key(sub, kk, vv, prefix=f"{prefix}{k}.")
-        else:
-            setattr(out, k, coerce(v, hints[k], prefix + k))
-    return out
-
-
-def _leaf_index(cls: type) -> dict[str, list[str]]:
-    """Field name -> dotted paths that end with it (for section-less shorthands)."""
-    idx: dict[str, list[str]] = {}
-    for name, tp in _hints(cls).items():
-        if _is_dataclass_type(tp):
-            for sub in _hints(tp):
-                idx.setdefault(sub, []).append(f"{name}.{sub}")
-        else:
-            idx.setdefault(name, []).append(name)
-    return idx
-
-
-def set_key(obj: Any, key: str, value: Any, prefix: str = "") -> None:
-    """Set the dotted ``key`` of dataclass instance ``obj`` (in place), checking the type.
-
-    ``data.synth.<path>`` keys go into the ``synth`` mapping unchecked here (the engine checks them).
-    """
-    parts = key.split(".")
-    hints = _hints(type(obj))
-    if len(parts) == 1 and parts[0] not in hints and prefix == "":
-        paths = _leaf_index(type(obj)).get(parts[0], [])
-        if len(paths) == 1:
-            parts = paths[0].split(".")
-        elif len(paths) > 1:
-            raise InputError(f"ambiguous config key {key!r}: say which of {', '.join(paths)}")
-    head = parts[0]
-    if head not in hints:
-        raise InputError(f"unknown config key {prefix}{key!r}; known: {', '.join(prefix + n for n in hints)}")
-    tp = hints[head]
-    if len(parts) == 1:
-        if _is_dataclass_type(tp):
-            if not isinstance(value, dict):
-                raise InputError(f"config key {prefix}{head!r} is a section: set its fields ({prefix}{head}.<field>=...)")
-            for k, v in value.items():
-                set_key(getattr(obj, head), k, v, prefix=f"{prefix}{head}.")
-            return
-        setattr(obj, head, coerce(value, tp, prefix + head))
-        return
-    if _is_dataclass_type(tp):
-        set_key(getattr(obj, head), ".".join(parts[1:]), value, prefix=f"{prefix}{head}.")
-        return
-    if typing.get_origin(tp) is dict or tp is dict:
-        getattr(obj, head)[".".join(parts[1:])] = value
-        return
-    raise InputError(f"config key {prefix}{head!r} has no field {'.'.join(parts[1:])!r}")
-
-
-def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key=value`` strings (values as YAML: ``1e-3``, ``true``, ``[32,32,32]``)."""
-    import yaml
-
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise InputError(f"expected key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        k = k.strip()
-        if not k:
-            raise InputError(f"expected key=value, got {item!r}")
-        try:
-            val = yaml.safe_load(v) if v.strip() else ""
-        except yaml.YAMLError:
-            val = v
-        if isinstance(val, float) or (isinstance(val, str) and _looks_numeric(val)):
-            val = _number(v)
-        out.append((k, val))
-    return out
-
-
-def _looks_numeric(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _number(s: str) -> Any:
-    """YAML 1.1 reads ``1e-3`` as a string; read numbers the way a user means them."""
-    s = s.strip()
-    try:
-        return int(s)
-    except ValueError:
-        return float(s)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config (tuples as lists), for YAML/JSON."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        return v
-
-    return plain(cfg)
 
 
 def config_from_dict(d: dict[str, Any]) -> PretrainConfig:
@@ -399,6 +212,14 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise InputError(f"loss.head must be one of {', '.join(HEADS)}, got {cfg.loss.head!r}")
     if len(set(cfg.loss.layers)) != len(cfg.loss.layers):
         raise InputError(f"loss.layers repeats a layer: {list(cfg.loss.layers)}")
+    plain = SynthConfig()
+    owned = (("labels.size", "data.size", tuple(cfg.data.synth.labels.size), tuple(plain.labels.size)),
+             ("use_bank", "data.use_bank", cfg.data.synth.use_bank, plain.use_bank),
+             ("seed", "seed", cfg.data.synth.seed, plain.seed))
+    for key, where, value, default in owned:
+        if value != default:
+            raise InputError(f"set {where}, not data.synth.{key}")
+    cfg.data.synth = rebuild(cfg.data.synth, "data.synth")
     if min(cfg.data.size) < 8:
         raise InputError(f"data.size must be at least 8 voxels per axis, got {list(cfg.data.size)}")
     checks = [
@@ -423,24 +244,6 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         if not ok:
             raise InputError(msg)
     return cfg
-
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config file as a mapping."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"config file not found: {p}")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise InputError(f"cannot read config file {p}: {' '.join(str(exc).split())[:200]}") from None
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise InputError(f"config file {p} must hold a mapping of keys to values")
-    return d
 
 
 def resolve_config(
@@ -477,40 +280,3 @@ def resolve_config(
     if seed is not None:
         cfg.seed = int(seed)
     return validate(cfg)
-
-
-def dump_yaml(cfg: PretrainConfig) -> str:
-    """The config as YAML text."""
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def apply_dataclass_overrides(obj: Any, overrides: dict[str, Any], what: str = "data.synth") -> Any:
-    """A copy of dataclass ``obj`` with dotted ``overrides`` applied (for the engine's ``SynthConfig``).
-
-    Raises:
-        InputError: a key that names no field, or a value of the wrong type.
-    """
-    obj = _deepcopy_dc(obj)
-    for key, value in overrides.items():
-        parts = key.split(".")
-        target = obj
-        for i, part in enumerate(parts):
-            if not (dataclasses.is_dataclass(target) and not isinstance(target, type)):
-                raise InputError(f"unknown {what} key {key!r}")
-            names = {f.name for f in dataclasses.fields(target)}
-            if part not in names:
-                raise InputError(f"unknown {what} key {key!r}; {'.'.join(parts[:i]) or 'top level'} has {', '.join(sorted(names))}")
-            if i == len(parts) - 1:
-                tp = _hints(type(target)).get(part, Any)
-                object.__setattr__(target, part, coerce(value, tp, f"{what}.{key}"))
-            else:
-                target = getattr(target, part)
-    return obj
-
-
-def _deepcopy_dc(obj: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(obj)

@@ -55,7 +55,7 @@ from synthvox.train.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
-from synthvox.train.config import PretrainConfig, apply_dataclass_overrides, dump_yaml, to_dict
+from synthvox.train.config import PretrainConfig, apply_overrides, dump_yaml, to_dict
 from synthvox.train.distributed import DistInfo, all_reduce_mean, any_flag, barrier
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "synth_s", "net_s", "skipped", "samples", "elapsed_s"]
@@ -120,12 +120,10 @@ def build_engine(cfg: PretrainConfig, device: torch.device) -> PairSource:
     Raises:
         InputError: a ``data.synth`` key that the engine's config does not have, or no shape bank.
     """
-    from synthvox.synth.engine import SynthConfig, SynthEngine
+    from synthvox.synth.engine import SynthEngine
 
-    sc = SynthConfig()
-    overrides: dict[str, Any] = {"labels.size": list(cfg.data.size), "use_bank": cfg.data.use_bank, "seed": cfg.seed}
-    overrides.update(cfg.data.synth)
-    sc = apply_dataclass_overrides(sc, overrides)
+    sc = apply_overrides(cfg.data.synth, {"labels.size": list(cfg.data.size), "use_bank": cfg.data.use_bank, "seed": cfg.seed},
+                         "data.synth")
     return SynthEngine(sc, device)  # loads the shipped shape bank when sc.use_bank
 
 

@@ -1,0 +1,346 @@
+"""Feature-quality probe: do a network's features find the same structure, and the same place, across contrasts?
+
+Side by side in one run: the given network weights (the shipped ones by default), MIND-SSC (what
+registration uses without a network) and the raw normalised intensity, each computed the way
+registration computes it (``synthvox.registration.features``, on the 2 mm working grid).
+
+Data (``../shared/data/eval``):
+
+* ``nichart``: T1 and FLAIR of one subject (headers that agree: Subj1, 2, 4, 7, 9-11), the T1 put on
+  the FLAIR's working grid through the affines, the 14 coarse DLMUSE structures of ``flair_dlmuse``;
+* ``spine``: T1w put on the T2w's grid, the cord and the tissue within 6 mm of it;
+* ``ctmr``: the MR and the CT of two people, 7 organs (label transfer only: no voxel correspondence).
+
+Measures, each a number that can go either way:
+
+* ``knn``: cross-contrast k-NN label transfer: ``n`` voxels per structure drawn from the reference
+  image (T1, T1w, MR) label the same number drawn from the other image (FLAIR, T2w, CT) by a vote of
+  their ``k`` nearest neighbours in feature space; balanced accuracy (chance ``1 / structures``);
+* ``boundary`` / ``interior``: local matching: for voxels within one voxel of a structure boundary, and
+  for voxels at least 3 voxels inside a structure, the best match (smallest feature distance) of the
+  FLAIR feature among the T1 features within +-3 voxels; the share that lands within one voxel of
+  the truth (chance 27/343 = 0.08). This is what registration needs;
+* ``reg``: registration Dice on inter-subject nichart pairs with ``--features mind``, ``net`` and
+  ``both`` (``benchmarks/registration.py``).
+
+``score`` (what decides which checkpoint is better): the mean of nichart ``knn``, ``boundary`` and
+``interior``, the three numbers that move with feature quality on brains; the other figures are
+reported beside it.
+
+    python benchmarks/features.py [--weights shipped|DIR ...] [--quick] [--reg-pairs 2] [--out DIR]
+
+``--quick`` (the accumulating run and the test suite): fewer voxels, two nichart subjects, one quick
+registration pair. Writes ``features.json`` and ``features.md`` into ``--out`` (default
+benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+NAME = "features"
+#: nichart_dev subjects whose T1 and FLAIR headers agree (see ../shared/data/README.md).
+ALIGNED_SUBJECTS = ("Subj1", "Subj2", "Subj4", "Subj7", "Subj9", "Subj10", "Subj11")
+DATASETS = ("nichart", "spine", "ctmr")
+RADIUS = 3
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _group_map(labels: np.ndarray, groups: dict[str, list[int]]) -> np.ndarray:
+    out = np.zeros(labels.shape, np.int64)
+    for k, ids in enumerate(groups.values(), start=1):
+        out[np.isin(labels, ids)] = k
+    return out
+
+
+def _on_grid(vol: Any, shape: tuple[int, int, int], affine: np.ndarray, mode: str = "linear") -> Any:
+    from synthvox.volume import Volume, resample_to_grid
+
+    return resample_to_grid(Volume(vol.data.float(), vol.affine), shape, affine, mode=mode)
+
+
+def load_dataset(name: str, subjects: list[str]) -> list[dict[str, Any]]:
+    """Probe cases of one dataset: reference and query images with their structure maps (0 = not scored)."""
+    from synthvox import io
+    from synthvox.registration.pipeline import working_grid
+
+    ev = common.eval_dir()
+    cases = []
+    if name == "nichart":
+        groups = common.dlmuse_groups()
+        for s in subjects:
+            p = common.nichart_paths(s)
+            flair, t1 = io.load(p["flair"]), io.load(p["t1"])
+            shape, aff = working_grid(flair, 2.0)
+            lab = _group_map(_on_grid(io.load_labels(p["flair_dlmuse"]), shape, aff, "nearest").data[0].numpy().round(), groups)
+            cases.append({"name": s, "ref": _on_grid(t1, shape, aff), "query": _on_grid(flair, shape, aff),
+                          "ref_labels": lab, "query_labels": lab, "classes": list(groups), "aligned": True})
+    elif name == "spine":
+        d = ev / "spine_multicontrast"
+        t2w, t1w = io.load(d / "t2w.nii.gz"), io.load(d / "t1w.nii.gz")
+        shape, aff = working_grid(t2w, 2.0)
+        cord = _on_grid(io.load_labels(d / "t2w_cord.nii.gz"), shape, aff, "linear").data[0].numpy() > 0.5
+        from scipy.ndimage import distance_transform_edt
+
+        near = (distance_transform_edt(~cord, sampling=float(np.abs(aff[:3, :3]).max(axis=0).max())) <= 6.0) & ~cord
+        lab = np.where(cord, 1, np.where(near, 2, 0)).astype(np.int64)
+        cases.append({"name": "t1w/t2w", "ref": _on_grid(t1w, shape, aff), "query": _on_grid(t2w, shape, aff),
+                      "ref_labels": lab, "query_labels": lab, "classes": ["cord", "around cord"], "aligned": True})
+    elif name == "ctmr":
+        d = ev / "totalseg_ct_mr"
+        organs = {k: [int(v)] for k, v in json.loads((d / "organs.json").read_text()).items() if not k.startswith("_")}
+        out = {}
+        for which in ("mr", "ct"):
+            img = io.load(d / f"{which}.nii.gz")
+            shape, aff = working_grid(img, 2.0)
+            lab = _group_map(_on_grid(io.load_labels(d / f"{which}_seg.nii.gz"), shape, aff, "nearest").data[0].numpy().round(), organs)
+            out[which] = (_on_grid(img, shape, aff), lab)
+        cases.append({"name": "mr/ct", "ref": out["mr"][0], "query": out["ct"][0], "ref_labels": out["mr"][1],
+                      "query_labels": out["ct"][1], "classes": list(organs), "aligned": False})
+    else:
+        raise ValueError(f"unknown dataset {name!r}")
+    return cases
+
+
+# ------------------------------------------------------------------------------------------- features
+
+
+def features_of(kind: str, image: Any, model: Any) -> torch.Tensor:
+    """``(C, X, Y, Z)`` features of one image as registration computes them (``intensity``, ``mind`` or ``net``)."""
+    from synthvox.registration.features import FeatureExtractor, robust_unit_range
+
+    if kind == "intensity":
+        return robust_unit_range(image.data[:1].float())
+    ex = FeatureExtractor(kind=kind, model=model, device=torch.device("cpu"))
+    return ex.raw(image.data[:1].float(), "fixed")[kind]
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+
+def _draw(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return idx
+    return rng.choice(idx, size=min(n, idx.size), replace=False)
+
+
+def knn_transfer(fr: torch.Tensor, lr: np.ndarray, fq: torch.Tensor, lq: np.ndarray, n: int, k: int,
+                 rng: np.random.Generator) -> float:
+    """Balanced accuracy of labelling query voxels by their ``k`` nearest reference voxels in feature space."""
+    classes = [c for c in np.unique(lr) if c > 0 and (lq == c).any()]
+    ri = np.concatenate([_draw(lr == c, n, rng) for c in classes])
+    qi = np.concatenate([_draw(lq == c, n, rng) for c in classes])
+    xr = fr.reshape(fr.shape[0], -1)[:, ri].T.double()
+    xq = fq.reshape(fq.shape[0], -1)[:, qi].T.double()
+    yr, yq = torch.as_tensor(lr.reshape(-1)[ri]), lq.reshape(-1)[qi]
+    d = torch.cdist(xq, xr)
+    nn = d.topk(min(k, len(ri)), largest=False).indices
+    votes = yr[nn]  # (Nq, k)
+    counts = torch.stack([(votes == c).sum(1) for c in classes], 1)  # ties: the first class listed
+    pred = np.asarray(classes)[counts.argmax(1).numpy()]
+    return float(np.mean([(pred[yq == c] == c).mean() for c in classes]))
+
+
+def _regions(lab: np.ndarray) -> dict[str, np.ndarray]:
+    """Voxels within one voxel of a structure boundary, and voxels >= 3 voxels inside a structure."""
+    from scipy.ndimage import binary_erosion, maximum_filter, minimum_filter
+
+    inner = np.zeros(lab.shape, bool)
+    inner[RADIUS + 1: -RADIUS - 1, RADIUS + 1: -RADIUS - 1, RADIUS + 1: -RADIUS - 1] = True
+    boundary = (maximum_filter(lab, size=3) != minimum_filter(lab, size=3)) & inner
+    interior = np.zeros(lab.shape, bool)
+    for c in np.unique(lab):
+        if c > 0:
+            interior |= binary_erosion(lab == c, iterations=3)
+    return {"boundary": boundary & (maximum_filter(lab, size=3) > 0), "interior": interior & inner & (lab > 0)}
+
+
+def local_match(fr: torch.Tensor, fq: torch.Tensor, mask: np.ndarray, n: int, rng: np.random.Generator) -> float:
+    """Share of query voxels whose best match among reference voxels within +-3 lands within one voxel of it."""
+    idx = _draw(mask, n, rng)
+    if idx.size == 0:
+        return float("nan")
+    shape = mask.shape
+    pts = np.stack(np.unravel_index(idx, shape), 1)  # (N, 3)
+    r = np.arange(-RADIUS, RADIUS + 1)
+    off = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)  # (343, 3)
+    cand = pts[:, None, :] + off[None]  # (N, 343, 3)
+    flat = np.ravel_multi_index(tuple(cand.reshape(-1, 3).T), shape)
+    c = fr.shape[0]
+    ref = fr.reshape(c, -1)[:, torch.as_tensor(flat)].T.reshape(len(idx), len(off), c)
+    q = fq.reshape(c, -1)[:, torch.as_tensor(idx)].T[:, None, :]
+    d = ((ref - q) ** 2).sum(-1)  # (N, 343)
+    best = off[d.argmin(1).numpy()]
+    return float((np.abs(best).max(1) <= 1).mean())
+
+
+def probe_case(case: dict[str, Any], feats: dict[str, tuple[torch.Tensor, torch.Tensor]], n_knn: int, n_local: int,
+               seed: int) -> dict[str, dict[str, float]]:
+    """Every measure for every feature set on one case (same voxels for every feature set)."""
+    regions = _regions(case["query_labels"]) if case["aligned"] else {}
+    out: dict[str, dict[str, float]] = {}
+    for name, (fr, fq) in feats.items():
+        row = {"knn": knn_transfer(fr, case["ref_labels"], fq, case["query_labels"], n_knn, 10, np.random.default_rng(seed))}
+        for region, mask in regions.items():
+            row[region] = local_match(fr, fq, mask, n_local, np.random.default_rng(seed + 1))
+        out[name] = row
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def load_weights(spec: str) -> tuple[str, Any, dict[str, Any]]:
+    """``shipped`` or a model directory -> (label, model, model card)."""
+    from synthvox.models import default_weights_path, load_model
+
+    path = default_weights_path() if spec == "shipped" else Path(spec)
+    if path is None:
+        raise SystemExit("error: no shipped weights")
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    card = cfg.get("extra", {}).get("model_card", cfg.get("extra", {}))
+    steps = card.get("training_steps", card.get("steps"))
+    label = f"net[{'shipped' if spec == 'shipped' else Path(spec).name}@{steps}]"
+    return label, load_model(path, "cpu").eval(), {"path": str(path), "steps": steps}
+
+
+def registration_dice(weights: list[tuple[str, str]], pairs: int, quick: bool, threads: int) -> dict[str, Any]:
+    """Mean nichart Dice of mind, and of net and both per weights (benchmarks/registration.py)."""
+    import registration
+
+    base = ["--datasets", "nichart", "--pairs", str(pairs), "--threads", str(threads)] + (["--quick"] if quick else [])
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="featprobe_") as td:
+        runs = [("mind", None, "mind")] + [(lab, spec, "net,both") for lab, spec in weights]
+        for label, spec, methods in runs:
+            o = Path(td) / str(len(out))
+            argv = [*base, "--methods", methods, "--out", str(o)] + (["--weights", str(spec)] if spec and spec != "shipped" else [])
+            registration.main(argv)
+            res = json.loads((o / "registration.json").read_text())["results"]["nichart"]
+            for m, r in res.items():
+                if "summary" in r:
+                    out[label if m == "mind" else f"{m}:{label}"] = {
+                        "mean_dice": r["summary"]["mean_dice"],
+                        "pairs": [p.get("mean_dice") for p in r.get("pairs", [])],
+                    }
+    return out
+
+
+def _nanmean(vals: list[float]) -> float:
+    v = [x for x in vals if x == x]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def score(rows: dict[str, dict[str, float]]) -> float:
+    vals = [rows[k] for k in ("knn", "boundary", "interior") if k in rows]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def run(weights: list[str], datasets: list[str], subjects: list[str], n_knn: int, n_local: int, reg_pairs: int,
+        quick: bool, threads: int, seed: int = 0) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    models = []
+    for w in weights:
+        lab, m, card = load_weights(w)
+        while lab in {x[0] for x in models}:
+            lab += "'"
+        models.append((lab, m, card))
+    payload: dict[str, Any] = {**common.header(NAME), "weights": {lab: card for lab, _, card in models},
+                               "subjects": subjects, "n_knn": n_knn, "n_local": n_local, "results": {}, "seconds": {}}
+    payload["machine"]["torch_threads"] = threads
+    kinds = [("intensity", None, "intensity"), ("mind", None, "mind")] + [(lab, m, "net") for lab, m, _ in models]
+    for ds in datasets:
+        t = time.perf_counter()
+        per_case = []
+        for case in load_dataset(ds, subjects):
+            feats = {name: (features_of(kind, case["ref"], m), features_of(kind, case["query"], m)) for name, m, kind in kinds}
+            per_case.append(probe_case(case, feats, n_knn, n_local, seed))
+        mean = {name: {k: _nanmean([c[name][k] for c in per_case]) for k in per_case[0][name]} for name, _, _ in kinds}
+        payload["results"][ds] = {"mean": mean, "cases": per_case}
+        payload["seconds"][ds] = time.perf_counter() - t
+    if "nichart" in datasets:
+        payload["score"] = {name: score(payload["results"]["nichart"]["mean"][name]) for name, _, _ in kinds}
+    if reg_pairs > 0:
+        t = time.perf_counter()
+        payload["registration"] = registration_dice([(lab, w) for (lab, _, _), w in zip(models, weights)], reg_pairs, quick, threads)
+        payload["seconds"]["registration"] = time.perf_counter() - t
+    payload["seconds"]["total"] = time.perf_counter() - t0
+    return payload
+
+
+def markdown(p: dict[str, Any]) -> str:
+    lines = [f"Feature probe ({p['date']}, commit {p['commit']}; {common.machine_line(p['machine'])}; "
+             f"nichart subjects {', '.join(p['subjects'])}; {p['n_knn']} voxels per structure for k-NN, "
+             f"{p['n_local']} per region for local matching; {p['seconds']['total']:.0f} s)", ""]
+    names = list(next(iter(p["results"].values()))["mean"])
+    cols = ["features"]
+    for ds, r in p["results"].items():
+        cols += [f"{ds} {k}" for k in next(iter(r["mean"].values()))]
+    if "score" in p:
+        cols.append("score")
+    rows = []
+    for n in names:
+        row: list[Any] = [n]
+        for r in p["results"].values():
+            row += list(r["mean"][n].values())
+        if "score" in p:
+            row.append(p["score"][n])
+        rows.append(row)
+    lines.append(common.md_table(cols, rows))
+    if p.get("registration"):
+        lines += ["", "Registration, nichart T1 -> FLAIR (inter-subject), mean Dice over 14 structures:", ""]
+        lines.append(common.md_table(["features", "mean Dice", "per pair"],
+                                     [[k, v["mean_dice"], ", ".join(f"{x:.3f}" for x in v["pairs"] if x is not None)]
+                                      for k, v in p["registration"].items()]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", action="append", default=None, help="'shipped' or a model directory (repeatable; default shipped)")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--subjects", default=None, help="comma list of nichart subjects (default Subj1,Subj2,Subj4; --quick Subj1,Subj2)")
+    ap.add_argument("--reg-pairs", type=int, default=None, help="nichart registration pairs (default 2; --quick 1; 0 skips)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="fewer voxels, two subjects, one quick registration pair")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not common.has_shared_data():
+        print(f"no evaluation data at {common.eval_dir()} (set SYNTHVOX_SHARED)", file=sys.stderr)
+        return 2
+    subjects = (args.subjects.split(",") if args.subjects else
+                (["Subj1", "Subj2"] if args.quick else ["Subj1", "Subj2", "Subj4"]))
+    bad = [s for s in subjects if s not in ALIGNED_SUBJECTS]
+    if bad:
+        ap.error(f"subjects {bad} have T1/FLAIR headers that disagree; use some of {', '.join(ALIGNED_SUBJECTS)}")
+    datasets = [d for d in args.datasets.split(",") if d]
+    for d in datasets:
+        if d not in DATASETS:
+            ap.error(f"unknown dataset {d!r}: use {', '.join(DATASETS)}")
+    reg_pairs = args.reg_pairs if args.reg_pairs is not None else (1 if args.quick else 2)
+    payload = run(args.weights or ["shipped"], datasets, subjects, 150 if args.quick else 300,
+                  300 if args.quick else 600, reg_pairs, args.quick, args.threads)
+    js, md = common.write_results(NAME, payload, markdown(payload), args.out)
+    print(markdown(payload))
+    print(f"\nwrote {js}, {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""The feature probe (benchmarks/features.py): its measures on features whose answer is known."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import common  # noqa: E402
+import features  # noqa: E402
+
+
+def _labels() -> np.ndarray:
+    lab = np.zeros((24, 24, 24), np.int64)
+    lab[4:12, 4:20, 4:20] = 1
+    lab[12:20, 4:20, 4:12] = 2
+    lab[12:20, 4:20, 12:20] = 3
+    return lab
+
+
+def test_knn_transfer_perfect_random_and_chance() -> None:
+    lab = _labels()
+    onehot = torch.from_numpy(np.stack([lab == c for c in range(4)]).astype(np.float32))
+    rng = np.random.default_rng(0)
+    assert features.knn_transfer(onehot, lab, onehot * 3.0, lab, 50, 5, rng) == 1.0
+    noise = torch.randn(8, *lab.shape, generator=torch.Generator().manual_seed(0))
+    acc = features.knn_transfer(noise, lab, torch.randn_like(noise), lab, 80, 5, rng)
+    assert 0.15 < acc < 0.55  # chance is 1/3
+
+
+def test_local_matching_finds_unique_features_and_not_shifted_ones() -> None:
+    lab = _labels()
+    regions = features._regions(lab)
+    assert regions["boundary"].any() and regions["interior"].any()
+    assert not (regions["interior"] & regions["boundary"]).any()
+    rng = np.random.default_rng(0)
+    coords = torch.stack(torch.meshgrid(*(torch.arange(24.0),) * 3, indexing="ij"))  # unique per voxel
+    assert features.local_match(coords, coords, regions["boundary"], 100, rng) == 1.0
+    shifted = coords + torch.tensor([3.0, 0, 0])[:, None, None, None]  # each query looks like the voxel 3 further on
+    assert features.local_match(coords, shifted, regions["interior"], 100, rng) == 0.0
+    near = coords + torch.tensor([1.0, 0, 0])[:, None, None, None]  # one voxel off still counts
+    assert features.local_match(coords, near, regions["interior"], 100, rng) == 1.0
+    flat = torch.zeros(1, 24, 24, 24)  # no information: the first candidate (a corner offset) always wins
+    assert features.local_match(flat, flat, regions["interior"], 100, rng) == 0.0
+
+
+@pytest.mark.skipif(not common.has_shared_data(), reason="shared data not found")
+def test_quick_probe_on_one_subject(tmp_path) -> None:
+    assert features.main(["--quick", "--datasets", "nichart", "--subjects", "Subj1", "--reg-pairs", "0", "--out", str(tmp_path)]) == 0
+    import json
+
+    p = json.loads((tmp_path / "features.json").read_text())
+    mean = p["results"]["nichart"]["mean"]
+    assert set(mean) == {"intensity", "mind", next(k for k in mean if k.startswith("net["))}
+    assert mean["mind"]["boundary"] > mean["intensity"]["boundary"]  # MIND localises better than raw intensity across contrasts
+    assert all(0 <= v <= 1 for row in mean.values() for v in row.values())
+    assert (tmp_path / "features.md").read_text().count("|") > 10
