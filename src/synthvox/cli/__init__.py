@@ -19,8 +19,20 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from synthvox import __version__
+
+        typer.echo(f"synthvox {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """General-purpose voxel features for 3D biomedical volumes, learned from synthetic data."""
 
 
