@@ -89,34 +89,95 @@ def _rigid(rotation: np.ndarray, c_fixed: np.ndarray, c_moving: np.ndarray) -> n
     return t
 
 
+#: A candidate initial transform: its name and the 4x4 fixed-world to moving-world matrix.
+Candidate = tuple[str, np.ndarray]
+
+
 def initial_candidates(fixed: Volume, moving: Volume, method: str = "moments",
-                       fixed_fg: torch.Tensor | None = None, moving_fg: torch.Tensor | None = None) -> list[np.ndarray]:
-    """First fixed-world to moving-world transforms from the two images' foregrounds (best guess first).
+                       fixed_fg: torch.Tensor | None = None, moving_fg: torch.Tensor | None = None) -> list[Candidate]:
+    """First fixed-world to moving-world transforms, each named: the headers always come first.
 
     Args:
         fixed: single-channel fixed image (any grid).
         moving: single-channel moving image (any grid).
-        method: ``"none"`` (the headers as they are), ``"com"`` (translate the centres of mass of the
-            foregrounds onto each other) or ``"moments"`` (also rotate the principal axes onto each other
-            when that increases the foregrounds' overlap).
+        method: ``"none"`` (the headers only), ``"com"`` (the headers and a translation of the centres
+            of mass of the foregrounds onto each other) or ``"moments"`` (those two and the four proper
+            rotations of the principal axes onto each other, about the centres of mass).
         fixed_fg: optional precomputed fixed foreground (or mask) on the fixed grid.
         moving_fg: optional precomputed moving foreground on the moving grid.
+
+    Returns:
+        ``[("headers", I), ("com", ...), ("axes+-+", ...), ...]``.
     """
     if method not in INIT_METHODS:
         raise InputError(f"unknown --init {method!r}: use one of {', '.join(INIT_METHODS)}")
+    candidates: list[Candidate] = [("headers", np.eye(4))]
     if method == "none":
-        return [np.eye(4)]
+        return candidates
     ff = foreground(fixed.data) if fixed_fg is None else fixed_fg.bool()
     mf = foreground(moving.data) if moving_fg is None else moving_fg.bool()
     cf, vf = _moments(ff, fixed.affine)
     cm, vm = _moments(mf, moving.affine)
-    candidates = [_rigid(np.eye(3), cf, cm)]
+    candidates.append(("com", _rigid(np.eye(3), cf, cm)))
     if method == "moments":
         for signs in itertools.product((1.0, -1.0), repeat=3):
             rot = vm @ np.diag(signs) @ vf.T
             if np.linalg.det(rot) > 0:
-                candidates.append(_rigid(rot, cf, cm))
+                name = "axes" + "".join("+" if v > 0 else "-" for v in signs)
+                candidates.append((name, _rigid(rot, cf, cm)))
     return candidates
+
+
+def rotation_part(matrix: np.ndarray) -> np.ndarray:
+    """The rotation of the polar decomposition of a 4x4 (or 3x3) matrix's linear part."""
+    u, _, vt = np.linalg.svd(np.asarray(matrix, np.float64)[:3, :3])
+    r = u @ vt
+    if np.linalg.det(r) < 0:  # a reflection: the nearest rotation flips the least significant axis
+        u[:, -1] *= -1
+        r = u @ vt
+    return r
+
+
+def rotation_angle_deg(matrix: np.ndarray) -> float:
+    """Angle in degrees of the rotation part of a transform (0 for a translation)."""
+    r = rotation_part(matrix)
+    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def rotation_prior(matrix: np.ndarray, weight: float = 0.0) -> float:
+    """The rotation prior of :func:`fit_affine` for a whole transform: ``weight * (1 - cos angle)``."""
+    return float(weight * (1.0 - np.cos(np.radians(rotation_angle_deg(matrix)))))
+
+
+def edge_margins(shape: tuple[int, ...], margin: int, extra: int = 0) -> list[int]:
+    """Per-axis margins for :func:`interior`: ``margin`` (plus ``extra``), each part at most a sixth of
+    the axis, so a thin slab keeps its middle and the fixed side's margin stays the larger one."""
+    return [min(int(margin), int(n) // 6) + min(int(extra), int(n) // 6) for n in shape]
+
+
+def interior(mask: torch.Tensor, margin: int | list[int]) -> torch.Tensor:
+    """``(X, Y, Z)`` weights in [0, 1] set to zero within ``margin`` voxels (per axis, or the same for
+    all) of zero weight or of the border.
+
+    Features near the edge of a field of view see padding (MIND's neighbourhood, the network's
+    receptive field), so the two images' features there differ even where the images agree.
+    """
+    m = mask.float()
+    ms = [int(margin)] * 3 if isinstance(margin, int) else [int(v) for v in margin]
+    if max(ms) <= 0:
+        return m
+    pad = (ms[2], ms[2], ms[1], ms[1], ms[0], ms[0])
+    outside = 1.0 - F.pad(m[None, None], pad, value=0.0)
+    eroded = 1.0 - F.max_pool3d(outside, tuple(2 * v + 1 for v in ms), stride=1)[0, 0]
+    return torch.minimum(m, eroded)
+
+
+def fov_weight(moving: Volume, world: np.ndarray, shape: tuple[int, int, int], affine: np.ndarray,
+               margin: int | list[int]) -> torch.Tensor:
+    """Where MOVING's field of view covers a grid (through ``world``), ``margin`` voxels inside its edge."""
+    ones = Volume(torch.ones((1, *moving.shape), device=moving.data.device), moving.affine)
+    cover = resample_through(ones, world, shape, affine).data[0]
+    return interior((cover > 0.999).float(), margin)
 
 
 def bounding_boxes_overlap(fixed_shape: tuple[int, int, int], fixed_affine: np.ndarray,
@@ -143,11 +204,14 @@ def pooled_affine(affine: np.ndarray, factor: int) -> np.ndarray:
 
 
 def extended_grid(working_affine: np.ndarray, moving: Volume, world: np.ndarray,
-                  max_size: int = 256) -> tuple[tuple[int, int, int], np.ndarray]:
+                  max_size: int = 256, align: int = 1) -> tuple[tuple[int, int, int], np.ndarray]:
     """A grid with the working grid's axes and spacing covering all of MOVING, pulled back through ``world``.
 
     Moving resampled onto it is roughly aligned with the working grid (same axes), so features computed
-    on it are comparable to the fixed image's, and nothing of MOVING is cut off.
+    on it are comparable to the fixed image's, and nothing of MOVING is cut off. Its origin and size are
+    multiples of ``align`` working voxels, so grids pooled by any divisor of ``align`` share their cells
+    with the working grid pooled the same way (an image registered onto itself then meets its own
+    pooled features exactly).
     """
     inv_w = np.linalg.inv(working_affine)
     inv_t = np.linalg.inv(world)
@@ -155,20 +219,22 @@ def extended_grid(working_affine: np.ndarray, moving: Volume, world: np.ndarray,
     mc = c @ moving.affine[:3, :3].T + moving.affine[:3, 3]
     mc = mc @ inv_t[:3, :3].T + inv_t[:3, 3]
     vox = mc @ inv_w[:3, :3].T + inv_w[:3, 3]
-    lo = np.floor(vox.min(0))
-    hi = np.ceil(vox.max(0))
-    shape = np.clip(hi - lo + 1, 2, max_size).astype(int)
-    start = np.where(hi - lo + 1 > max_size, np.round((lo + hi) / 2 - max_size / 2), lo)
+    a = max(int(align), 1)
+    lo = np.floor(vox.min(0) / a) * a
+    hi = np.ceil((vox.max(0) + 1) / a) * a - 1
+    cap = max(max_size // a, 1) * a
+    shape = np.clip(hi - lo + 1, 2, cap).astype(int)
+    start = np.where(hi - lo + 1 > cap, np.round(((lo + hi) / 2 - cap / 2) / a) * a, lo)
     shift = np.eye(4)
     shift[:3, 3] = start
     return tuple(int(s) for s in shape), np.asarray(working_affine) @ shift  # type: ignore[return-value]
 
 
 def resample_through(moving: Volume, world: np.ndarray, shape: tuple[int, int, int], affine: np.ndarray,
-                     mode: str = "linear") -> Volume:
+                     mode: str = "linear", padding: str = "zeros") -> Volume:
     """MOVING sampled at ``world(affine @ v)`` for every voxel ``v`` of the grid (``shape``, ``affine``)."""
     return resample_to_grid(Volume(moving.data, np.linalg.inv(world) @ moving.affine), shape,
-                            np.asarray(affine) @ np.eye(4), mode=mode)
+                            np.asarray(affine) @ np.eye(4), mode=mode, padding=padding)
 
 
 def _sample(vol: torch.Tensor, vox: torch.Tensor) -> torch.Tensor:
@@ -183,8 +249,8 @@ def _translation_search(ff: torch.Tensor, wf: torch.Tensor, fa: np.ndarray, mv: 
     """Best translation (mm, moving-grid world) on a lattice of the grid's step, all shifts at once.
 
     The cost of every shift is a correlation, computed with ``conv3d``:
-    ``sum w |f - m|^2 = sum w val |f|^2 - 2 sum w f.m + sum w |m|^2`` (``m`` is zero outside MOVING),
-    plus the out-of-bounds penalty. Needs both grids to share axes and spacing; MOVING's grid is
+    ``sum w val |f - m|^2 = sum w val |f|^2 - 2 sum w f.(val m) + sum w val |m|^2`` (``val``: MOVING's
+    weight channel), plus the out-of-bounds penalty ``2 sum w (1 - val)``. Needs both grids to share axes and spacing; MOVING's grid is
     resampled through ``start`` onto a lattice aligned with the fixed grid first.
     """
     step = float(spacing_of(fa).mean())
@@ -201,9 +267,11 @@ def _translation_search(ff: torch.Tensor, wf: torch.Tensor, fa: np.ndarray, mv: 
     m, val = region[:n_ch], region[n_ch:]
     w = wf[None]
     conv = lambda inp, ker: F.conv3d(inp[None], ker[None])[0, 0]  # noqa: E731
+    # the weighted cost sum w val |f - m|^2, exact for fractional validity and for moving features that
+    # are not zero where they are invalid (MIND of the zero padding is all ones)
     a = conv(val, w * ff.pow(2).sum(0, keepdim=True))
-    b = conv(m, w * ff)
-    c = conv(m.pow(2).sum(0, keepdim=True), w)
+    b = conv(m * val, w * ff)
+    c = conv(m.pow(2).sum(0, keepdim=True) * val, w)
     d = conv(val, w)
     total = w.sum()
     cost = (a - 2 * b + c + 2.0 * (total - d)) / total.clamp_min(1e-6)
@@ -215,46 +283,124 @@ def _translation_search(ff: torch.Tensor, wf: torch.Tensor, fa: np.ndarray, mv: 
     return shift, float(cost.min())
 
 
-def choose_initial(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, candidates: list[np.ndarray],
-                   search_mm: float = 64.0, factor: int = 2) -> np.ndarray:
-    """Pick the candidate transform (plus a translation) whose coarse MIND features match best.
+#: Weight of the rotation prior: ``PRIOR_WEIGHT * (1 - cos angle)`` is added to the feature cost
+#: (unit total variance features: a cost of 0 for a perfect match, about 2 for unrelated images), so
+#: a start 30 degrees off the headers pays 0.013, 90 degrees 0.1, upside down 0.2.
+PRIOR_WEIGHT = 0.1
+#: Features within this many voxels of a field of view's edge are not compared (MIND's reach). The
+#: fixed side of a pooled fit keeps one more pooled cell away from its edge, so that at the start no
+#: fixed point sees the moving edge (whose penalty would otherwise pull the fit inwards).
+FOV_MARGIN = 3
 
-    Each candidate is followed by an exhaustive translation search of +-``search_mm`` on a lattice of
-    ``2 * factor`` working voxels; the lowest cost wins. Cheap: MIND on grids twice as coarse as the
-    working grid.
+
+#: Adam's epsilon in the affine fit: about the size of the gradient near a good optimum, so that a
+#: gradient much smaller than that (an image registered onto itself) moves the parameters by much less
+#: than the learning rate instead of by the learning rate (Adam's usual normalisation).
+ADAM_EPS = 1e-3
+
+
+def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, candidates: list[Candidate],
+                     *, search_mm: float = 64.0, factor: int = 2, iters: int = 30,
+                     prior_weight: float = PRIOR_WEIGHT) -> list[dict]:
+    """Score every candidate after a translation search and a short coarse affine, with a rotation prior.
+
+    Each candidate is refined by :func:`fit_affine` on MIND-SSC features of grids ``2 * factor`` times
+    as coarse as the working grid (an exhaustive translation search of +-``search_mm`` first), with the
+    prior against rotations far from the headers'; its score is the weighted feature cost after the
+    refinement plus that prior. Cheap: a few thousand points per candidate.
 
     Args:
         fixed_w: FIXED on the working grid.
         weight_w: fixed weights (foreground) on the working grid.
         moving: MOVING on its own grid.
-        candidates: fixed-world to moving-world transforms to try.
+        candidates: named fixed-world to moving-world transforms (see :func:`initial_candidates`).
         search_mm: translation search half-width.
         factor: coarsening of the working grid for the features.
+        iters: Adam steps of the short affine.
+        prior_weight: weight of the rotation prior (0 turns it off).
+
+    Returns:
+        One dict per candidate, in order: ``name``, ``start`` (the candidate), ``matrix`` (after the short
+        affine), ``cost``, ``rotation_deg`` (of ``matrix``, relative to the headers) and ``score``.
     """
-    from synthvox.registration.features import robust_unit_range
+    from synthvox.registration.features import robust_unit_range, total_std
     from synthvox.registration.mind import mind_ssc
     from synthvox.volume import grid_for_spacing
 
     s = float(spacing_of(fixed_w.affine).min())
     cshape, caff = grid_for_spacing(fixed_w.shape, fixed_w.affine, s * factor)
-    fc = resample_to_grid(fixed_w, cshape, caff)
+    # features of both images see their edge values continued beyond their fields of view (as MIND
+    # pads), so an image meets its own features exactly, up to the edge
+    fc = resample_to_grid(fixed_w, cshape, caff, padding="border")
     wc = resample_to_grid(Volume(weight_w[None].float(), fixed_w.affine), cshape, caff).data[0]
-    ff = pool(mind_ssc(robust_unit_range(fc.data)), 2)
-    wf = pool(wc[None], 2)[0]
-    fa = pooled_affine(caff, 2)
-    best, best_cost = candidates[0], float("inf")
-    for cand in candidates:
-        eshape, eaff = extended_grid(caff, moving, cand)
-        me = resample_through(moving, cand, eshape, eaff)
-        valid = resample_through(Volume(torch.ones_like(moving.data), moving.affine), cand, eshape, eaff).data
-        mv = pool(torch.cat([mind_ssc(robust_unit_range(me.data)), valid], dim=0), 2)
-        shift, cost = _translation_search(ff, wf, fa, mv, pooled_affine(eaff, 2),
-                                          torch.eye(4, dtype=torch.float64), search_mm)
-        if cost < best_cost:
-            q = np.eye(4)
-            q[:3, 3] = shift.cpu().numpy()
-            best, best_cost = cand @ q, cost
-    return best
+    ff = mind_ssc(robust_unit_range(fc.data))
+    scale = total_std(ff, wc > 0.5)
+    ff = ff / scale
+    wc = interior(torch.ones_like(wc), edge_margins(cshape, FOV_MARGIN, 2)) * wc
+    out = []
+    for name, cand in candidates:
+        eshape, eaff = extended_grid(caff, moving, cand, align=2)
+        me = resample_through(moving, cand, eshape, eaff, padding="border")
+        valid = fov_weight(moving, cand, eshape, eaff, edge_margins(cshape, FOV_MARGIN))
+        fm = mind_ssc(robust_unit_range(me.data)) / scale
+        q = fit_affine(ff, caff, fm, eaff, weight_fixed=wc, weight_moving=valid, levels=(2,), iters=(iters,),
+                       search_mm=search_mm, start_rotation=rotation_part(cand), prior_weight=prior_weight)
+        cost = affine_cost(ff, caff, fm, eaff, q, weight_fixed=wc, weight_moving=valid, factor=2)
+        cost0 = affine_cost(ff, caff, fm, eaff, np.eye(4), weight_fixed=wc, weight_moving=valid, factor=2)
+        if cost0 + rotation_prior(cand, prior_weight) <= cost + rotation_prior(np.asarray(cand) @ q, prior_weight):
+            q, cost = np.eye(4), cost0  # the candidate as it is was better: keep it exactly
+        total = np.asarray(cand) @ q
+        out.append({"name": name, "start": np.asarray(cand), "matrix": total, "cost": cost,
+                    "rotation_deg": rotation_angle_deg(total), "score": cost + rotation_prior(total, prior_weight)})
+    return out
+
+
+def _level_points(feat_fixed: torch.Tensor, fixed_affine: np.ndarray, weight_fixed: torch.Tensor, factor: int,
+                  max_points: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed world points, their features and weights on a grid pooled by ``factor`` (weighted region only)."""
+    ff = pool(feat_fixed.float(), factor)
+    wf = pool(weight_fixed[None].float(), factor)[0]
+    fa = pooled_affine(fixed_affine, factor)
+    keep = wf.reshape(-1) > 1e-3
+    x = world_points(tuple(ff.shape[1:]), fa, device=ff.device).reshape(-1, 3)[keep]
+    target = ff.reshape(ff.shape[0], -1)[:, keep]
+    w = wf.reshape(-1)[keep]
+    if x.shape[0] > max_points:
+        sub = torch.arange(0, x.shape[0], x.shape[0] // max_points + 1, device=ff.device)
+        x, target, w = x[sub], target[:, sub], w[sub]
+    return x, target, w
+
+
+def _points_cost(z: torch.Tensor, target: torch.Tensor, w: torch.Tensor, mv: torch.Tensor,
+                 inv_ma: torch.Tensor, wm: torch.Tensor, inv_wa: torch.Tensor) -> torch.Tensor:
+    """Weighted mean squared feature difference at moving-grid world points ``z``.
+
+    ``mv`` (pooled features, grid ``inv_ma``) and ``wm`` (the moving weight at full resolution, grid
+    ``inv_wa``: pooling would blur the edge of the field of view inwards); points where the moving
+    weight is zero count as the worst case (2).
+    """
+    vox = z @ inv_ma[:3, :3].T + inv_ma[:3, 3]
+    s = _sample(mv, vox.float())
+    val = _sample(wm[None], (z @ inv_wa[:3, :3].T + inv_wa[:3, 3]).float())[0]
+    ww = w * val
+    sq = (s - target).pow(2).sum(0)
+    return ((ww * sq).sum() + ((w - ww) * 2.0).sum()) / w.sum().clamp_min(1e-6)
+
+
+def affine_cost(feat_fixed: torch.Tensor, fixed_affine: np.ndarray, feat_moving: torch.Tensor,
+                moving_affine: np.ndarray, matrix: np.ndarray, *, weight_fixed: torch.Tensor | None = None,
+                weight_moving: torch.Tensor | None = None, factor: int = 1, max_points: int = 200_000) -> float:
+    """The cost :func:`fit_affine` minimises, for a given residual ``matrix``, on a grid pooled by ``factor``."""
+    device = feat_fixed.device
+    wf = torch.ones(feat_fixed.shape[1:], device=device) if weight_fixed is None else weight_fixed.float()
+    wm = torch.ones(feat_moving.shape[1:], device=device) if weight_moving is None else weight_moving.float()
+    x, target, w = _level_points(feat_fixed, fixed_affine, wf, factor, max_points)
+    mv = pool(feat_moving.float(), factor)
+    inv_ma = torch.as_tensor(np.linalg.inv(pooled_affine(moving_affine, factor)), device=device)
+    inv_wa = torch.as_tensor(np.linalg.inv(moving_affine), device=device)
+    m = torch.as_tensor(np.asarray(matrix, np.float64), device=device)
+    with torch.no_grad():
+        return float(_points_cost(x @ m[:3, :3].T + m[:3, 3], target, w, mv, inv_ma, wm, inv_wa))
 
 
 def fit_affine(
@@ -273,8 +419,13 @@ def fit_affine(
     max_scale: float = 1.3,
     max_shear: float = 0.15,
     max_points: int = 20_000,
+    start_rotation: np.ndarray | None = None,
+    prior_weight: float = 0.0,
 ) -> np.ndarray:
     """Fit a residual affine ``Q`` (fixed world to the moving grid's world) on features.
+
+    The learning rate decays to zero along each level (cosine), so the fit settles on the optimum
+    instead of wandering around it (an image registered onto itself gets the identity).
 
     Args:
         feat_fixed: ``(C, X, Y, Z)`` fixed features on a grid with affine ``fixed_affine``.
@@ -282,7 +433,7 @@ def fit_affine(
         feat_moving: ``(C, X', Y', Z')`` moving features; ``moving_affine`` places them in fixed world.
         moving_affine: the moving features' grid.
         weight_fixed: optional ``(X, Y, Z)`` weights (mask or foreground) on the fixed grid.
-        weight_moving: optional ``(X', Y', Z')`` weights on the moving grid.
+        weight_moving: optional ``(X', Y', Z')`` weights on the moving grid (zero: outside MOVING).
         levels: pooling factors of the pyramid, coarse to fine.
         iters: Adam steps per level.
         search_mm: half-width of the exhaustive translation search at the coarsest level (0 skips it).
@@ -291,6 +442,10 @@ def fit_affine(
         max_scale: largest scaling along an axis (and smallest, as its inverse).
         max_shear: largest shear coefficient.
         max_points: fixed points used per level (an even subsample of the weighted region).
+        start_rotation: rotation (3x3) already applied before ``Q`` relative to the headers; the prior
+            acts on the whole rotation ``start_rotation @ R(Q)``.
+        prior_weight: weight of the prior ``prior_weight * (1 - cos angle)`` against rotations far from
+            the headers' (0 turns it off).
 
     Returns:
         4x4 matrix ``Q`` with ``z = Q x`` the moving grid's world position of fixed point ``x``.
@@ -309,11 +464,16 @@ def fit_affine(
     trans = torch.zeros(3, dtype=torch.float64, device=device, requires_grad=True)
     iu = torch.triu_indices(3, 3, offset=1, device=device)
     s_max = float(np.log(max_scale))
+    inv_wa = torch.as_tensor(np.linalg.inv(moving_affine), device=device)
+    r0 = torch.as_tensor(np.eye(3) if start_rotation is None else np.asarray(start_rotation, np.float64), device=device)
+
+    def rotation() -> torch.Tensor:
+        return torch.linalg.matrix_exp(rot.triu(1) - rot.triu(1).T)
 
     def matrix() -> torch.Tensor:
         # rotation x bounded scaling x bounded shear: the fit cannot shrink MOVING to hide a smaller
         # field of view (an unconstrained affine squeezes it to keep every fixed point inside)
-        a = torch.linalg.matrix_exp(rot.triu(1) - rot.triu(1).T)
+        a = rotation()
         if not rigid_only:
             up = torch.zeros(3, 3, dtype=torch.float64, device=device)
             up = up.index_put((iu[0], iu[1]), max_shear * torch.tanh(shear))
@@ -325,41 +485,28 @@ def fit_affine(
         return m
 
     for li, (factor, n_iter) in enumerate(zip(levels, iters)):
-        ff = pool(feat_fixed.float(), factor)
-        wf = pool(wf_full[None], factor)[0]
-        fa = pooled_affine(fixed_affine, factor)
+        x, target, w = _level_points(feat_fixed, fixed_affine, wf_full, factor, max_points)
         mv = pool(mov_full, factor)
         ma = pooled_affine(moving_affine, factor)
-        keep = wf.reshape(-1) > 1e-3
-        x = world_points(tuple(ff.shape[1:]), fa, device=device).reshape(-1, 3)[keep]
-        target = ff.reshape(ff.shape[0], -1)[:, keep]
-        w = wf.reshape(-1)[keep]
-        if x.shape[0] > max_points:
-            sub = torch.arange(0, x.shape[0], x.shape[0] // max_points + 1, device=device)
-            x, target, w = x[sub], target[:, sub], w[sub]
         inv_ma = torch.as_tensor(np.linalg.inv(ma), device=device)
-        n_ch = ff.shape[0]
-
-        def loss_of(z: torch.Tensor, target: torch.Tensor = target, w: torch.Tensor = w,
-                    mv: torch.Tensor = mv, inv_ma: torch.Tensor = inv_ma, n_ch: int = n_ch) -> torch.Tensor:
-            vox = z @ inv_ma[:3, :3].T + inv_ma[:3, 3]
-            s = _sample(mv, vox.float())
-            ww = w * s[n_ch]
-            sq = (s[:n_ch] - target).pow(2).sum(0)
-            # points that fall outside MOVING count as the worst case (2 for unit-variance features)
-            return ((ww * sq).sum() + ((w - ww) * 2.0).sum()) / w.sum().clamp_min(1e-6)
-
+        mv_feat = mv[:-1]
         if li == 0 and search_mm > 0:
             with torch.no_grad():
-                best, _ = _translation_search(ff, wf, fa, mv, ma, matrix().detach(), search_mm)
+                ff = pool(feat_fixed.float(), factor)
+                wf = pool(wf_full[None], factor)[0]
+                best, _ = _translation_search(ff, wf, pooled_affine(fixed_affine, factor), mv, ma,
+                                              matrix().detach(), search_mm)
                 trans.data += best / radius
-        opt = torch.optim.Adam([rot, log_scale, shear, trans], lr=lr)
+        opt = torch.optim.Adam([rot, log_scale, shear, trans], lr=lr, eps=ADAM_EPS)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, n=max(n_iter, 1): 0.5 * (1.0 + np.cos(np.pi * min(k, n) / n)))
         for _ in range(n_iter):
             opt.zero_grad(set_to_none=True)
             m = matrix()
-            z = x @ m[:3, :3].T + m[:3, 3]
-            loss = loss_of(z)
+            loss = _points_cost(x @ m[:3, :3].T + m[:3, 3], target, w, mv_feat, inv_ma, wm_full, inv_wa)
+            if prior_weight > 0:
+                loss = loss + prior_weight * (3.0 - torch.trace(r0 @ rotation())) / 2.0
             loss.backward()
             opt.step()
+            sched.step()
     with torch.no_grad():
         return matrix().cpu().numpy()

@@ -104,6 +104,9 @@ def coupled_convex(cost: torch.Tensor, radius: int, coupling: tuple[float, ...] 
     """
     offsets = displacement_offsets(radius, cost.device).to(cost.dtype)  # (3, D)
     sq = (offsets**2).sum(0)[:, None, None, None]
+    # ties (flat regions, where every displacement costs the same) go to the smallest displacement,
+    # not to the first offset of the search (-r, -r, -r)
+    cost = cost + (1e-4 * float(cost.abs().mean()) / max(radius, 1) ** 2) * sq
     field = box3(offsets[:, cost.argmin(0)])
     for c in coupling:
         # |o - s|^2 = |o|^2 - 2 o.s + |s|^2; the last term does not change the argmin

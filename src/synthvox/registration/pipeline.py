@@ -15,7 +15,9 @@ Stages (each timed in the report):
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,15 @@ class RegistrationConfig:
     Attributes:
         spacing: working spacing; FIXED's finest spacing is used instead when coarser.
         max_size: largest number of working voxels along an axis (the spacing grows to fit).
+        min_size: fewest working voxels along the longest axis (the spacing shrinks to fit, down to
+            FIXED's own): a small field of view (a spinal cord, 77 mm) is not registered on 20 voxels.
         affine_levels: pyramid pooling factors of the affine stage, coarse to fine.
         affine_iters: Adam steps per affine level.
         search_mm: half-width of the affine stage's translation search.
         init_search_mm: half-width of the translation search that picks the initial transform.
+        init_iters: Adam steps of the short coarse affine that scores each initial candidate.
+        rotation_prior: weight of the prior against rotations far from the headers' (initial scoring
+            and affine stage; see :data:`synthvox.registration.affine.PRIOR_WEIGHT`).
         convex_grid_mm: control-point spacing of the discrete search.
         convex_range_mm: capture range of the discrete search.
         adam_grid_mm: spacing of the field optimised by Adam.
@@ -55,10 +62,13 @@ class RegistrationConfig:
 
     spacing: float = 2.0
     max_size: int = 192
+    min_size: int = 64
     affine_levels: tuple[int, ...] = (4, 2)
     affine_iters: tuple[int, ...] = (80, 40)
     search_mm: float = 16.0
     init_search_mm: float = 64.0
+    init_iters: int = 30
+    rotation_prior: float = aff.PRIOR_WEIGHT
     convex_grid_mm: float = 6.0
     convex_range_mm: float = 24.0
     adam_grid_mm: float = 4.0
@@ -90,10 +100,12 @@ class RegistrationResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def working_grid(fixed: Volume, spacing: float = 2.0, max_size: int = 192) -> tuple[tuple[int, int, int], np.ndarray]:
+def working_grid(fixed: Volume, spacing: float = 2.0, max_size: int = 192,
+                 min_size: int = 64) -> tuple[tuple[int, int, int], np.ndarray]:
     """FIXED's field of view and axes at an isotropic spacing (see :class:`RegistrationConfig`)."""
-    s = max(float(spacing), float(spacing_of(fixed.affine).min()))
     extent = np.asarray(fixed.shape) * spacing_of(fixed.affine)
+    s = min(float(spacing), float(extent.max()) / max(min_size, 1))
+    s = max(s, float(spacing_of(fixed.affine).min()))
     s = max(s, float(extent.max()) / max_size)
     return grid_for_spacing(fixed.shape, fixed.affine, s)
 
@@ -107,6 +119,47 @@ def _check_single(vol: Volume, what: str) -> Volume:
 def _check_on_grid(vol: Volume | None, image: Volume, what: str, image_what: str) -> None:
     if vol is not None and not same_grid(vol, image):
         raise InputError(f"{what} is not on the grid of the {image_what} (shape {vol.shape} vs {image.shape}, or a different affine)")
+
+
+class _Progress:
+    """One line per stage (and every warning) through ``log``; warnings also land in the report."""
+
+    def __init__(self, log: Callable[[str], None] | None) -> None:
+        self.log = log
+        self.warnings: list[str] = []
+
+    def stage(self, name: str, seconds: float, detail: str = "") -> None:
+        if self.log is not None:
+            self.log(f"  {name:<9s}{seconds:6.1f} s  {detail}".rstrip())
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        (self.log or (lambda m: print(m, file=sys.stderr)))(f"warning: {message}")
+
+
+def _similarity(feat_f: torch.Tensor, weight_f: torch.Tensor, feat_m: torch.Tensor, valid_m: torch.Tensor,
+                moving_affine: np.ndarray, working_affine: np.ndarray, residual: np.ndarray,
+                disp_w: torch.Tensor | None = None) -> float:
+    """Weighted mean squared feature difference of FIXED and MOVING through ``residual`` (and ``disp_w``).
+
+    The same cost as the affine stage's (points outside MOVING's field of view count as 2), on the
+    whole working grid: fixed voxel ``v`` meets the moving features at ``residual(A_w (v + u(v)))``.
+    """
+    from synthvox.registration.warp import transform_points, world_points
+    from synthvox.volume import sample_at
+
+    with torch.no_grad():
+        shape = tuple(int(v) for v in feat_f.shape[1:])
+        x = world_points(shape, working_affine, device=feat_f.device)  # type: ignore[arg-type]
+        if disp_w is not None:
+            lin = torch.as_tensor(np.asarray(working_affine)[:3, :3], device=feat_f.device)
+            x = x + disp_w.permute(1, 2, 3, 0).double() @ lin.T
+        vox = transform_points(x, np.linalg.inv(moving_affine) @ np.asarray(residual)).float()
+        mv = sample_at(torch.cat([feat_m, valid_m[None].float()], dim=0), vox, padding="zeros")
+        w = weight_f.float()
+        ww = w * mv[-1]
+        sq = (mv[:-1] - feat_f).pow(2).sum(0)
+        return float(((ww * sq).sum() + ((w - ww) * 2.0).sum()) / w.sum().clamp_min(1e-6))
 
 
 def _resolve_model(features: str, weights: Any, device: torch.device) -> Any:
@@ -143,6 +196,7 @@ def register(
     ct_window: tuple[float, float] | None = None,
     config: RegistrationConfig | None = None,
     seed: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> RegistrationResult:
     """Register MOVING onto FIXED.
 
@@ -165,6 +219,8 @@ def register(
         ct_window: optional CT window ``(low, high)`` in HU for the network.
         config: solver settings.
         seed: recorded in the report; every stage is deterministic (no random sampling).
+        log: called with one line per stage (progress) and per warning; ``None``: warnings go to
+            stderr, progress nowhere.
 
     Returns:
         A :class:`RegistrationResult`.
@@ -182,6 +238,7 @@ def register(
     _check_on_grid(fixed_mask, fixed, "the fixed mask", "fixed image")
     _check_on_grid(moving_mask, moving, "the moving mask", "moving image")
     times: dict[str, float] = {}
+    progress = _Progress(log)
     t_start = time.perf_counter()
     model = _resolve_model(features, weights, dev)
     fixed = Volume(fixed.data.float().to(dev), fixed.affine)
@@ -190,7 +247,7 @@ def register(
 
     # 1-2. working grid and initialisation
     t = time.perf_counter()
-    wshape, waff = working_grid(fixed, cfg.spacing, cfg.max_size)
+    wshape, waff = working_grid(fixed, cfg.spacing, cfg.max_size, cfg.min_size)
     s = float(spacing_of(waff)[0])
     fmask_full = fixed_mask.data[0].to(dev) > 0 if fixed_mask is not None else None
     mmask_full = moving_mask.data[0].to(dev) > 0 if moving_mask is not None else None
@@ -200,23 +257,33 @@ def register(
     fixed_fg = fmask_full if fmask_full is not None else aff.foreground(fixed.data)
     moving_fg = mmask_full if mmask_full is not None else aff.foreground(moving.data)
     candidates = aff.initial_candidates(fixed, moving, init, fixed_fg, moving_fg)
-    fixed_w = resample_to_grid(fixed, wshape, waff)
+    # edge values continued beyond both fields of view (as MIND pads): an image meets its own features
+    fixed_w = resample_to_grid(fixed, wshape, waff, padding="border")
     fg_w = resample_to_grid(Volume(fixed_fg[None].float(), fixed.affine), wshape, waff).data[0]
+    scored: list[dict[str, Any]] = []
     if init == "none":
-        world0 = candidates[0]
+        world0, choice = candidates[0][1], "headers"
     else:
-        world0 = aff.choose_initial(fixed_w, fg_w, moving, candidates, search_mm=cfg.init_search_mm)
+        scored = aff.score_candidates(fixed_w, fg_w, moving, candidates, search_mm=cfg.init_search_mm,
+                                      iters=cfg.init_iters, prior_weight=cfg.rotation_prior)
+        best = min(scored, key=lambda c: c["score"])
+        world0, choice = best["matrix"], best["name"]
     if not aff.bounding_boxes_overlap(fixed.shape, fixed.affine, moving.shape, moving.affine, world0):
         raise InputError(f"the fixed and moving images do not overlap in world space after --init {init} (check their headers, or use --init com/moments)")
     fmask_w = None
     if fmask_full is not None:
         fmask_w = fg_w > 0.5
-    eshape, eaff = aff.extended_grid(waff, moving, world0, max_size=max(cfg.max_size, 256))
-    moving_e = aff.resample_through(moving, world0, eshape, eaff)
-    mmask_e = None
+    align = int(np.lcm.reduce([int(v) for v in cfg.affine_levels])) if cfg.affine_levels else 1
+    eshape, eaff = aff.extended_grid(waff, moving, world0, max_size=max(cfg.max_size, 256), align=align)
+    moving_e = aff.resample_through(moving, world0, eshape, eaff, padding="border")
+    # where MOVING's features are its own (not padding): the weight of the moving side everywhere
+    valid_e = aff.fov_weight(moving, world0, eshape, eaff, aff.edge_margins(wshape, aff.FOV_MARGIN))
     if mmask_full is not None:
         mmask_e = aff.resample_through(Volume(mmask_full[None].float(), moving.affine), world0, eshape, eaff).data[0] > 0.5
+        valid_e = valid_e * mmask_e.float()
     times["init"] = time.perf_counter() - t
+    progress.stage("init", times["init"], f"{len(candidates)} candidates, chose {choice}"
+                   + (f" (rotation {aff.rotation_angle_deg(world0):.0f} deg from the headers)" if scored else ""))
 
     # 3. features
     t = time.perf_counter()
@@ -229,17 +296,31 @@ def register(
     feat_m = combine(raw_m, scales)
     del raw_f, raw_m
     times["features"] = time.perf_counter() - t
+    progress.stage("features", times["features"], f"{features} on {'x'.join(map(str, wshape))} at {s:g} mm")
 
     # 4. affine
     t = time.perf_counter()
     weight_f = fmask_w.float() if fmask_w is not None else box3((fg_w > 0.5).float()[None], passes=2)[0].gt(0).float()
+    weight_f = weight_f * aff.interior(torch.ones_like(weight_f), aff.edge_margins(wshape, aff.FOV_MARGIN, 1))
     residual = np.eye(4)
     if affine:
-        residual = aff.fit_affine(feat_f, waff, feat_m, eaff, weight_fixed=weight_f,
-                                  weight_moving=mmask_e.float() if mmask_e is not None else None,
-                                  levels=cfg.affine_levels, iters=cfg.affine_iters, search_mm=cfg.search_mm)
+        weight_fit = weight_f * aff.interior(torch.ones_like(weight_f),
+                                             aff.edge_margins(wshape, aff.FOV_MARGIN, max(cfg.affine_levels)))
+        residual = aff.fit_affine(feat_f, waff, feat_m, eaff, weight_fixed=weight_fit, weight_moving=valid_e,
+                                  levels=cfg.affine_levels, iters=cfg.affine_iters, search_mm=cfg.search_mm,
+                                  start_rotation=aff.rotation_part(world0), prior_weight=cfg.rotation_prior)
+        # keep the start exactly when the fit did not improve on it (an image onto itself: the identity)
+        finest = min(cfg.affine_levels)
+        cost_fit = aff.affine_cost(feat_f, waff, feat_m, eaff, residual, weight_fixed=weight_fit,
+                                   weight_moving=valid_e, factor=finest)
+        cost_0 = aff.affine_cost(feat_f, waff, feat_m, eaff, np.eye(4), weight_fixed=weight_fit,
+                                 weight_moving=valid_e, factor=finest)
+        if cost_0 + aff.rotation_prior(world0, cfg.rotation_prior) <= cost_fit + aff.rotation_prior(world0 @ residual, cfg.rotation_prior):
+            residual = np.eye(4)
     world = world0 @ residual
     times["affine"] = time.perf_counter() - t
+    if affine:
+        progress.stage("affine", times["affine"], f"rotation {aff.rotation_angle_deg(world):.1f} deg from the headers")
 
     # 5. deformable
     disp_w = None
@@ -247,21 +328,37 @@ def register(
         t = time.perf_counter()
         to_w = np.linalg.inv(residual) @ eaff
         feat_mw = resample_to_grid(Volume(feat_m, to_w), wshape, waff).data
-        mmask_w = None
-        if mmask_e is not None:
-            mmask_w = resample_to_grid(Volume(mmask_e[None].float(), to_w), wshape, waff).data[0]
+        valid_w = resample_to_grid(Volume(valid_e[None], to_w), wshape, waff).data[0]
+        mmask_w = valid_w if mmask_full is not None or float(valid_w[weight_f > 0].min()) < 0.999 else None
         grid = max(1, int(round(cfg.convex_grid_mm / s)))
         radius = max(1, int(round(cfg.convex_range_mm / (grid * s))))
         disp_w = convex_stage(feat_f, feat_mw, grid, radius, weight_fixed=fmask_w, weight_moving=mmask_w,
                               inverse_consistent=cfg.inverse_consistent)
         times["convex"] = time.perf_counter() - t
+        progress.stage("convex", times["convex"], f"search grid {grid * s:g} mm, range {grid * radius * s:g} mm")
         t = time.perf_counter()
         if cfg.adam_iters > 0:
             stride = max(1, int(round(cfg.adam_grid_mm / s)))
             disp_w = instance_optimise(feat_f, feat_mw, disp_w, stride=stride, iters=cfg.adam_iters, lam=cfg.lam,
                                        lr=cfg.adam_lr, weight_fixed=fmask_w, weight_moving=mmask_w)
         times["adam"] = time.perf_counter() - t
+        progress.stage("adam", times["adam"], f"{cfg.adam_iters} steps")
         del feat_mw
+
+    # 5b. never end worse than the start: compare the similarity of the result with the chosen
+    # candidate's start and with the headers, on the working grid's features; keep the best
+    sim = {"headers": _similarity(feat_f, weight_f, feat_m, valid_e, eaff, waff, np.linalg.inv(world0)),
+           "start": _similarity(feat_f, weight_f, feat_m, valid_e, eaff, waff, np.eye(4)),
+           "final": _similarity(feat_f, weight_f, feat_m, valid_e, eaff, waff, residual, disp_w)}
+    fallback = None
+    if sim["final"] > min(sim["start"], sim["headers"]) + 1e-6:
+        fallback = "headers" if sim["headers"] < sim["start"] else "start"
+        progress.warn(f"the registered result matches worse (feature cost {sim['final']:.4g}) than "
+                      f"{'the headers' if fallback == 'headers' else 'its initial transform (' + choice + ')'} "
+                      f"({sim[fallback]:.4g}): keeping that instead")
+        world = np.eye(4) if fallback == "headers" else world0
+        disp_w = None
+    del feat_m, feat_f
 
     # 6. composition and outputs
     t = time.perf_counter()
@@ -288,6 +385,12 @@ def register(
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "folding_percent": fold,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "initial_candidates": [{"name": c["name"], "score": round(c["score"], 6), "cost": round(c["cost"], 6),
+                                "rotation_deg": round(c["rotation_deg"], 2)} for c in scored],
+        "initial_choice": choice,
+        "similarity": {k: round(v, 6) for k, v in sim.items()},
+        "fallback": fallback,
+        "warnings": progress.warnings,
     }
     if moved_labels is not None and fixed_labels is not None:
         # score the labels both maps have (the moving map's ids before warping: a small structure may
