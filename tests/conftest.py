@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-import torch
+# One thread per test process, set before torch (and the OpenMP runtime) load, inherited by the
+# processes tests start (DDP workers, CLI subprocesses). On a small machine that other jobs share,
+# multi-threaded torch does not speed tests up: its threads wait on each other, and a suite that takes
+# 2.5 minutes on an idle 2-core machine took 37 with two threads while other jobs ran.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-# Two cores on CI: keep torch from oversubscribing when several things run.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+try:
+    torch.set_num_interop_threads(1)
+except RuntimeError:  # already set (torch was imported and used before this file)
+    pass
 
 
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:

@@ -163,6 +163,23 @@ def test_normalise_intensity() -> None:
     assert torch.equal(normalise_intensity(torch.ones(1, 4, 4, 4)), torch.zeros(1, 4, 4, 4))
 
 
+@pytest.mark.parametrize("lo,hi", [(-3e38, 3e38), (-1e38, 1e38), (0.0, 3.4e38), (1e30, 1e30 * (1 + 1e-6))])
+def test_normalise_intensity_does_not_overflow_float32(lo, hi) -> None:
+    """Differences of finite float32 values can overflow; the result must stay finite, in [0, 1]."""
+    x = (torch.linspace(0, 1, 4000, dtype=torch.float64).reshape(1, 10, 20, 20) * (hi - lo) + lo).float()
+    assert torch.isfinite(x).all()
+    for modality in ("mr", "ct"):
+        n = normalise_intensity(x.float(), modality)
+        assert torch.isfinite(n).all() and n.min() >= 0 and n.max() <= 1
+    assert float(normalise_intensity(x.float(), "mr").max()) == 1.0
+
+
+@pytest.mark.parametrize("window", [(float("-inf"), 100.0), (0.0, float("inf")), (float("nan"), 1.0), (5.0, 5.0)])
+def test_normalise_intensity_refuses_non_finite_windows(window) -> None:
+    with pytest.raises(InputError, match="CT window"):
+        normalise_intensity(torch.rand(1, 4, 4, 4), "ct", ct_window=window)
+
+
 def test_extract_features_direct_and_sliding_window() -> None:
     net = build_model("tiny", norm="none", seed=2)
     g = torch.Generator().manual_seed(1)

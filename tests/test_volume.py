@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
 from conftest import make_affine
 
+from synthvox.errors import InputError
 from synthvox.volume import (
     Volume,
     grid_for_spacing,
@@ -81,3 +83,37 @@ def test_resample_to_spacing_keeps_field_of_view(smooth_image):
     np.testing.assert_allclose(c_old, c_new, atol=1e-6)
     shape, a = grid_for_spacing(vol.shape, aff, (0.5, 0.6, 1.0))
     assert shape == (32, 40, 48)
+
+
+@pytest.mark.parametrize("base", [0, 2**24 + 1, 3_000_000_000, 2**53 + 1, 2**62 + 7])
+def test_nearest_resampling_keeps_every_label_id_exactly(base):
+    """Moved labels (register, apply --labels, segment's training labels) go through this path."""
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randint(0, 50, (1, 7, 8, 9), generator=gen)
+    lab = torch.where(small > 0, small + base, torch.zeros_like(small))
+    aff = make_affine()
+    m = make_affine(spacing=(0.9, 1.1, 1.7), angles=(0.2, 0.1, -0.3), origin=(-9.0, 21.0, 4.0))
+    out = resample_to_grid(Volume(lab, aff), (6, 9, 8), m, mode="nearest").data
+    ref = resample_to_grid(Volume(small, aff), (6, 9, 8), m, mode="nearest").data
+    assert out.dtype == torch.int64
+    assert torch.equal(out, torch.where(ref > 0, ref + base, torch.zeros_like(ref)))
+
+
+def test_nearest_integer_sampling_matches_grid_sample():
+    import torch.nn.functional as F
+
+    from synthvox.volume import normalise_coords, sample_at
+
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randint(0, 30, (2, 5, 6, 7), generator=gen)
+    vox = torch.rand(4, 5, 6, 3, generator=gen) * 9 - 2
+    grid = normalise_coords(vox, (5, 6, 7))[None]
+    for padding in ("zeros", "border"):
+        ref = F.grid_sample(data.float()[None], grid, mode="nearest", padding_mode=padding, align_corners=True)[0]
+        assert torch.equal(sample_at(data, vox, mode="nearest", padding=padding), ref.round().long())
+
+
+@pytest.mark.parametrize("spacing", [float("nan"), float("inf"), 0.0, -1.0, (1.0, float("nan"), 1.0)])
+def test_grid_for_spacing_refuses_non_finite_or_non_positive(spacing):
+    with pytest.raises(InputError, match="positive, finite"):
+        grid_for_spacing((8, 8, 8), np.eye(4), spacing)

@@ -77,6 +77,18 @@ def check_number(
     return v
 
 
+def check_at_least(**options: tuple[int | None, int]) -> None:
+    """Refuse whole-number options below their minimum: ``check_at_least(**{"--n": (n, 1)})``.
+
+    ``None`` values (options left to their automatic default) are skipped.
+    """
+    from synthvox.errors import InputError
+
+    for option, (value, minimum) in options.items():
+        if value is not None and value < minimum:
+            raise InputError(f"{option} must be at least {minimum}, got {value}")
+
+
 def resolve_device(name: str) -> Any:
     """``auto`` picks CUDA when available, else the CPU; unknown names are a user error."""
     import torch

@@ -35,21 +35,14 @@ def finetune_command(
     import dataclasses
 
     from synthvox import io
-    from synthvox.cli.common import check_number, resolve_device
+    from synthvox.cli.common import check_at_least, check_number, resolve_device
     from synthvox.errors import InputError
     from synthvox.segmentation import AugmentConfig, finetune
     from synthvox.segmentation.fewshot import TRAIN_MODES
     from synthvox.segmentation.modeldir import is_model_dir
 
     # Every option is checked before any input is read or anything is written.
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
-    if batch < 1:
-        raise InputError(f"--batch must be at least 1, got {batch}")
-    if patch < 8:
-        raise InputError(f"--patch must be at least 8 voxels, got {patch}")
-    if val_every is not None and val_every < 1:
-        raise InputError(f"--val-every must be at least 1, got {val_every}")
+    check_at_least(**{"--steps": (steps, 1), "--batch": (batch, 1), "--patch": (patch, 8), "--val-every": (val_every, 1)})
     if train not in TRAIN_MODES:
         raise InputError(f"--train must be one of {', '.join(TRAIN_MODES)}, got {train!r}")
     if modality.lower() not in ("auto", "mr", "ct"):

@@ -61,15 +61,10 @@ def register(app: typer.Typer) -> None:
         import numpy as np
 
         from synthvox import io
-        from synthvox.cli.common import check_out_dir, resolve_device
+        from synthvox.cli.common import check_at_least, check_out_dir, resolve_device
         from synthvox.errors import InputError
 
-        if n < 1:
-            raise InputError(f"--n must be at least 1, got {n}")
-        if batch_size < 1:
-            raise InputError(f"--batch must be at least 1, got {batch_size}")
-        if preview_samples < 1:
-            raise InputError(f"--preview must be at least 1, got {preview_samples}")
+        check_at_least(**{"--n": (n, 1), "--batch": (batch_size, 1), "--preview": (preview_samples, 1)})
         dims = parse_size(size)
         dev = resolve_device(device)
         names = output_names(n)
