@@ -38,11 +38,24 @@ def test_register_writes_outputs_and_refuses_overwrite(tmp_path):
     out = tmp_path / "reg"
     args = ["register", str(p["fixed"]), str(p["moving"]), "--out", str(out), "--moving-labels", str(p["mlab"]),
             "--fixed-labels", str(p["flab"]), "--device", "cpu", "--seed", "1"]
-    r = runner.invoke(app, args)
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"outer": 3, "inner": 43}))
+    r = runner.invoke(app, [*args, "--label-names", str(names)])
     assert r.exit_code == 0, r.output
-    for name in ("moved.nii.gz", "warp.nii.gz", "moved_labels.nii.gz", "qc.png", "report.json"):
+    for name in ("moved.nii.gz", "warp.nii.gz", "affine.txt", "deformable_warp.nii.gz", "inverse_warp.nii.gz",
+                 "moved_labels.nii.gz", "qc.png", "report.json"):
         assert (out / name).is_file(), name
+    # progress per stage on stderr, the summary on stdout
+    for stage in ("init", "features", "affine", "convex", "adam", "compose"):
+        assert any(line.strip().startswith(stage) for line in r.stderr.splitlines()), (stage, r.stderr)
+    assert "wrote" in r.stdout and "init" not in r.stdout
     rep = json.loads((out / "report.json").read_text())
+    import synthvox
+
+    assert rep["synthvox_version"] == synthvox.__version__
+    assert rep["label_names"] == {"3": "outer", "43": "inner"}
+    assert set(rep["dice_by_name"]) == {"outer", "inner"}
+    assert rep["initial_choice"] in [c["name"] for c in rep["initial_candidates"]]
     assert rep["folding_percent"] < 1.0
     assert set(rep["dice"]) == {"3", "43"}
     assert rep["mean_dice"] > 0.7
@@ -54,7 +67,7 @@ def test_register_writes_outputs_and_refuses_overwrite(tmp_path):
     assert set(np.unique(np.asarray(ml.dataobj)).tolist()) <= {0, 3, 43}
     assert (out / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = (out / "moved.nii.gz").stat().st_mtime_ns
-    r = runner.invoke(app, args)
+    r = runner.invoke(app, [*args, "--label-names", str(names)])
     assert r.exit_code == 2 and "--force" in r.output
     assert (out / "moved.nii.gz").stat().st_mtime_ns == before
 
@@ -99,3 +112,40 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert "warp" in _err(["apply", str(p["moving"]), "--warp", str(p["fixed"]), "--out", str(tmp_path / "x.nii.gz")])
     # a non-NIfTI output name is refused before the warp is read or applied
     assert "NIfTI" in _err(["apply", str(p["moving"]), "--warp", str(p["fixed"]), "--out", str(tmp_path / "x.png")])
+
+
+def test_register_features_auto_and_weights_hash(tmp_path):
+    """``--features auto`` resolves as in ``demo``; with network features the report holds the sha256 of
+    the weights file used."""
+    import hashlib
+
+    from synthvox.demo import resolve_features
+    from synthvox.models import build_model, save_model
+
+    p = _files(tmp_path)
+    out = tmp_path / "auto"
+    r = runner.invoke(app, ["register", str(p["fixed"]), str(p["moving"]), "--out", str(out), "--features", "auto",
+                            "--no-deformable", "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["features"] == resolve_features("auto")
+    assert r.stderr.strip() == "" or all(line.startswith("warning:") for line in r.stderr.strip().splitlines())
+    model = tmp_path / "model"
+    save_model(build_model("tiny", seed=0), model)
+    out = tmp_path / "net"
+    r = runner.invoke(app, ["register", str(p["fixed"]), str(p["moving"]), "--out", str(out), "--features", "net",
+                            "--weights", str(model), "--no-deformable", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    want = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+    assert rep["weights"]["sha256"] == want
+
+
+def test_bad_label_names_are_one_line_errors(tmp_path):
+    p = _files(tmp_path)
+    out = tmp_path / "o"
+    bad = tmp_path / "bad.json"
+    for text, what in (("[1, 2]", "JSON object"), ("{not json", "JSON"), ('{"a": "x"}', "whole-number")):
+        bad.write_text(text)
+        assert what in _err(["register", str(p["fixed"]), str(p["moving"]), "--out", str(out), "--label-names", str(bad)])
+    assert not out.exists()

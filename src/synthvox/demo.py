@@ -8,6 +8,7 @@ README.md there): ``ct.nii.gz`` / ``ct_seg.nii.gz`` (fixed) and ``mr.nii.gz`` / 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ class DemoResult:
 
 
 def run_demo(features: str = "auto", weights: Any = None, device: torch.device | str = "cpu",
-             seed: int = 0) -> DemoResult:
+             seed: int = 0, log: Callable[[str], None] | None = None) -> DemoResult:
     """Register the bundled MR onto the bundled CT and score the 7 shared organs at every stage.
 
     Args:
@@ -68,6 +69,7 @@ def run_demo(features: str = "auto", weights: Any = None, device: torch.device |
         weights: model directory for the network features (``None``: the shipped default weights).
         device: where to compute.
         seed: recorded in the report.
+        log: progress and warnings, one line each (see :func:`synthvox.registration.register`).
     """
     from synthvox import io
     from synthvox.metrics import dice_per_label
@@ -88,7 +90,8 @@ def run_demo(features: str = "auto", weights: Any = None, device: torch.device |
     mr_seg = Volume(torch.where(torch.isin(mr_seg.data, keep), mr_seg.data, 0), mr_seg.affine)
 
     res = register(ct, mr, features=features, weights=weights, device=device, moving_labels=mr_seg,
-                   fixed_labels=ct_seg, modality_fixed="ct", modality_moving="mr", seed=seed)
+                   fixed_labels=ct_seg, modality_fixed="ct", modality_moving="mr", seed=seed, log=log,
+                   label_names={v: k for k, v in names.items()})
     headers = resample_like(mr_seg, ct, mode="nearest")
     affine = resample_through(mr_seg, res.world_affine, ct.shape, ct.affine, mode="nearest")
     assert res.moved_labels is not None

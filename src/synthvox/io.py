@@ -364,3 +364,29 @@ def save(
     with atomic_path(p) as tmp:
         nib.save(img, str(tmp))
     return p
+
+
+def load_warp(path: str | os.PathLike, what: str = "warp") -> Volume:
+    """Read a displacement field as ``synthvox register`` writes it (ITK/ANTs convention: LPS, mm):
+    a 5D vector NIfTI ``(X, Y, Z, 1, 3)``, or 4D with 3 components; returns ``(3, X, Y, Z)`` float32."""
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} not found: {p}" if not p.exists() else f"{what} is not a file: {p}")
+    if not is_nifti_path(p):
+        raise InputError(f"{what} is not a NIfTI file (.nii or .nii.gz): {p}")
+    try:
+        img = nib.load(str(p))
+        arr = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(f"cannot read {what} {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if arr.ndim == 5 and arr.shape[3] == 1:
+        arr = arr[:, :, :, 0, :]
+    if arr.ndim != 4 or arr.shape[3] != 3 or arr.dtype.kind not in "biuf":
+        raise InputError(f"{what} must be a 3D field of 3-vectors, got shape {arr.shape} in {p}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{what} contains NaN or infinite values (or values beyond float32): {p}")
+    affine = check_affine(img.affine, what, p)
+    return Volume(torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0))), affine)

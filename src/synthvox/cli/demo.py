@@ -26,20 +26,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Register the bundled abdominal MR onto a CT of another person; print Dice on 7 organs."""
         from synthvox.cli.common import check_out_dir, resolve_device
-        from synthvox.cli.register import OUTPUTS, write_outputs
         from synthvox.demo import dice_table, resolve_features, run_demo
+        from synthvox.registration.outputs import output_names
 
         dev = resolve_device(device)
         features = resolve_features(features, weights)
-        names = list(OUTPUTS)
-        if out.exists():  # refuse before the work, not after it; create nothing yet
-            check_out_dir(out, force, names)
-        typer.echo(f"registering the bundled MR onto the bundled CT ({features} features, {dev}) ...")
-        res = run_demo(features=features, weights=weights, device=dev, seed=seed)
+        check_out_dir(out, force, output_names(True))  # refuse before the work, not after it; create nothing yet
+        typer.echo(f"registering the bundled MR onto the bundled CT ({features} features, {dev}) ...", err=True)
+        res = run_demo(features=features, weights=weights, device=dev, seed=seed,
+                       log=lambda line: typer.echo(line, err=True))
         reg = res.registration
-        write_outputs(out, res.fixed, reg, names, force, title=f"demo: MR -> CT ({features})",
-                      fixed_labels=res.fixed_labels)
+        reg.save(out, force=force, title=f"demo: MR -> CT ({features})")
         typer.echo("Dice on the 7 organs both label maps share (CT labels as reference):")
         typer.echo(dice_table(res))
         typer.echo(f"folding {reg.report['folding_percent']:.3f}% of voxels, {reg.report['seconds']['total']:.1f} s; "
-                   f"wrote {out}/ (moved.nii.gz, warp.nii.gz, moved_labels.nii.gz, qc.png, report.json)")
+                   f"wrote {out}/ (moved.nii.gz, warp.nii.gz, affine.txt, deformable_warp.nii.gz, inverse_warp.nii.gz, "
+                   "moved_labels.nii.gz, qc.png, report.json)")

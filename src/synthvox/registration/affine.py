@@ -299,6 +299,13 @@ FOV_MARGIN = 3
 ADAM_EPS = 1e-3
 
 
+def improves(before: float, after: float, rel: float = 0.02, abs_tol: float = 1e-4) -> bool:
+    """Whether a fit's cost ``after`` is worth taking over ``before``: lower by more than what pooling and
+    sampling alone change (``rel`` of ``before`` plus ``abs_tol``). Below that, the start is kept
+    exactly, so an image registered onto itself stays at the identity."""
+    return after < before - rel * abs(before) - abs_tol
+
+
 def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, candidates: list[Candidate],
                      *, search_mm: float = 64.0, factor: int = 2, iters: int = 30,
                      prior_weight: float = PRIOR_WEIGHT) -> list[dict]:
@@ -347,8 +354,8 @@ def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, ca
                        search_mm=search_mm, start_rotation=rotation_part(cand), prior_weight=prior_weight)
         cost = affine_cost(ff, caff, fm, eaff, q, weight_fixed=wc, weight_moving=valid, factor=2)
         cost0 = affine_cost(ff, caff, fm, eaff, np.eye(4), weight_fixed=wc, weight_moving=valid, factor=2)
-        if cost0 + rotation_prior(cand, prior_weight) <= cost + rotation_prior(np.asarray(cand) @ q, prior_weight):
-            q, cost = np.eye(4), cost0  # the candidate as it is was better: keep it exactly
+        if not improves(cost0 + rotation_prior(cand, prior_weight), cost + rotation_prior(np.asarray(cand) @ q, prior_weight)):
+            q, cost = np.eye(4), cost0  # the candidate as it is was as good: keep it exactly
         total = np.asarray(cand) @ q
         out.append({"name": name, "start": np.asarray(cand), "matrix": total, "cost": cost,
                     "rotation_deg": rotation_angle_deg(total), "score": cost + rotation_prior(total, prior_weight)})

@@ -2,7 +2,8 @@
 
 The field lives on a grid coarser than the features by ``stride``; it is smoothed by three passes of
 a 3x3x3 box filter (a cheap B-spline-like kernel) before use, and regularised by the diffusion
-energy (mean squared finite differences). The data term is the sum of squared feature differences,
+energy (mean squared finite differences) and, optionally, a penalty on Jacobian determinants near or
+below zero (folding). The data term is the sum of squared feature differences,
 optionally weighted by masks.
 """
 
@@ -23,6 +24,20 @@ def diffusion(field: torch.Tensor) -> torch.Tensor:
     return dx.pow(2).mean() + dy.pow(2).mean() + dz.pow(2).mean()
 
 
+def jacobian_det(field: torch.Tensor) -> torch.Tensor:
+    """Determinant of ``I + grad u`` of a ``(3, X, Y, Z)`` displacement in voxels (central differences
+    inside, one-sided at the borders, as :func:`synthvox.metrics.jacobian_determinant`); differentiable."""
+    grads = torch.stack([torch.stack(torch.gradient(field[i], dim=(0, 1, 2)), dim=-1) for i in range(3)], dim=-2)
+    jac = grads + torch.eye(3, dtype=field.dtype, device=field.device)
+    return torch.linalg.det(jac)
+
+
+def folding_penalty(field: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """Mean of ``relu(margin - det J)^2``: zero where the map keeps at least ``margin`` of each volume,
+    growing where it shrinks space towards folding (``det J <= 0``)."""
+    return F.relu(margin - jacobian_det(field)).pow(2).mean()
+
+
 def instance_optimise(
     feat_fixed: torch.Tensor,
     feat_moving: torch.Tensor,
@@ -34,6 +49,7 @@ def instance_optimise(
     lr: float = 1.0,
     weight_fixed: torch.Tensor | None = None,
     weight_moving: torch.Tensor | None = None,
+    fold_weight: float = 0.0,
 ) -> torch.Tensor:
     """Refine a displacement field by Adam on feature SSD with diffusion regularisation.
 
@@ -47,6 +63,7 @@ def instance_optimise(
         lr: Adam learning rate (in field voxels).
         weight_fixed: optional fixed mask ``(X, Y, Z)``.
         weight_moving: optional moving mask on the same grid, warped with the field.
+        fold_weight: weight of :func:`folding_penalty` (0 turns it off).
 
     Returns:
         ``(3, X, Y, Z)`` displacement in voxels of the features' grid.
@@ -86,6 +103,8 @@ def instance_optimise(
             else:
                 data = sq.mean()
             loss = data + lam * diffusion(disp)
+            if fold_weight > 0:
+                loss = loss + fold_weight * folding_penalty(disp)
             loss.backward()
             opt.step()
     with torch.no_grad():

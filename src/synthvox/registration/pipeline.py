@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,12 @@ from synthvox.registration import affine as aff
 from synthvox.registration.convex import box3, convex_stage
 from synthvox.registration.features import FEATURE_KINDS, FeatureExtractor, combine, feature_scales
 from synthvox.registration.instance import instance_optimise
-from synthvox.registration.warp import apply_displacement, compose_displacement, warp_to_itk_volume
+from synthvox.registration.warp import (
+    apply_displacement,
+    compose_displacement,
+    inverse_displacement,
+    warp_to_itk_volume,
+)
 from synthvox.volume import Volume, grid_for_spacing, resample_to_grid, same_grid, spacing_of
 
 
@@ -57,6 +62,8 @@ class RegistrationConfig:
         adam_iters: Adam steps of the instance optimisation.
         lam: diffusion regularisation weight.
         adam_lr: Adam learning rate of the instance optimisation.
+        fold_weight: weight of the penalty on Jacobian determinants near or below zero in the Adam
+            stage (see :func:`synthvox.registration.instance.folding_penalty`).
         inverse_consistent: make the coarse stage inverse consistent.
     """
 
@@ -75,6 +82,7 @@ class RegistrationConfig:
     adam_iters: int = 80
     lam: float = 1.25
     adam_lr: float = 1.0
+    fold_weight: float = 0.0
     inverse_consistent: bool = True
 
 
@@ -89,7 +97,13 @@ class RegistrationResult:
         moved_labels: MOVING's labels on FIXED's grid (nearest neighbour), when given.
         world_affine: the affine part, 4x4, fixed world to moving world.
         displacement: ``(3, X, Y, Z)`` the same field as ``warp`` in RAS.
-        report: times per stage, folding %, Dice per label, settings.
+        report: times per stage, folding %, Dice per label, initial candidates and the choice, the
+            similarity check, warnings, settings, synthvox version and the weights' sha256.
+        deformable_warp: the deformable stage alone (ITK convention, on FIXED's grid), applied before
+            ``world_affine``.
+        inverse_warp: the moving -> fixed map on MOVING's grid (ITK convention).
+        fixed: the fixed image (for the QC picture).
+        fixed_labels: the fixed label map, when given.
     """
 
     moved: Volume
@@ -98,6 +112,17 @@ class RegistrationResult:
     world_affine: np.ndarray
     displacement: torch.Tensor
     report: dict[str, Any] = field(default_factory=dict)
+    deformable_warp: Volume | None = None
+    inverse_warp: Volume | None = None
+    fixed: Volume | None = None
+    fixed_labels: Volume | None = None
+
+    def save(self, out: str | Path, *, force: bool = False, title: str | None = None) -> list[Path]:
+        """Write every output into the folder ``out`` as ``synthvox register`` does (see
+        :func:`synthvox.registration.outputs.save`); returns the paths written."""
+        from synthvox.registration.outputs import save
+
+        return save(self, out, force=force, title=title)
 
 
 def working_grid(fixed: Volume, spacing: float = 2.0, max_size: int = 192,
@@ -162,6 +187,44 @@ def _similarity(feat_f: torch.Tensor, weight_f: torch.Tensor, feat_m: torch.Tens
         return float(((ww * sq).sum() + ((w - ww) * 2.0).sum()) / w.sum().clamp_min(1e-6))
 
 
+def _version() -> str:
+    from synthvox import __version__
+
+    return __version__
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weights_info(features: str, weights: Any, model: Any) -> dict[str, Any] | None:
+    """Which network weights the features came from: path and sha256 of the weights file (of the
+    parameters' bytes for a network passed in memory); ``None`` for MIND alone."""
+    import hashlib
+
+    if model is None:
+        return None
+    if weights is None or isinstance(weights, (str, Path)):
+        from synthvox.models import default_weights_path
+
+        path = Path(weights) if weights is not None else default_weights_path()
+        assert path is not None
+        file = path if path.is_file() else path / "model.safetensors"
+        if file.is_file():
+            return {"path": str(path), "file": file.name, "sha256": _sha256_file(file)}
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return {"path": None, "file": None, "sha256": h.hexdigest(), "of": "float32 parameters in memory"}
+
+
 def _resolve_model(features: str, weights: Any, device: torch.device) -> Any:
     if features not in FEATURE_KINDS:
         raise InputError(f"unknown --features {features!r}: use one of {', '.join(FEATURE_KINDS)}")
@@ -197,6 +260,7 @@ def register(
     config: RegistrationConfig | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    label_names: Mapping[int, str] | None = None,
 ) -> RegistrationResult:
     """Register MOVING onto FIXED.
 
@@ -221,6 +285,7 @@ def register(
         seed: recorded in the report; every stage is deterministic (no random sampling).
         log: called with one line per stage (progress) and per warning; ``None``: warnings go to
             stderr, progress nowhere.
+        label_names: label id -> name, recorded in the report (and Dice by name).
 
     Returns:
         A :class:`RegistrationResult`.
@@ -315,7 +380,8 @@ def register(
                                    weight_moving=valid_e, factor=finest)
         cost_0 = aff.affine_cost(feat_f, waff, feat_m, eaff, np.eye(4), weight_fixed=weight_fit,
                                  weight_moving=valid_e, factor=finest)
-        if cost_0 + aff.rotation_prior(world0, cfg.rotation_prior) <= cost_fit + aff.rotation_prior(world0 @ residual, cfg.rotation_prior):
+        if not aff.improves(cost_0 + aff.rotation_prior(world0, cfg.rotation_prior),
+                            cost_fit + aff.rotation_prior(world0 @ residual, cfg.rotation_prior)):
             residual = np.eye(4)
     world = world0 @ residual
     times["affine"] = time.perf_counter() - t
@@ -340,7 +406,8 @@ def register(
         if cfg.adam_iters > 0:
             stride = max(1, int(round(cfg.adam_grid_mm / s)))
             disp_w = instance_optimise(feat_f, feat_mw, disp_w, stride=stride, iters=cfg.adam_iters, lam=cfg.lam,
-                                       lr=cfg.adam_lr, weight_fixed=fmask_w, weight_moving=mmask_w)
+                                       lr=cfg.adam_lr, weight_fixed=fmask_w, weight_moving=mmask_w,
+                                       fold_weight=cfg.fold_weight)
         times["adam"] = time.perf_counter() - t
         progress.stage("adam", times["adam"], f"{cfg.adam_iters} steps")
         del feat_mw
@@ -370,7 +437,14 @@ def register(
             moved_labels = apply_displacement(Volume(moving_labels.data.to(dev), moving_labels.affine), disp,
                                               fixed.affine, labels=True)
         fold = folding_percent(disp, affine=fixed.affine)
+        # the deformable stage alone (applied before the affine) and the inverse map on MOVING's grid
+        if disp_w is not None:
+            deform = compose_displacement(fixed.shape, fixed.affine, np.eye(4), disp_w, waff)
+        else:
+            deform = torch.zeros((3, *fixed.shape), device=dev)
+        inverse = inverse_displacement(moving.shape, moving.affine, world, disp_w, waff)
     times["compose"] = time.perf_counter() - t
+    progress.stage("compose", times["compose"], f"folding {fold:.3f}%")
     times["total"] = time.perf_counter() - t_start
     report: dict[str, Any] = {
         "features": features,
@@ -391,7 +465,11 @@ def register(
         "similarity": {k: round(v, 6) for k, v in sim.items()},
         "fallback": fallback,
         "warnings": progress.warnings,
+        "synthvox_version": _version(),
+        "weights": _weights_info(features, weights, model),
     }
+    if label_names:
+        report["label_names"] = {str(int(k)): str(v) for k, v in sorted(label_names.items())}
     if moved_labels is not None and fixed_labels is not None:
         # score the labels both maps have (the moving map's ids before warping: a small structure may
         # vanish on a coarser fixed grid and then rightly scores 0); ids in one map only are listed
@@ -403,6 +481,8 @@ def register(
         report["labels_only_in_moving"] = sorted(ids_m - ids_f)
         vals = [v for v in report["dice"].values() if v == v]
         report["mean_dice"] = float(np.mean(vals)) if vals else float("nan")
+        if label_names:
+            report["dice_by_name"] = {label_names.get(int(k), k): v for k, v in report["dice"].items()}
     return RegistrationResult(
         moved=Volume(moved.data.cpu(), moved.affine),
         warp=warp_to_itk_volume(disp.cpu(), fixed.affine),
@@ -410,4 +490,8 @@ def register(
         world_affine=np.asarray(world),
         displacement=disp.cpu(),
         report=report,
+        deformable_warp=warp_to_itk_volume(deform.cpu(), fixed.affine),
+        inverse_warp=warp_to_itk_volume(inverse.cpu(), moving.affine),
+        fixed=Volume(fixed.data.cpu(), fixed.affine),
+        fixed_labels=fixed_labels,
     )

@@ -72,6 +72,40 @@ def compose_displacement(
     return (y - x).permute(3, 0, 1, 2).float().contiguous()
 
 
+def inverse_displacement(
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    world_affine: np.ndarray,
+    disp_vox: torch.Tensor | None = None,
+    working_affine: np.ndarray | None = None,
+    iters: int = 30,
+) -> torch.Tensor:
+    """The inverse of :func:`compose_displacement`'s map as a RAS displacement on another grid.
+
+    The forward map is ``x -> T(x + U(x))`` (``U``: the working-grid displacement in mm); for each
+    point ``y`` of the grid (``shape``, ``affine``), normally MOVING's, the fixed point ``x`` with
+    ``T(x + U(x)) = y`` solves ``x = T^-1(y) - U(x)``, found by fixed-point iteration (it converges where
+    the map does not fold).
+
+    Returns:
+        ``(3, X, Y, Z)`` float32 displacement ``e`` with ``y -> y + e(y)`` landing in FIXED's RAS space.
+    """
+    device = disp_vox.device if disp_vox is not None else "cpu"
+    y = world_points(shape, affine, device=device)
+    x0 = transform_points(y, np.linalg.inv(np.asarray(world_affine, np.float64)))
+    x = x0
+    if disp_vox is not None:
+        if working_affine is None:
+            raise ValueError("inverse_displacement needs working_affine with disp_vox")
+        wa = np.asarray(working_affine, np.float64)
+        inv_wa = np.linalg.inv(wa)
+        lin = torch.as_tensor(wa[:3, :3], device=device)
+        for _ in range(iters):
+            u = sample_at(disp_vox.float(), transform_points(x, inv_wa).float(), mode="linear", padding="border")
+            x = x0 - u.permute(1, 2, 3, 0).to(torch.float64) @ lin.T
+    return (x - y).permute(3, 0, 1, 2).float().contiguous()
+
+
 def ras_to_itk(disp_ras: torch.Tensor) -> torch.Tensor:
     """RAS displacement ``(3, X, Y, Z)`` to the ITK (LPS) convention (and back: the map is its own inverse)."""
     flip = torch.tensor(RAS_TO_LPS, dtype=disp_ras.dtype, device=disp_ras.device).view(3, 1, 1, 1)
