@@ -190,6 +190,32 @@ def test_segment_writes_ids_beyond_int32(inputs, tmp_path):
     assert "3000000000" in r.output
 
 
+def _warp_affine(kind: str) -> np.ndarray:
+    a = np.diag([2.0, 2.0, 2.0, 1.0])
+    if kind == "collinear":
+        a[:3, 2] = a[:3, 0]
+    elif kind == "zero axis":
+        a[2, 2] = 0.0
+    elif kind == "nan":
+        a[0, 3] = np.nan
+    elif kind == "tiny voxels":
+        a[:3, :3] *= 1e-9
+    return a
+
+
+@pytest.mark.parametrize("kind", ["collinear", "zero axis", "nan", "tiny voxels"])
+def test_warp_with_degenerate_geometry_is_refused(inputs, tmp_path, kind):
+    arr = np.zeros((8, 8, 8, 1, 3), np.float32)
+    img = nib.Nifti1Image(arr, None)
+    img.header.set_sform(_warp_affine(kind), code=1)
+    img.header.set_intent("vector", (), "")
+    nib.save(img, str(tmp_path / "warp.nii.gz"))
+    line = one_line_error(runner.invoke(app, ["apply", str(inputs / "img.nii.gz"), "--warp", str(tmp_path / "warp.nii.gz"),
+                                              "--out", str(tmp_path / "moved.nii.gz")]))
+    assert "warp" in line and ("affine" in line or "voxel sizes" in line)
+    assert not (tmp_path / "moved.nii.gz").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Model-directory metadata of the wrong JSON type or version
 
