@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -114,24 +114,52 @@ def extract_features(
     x = image[None].to(device=device, dtype=torch.float32)
     try:
         with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-            if all(s <= r for s, r in zip(x.shape[2:], roi)):
-                out = model(x)
-            else:
-                from monai.inferers import sliding_window_inference
-
-                out = sliding_window_inference(
-                    x,
-                    roi_size=roi,
-                    sw_batch_size=sw_batch_size,
-                    predictor=lambda t: model(t).float(),
-                    overlap=overlap,
-                    mode="gaussian",
-                    sw_device=device,
-                    device=device,
-                )
+            out = sliding_window(lambda t: model(t).float(), x, roi, device, overlap=overlap,
+                                 sw_batch_size=sw_batch_size)
     finally:
         model.train(was_training)
     return out[0].float()
+
+
+def sliding_window(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    roi: Sequence[int],
+    device: torch.device,
+    *,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    whole_if_fits: bool = True,
+) -> torch.Tensor:
+    """The one sliding-window inference of synthvox (features, segmentation, its validation).
+
+    MONAI's sliding window with Gaussian blending, windows and result on ``device``. With
+    ``whole_if_fits``, a volume no larger than ``roi`` along every axis goes through ``predictor`` in
+    one pass instead (the UNet pads internally); without it, MONAI pads it to one window, as a model
+    trained on windows of that size (segmentation) expects.
+
+    Args:
+        predictor: maps ``(B, C, ...)`` windows to ``(B, C', ...)`` outputs.
+        x: ``(1, C, X, Y, Z)`` input (any device).
+        roi: window size, three ints.
+        device: where windows are computed and the result is gathered.
+        overlap: window overlap fraction in [0, 1).
+        sw_batch_size: windows per call of ``predictor``.
+        whole_if_fits: one pass without padding for a volume that fits one window.
+
+    Returns:
+        ``(1, C', X, Y, Z)`` on ``device``.
+    """
+    roi = [int(r) for r in roi]
+    if whole_if_fits and all(s <= r for s, r in zip(x.shape[2:], roi)):
+        return predictor(x.to(device))
+    from monai.inferers import sliding_window_inference
+
+    out = sliding_window_inference(
+        x, roi_size=roi, sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap, mode="gaussian",
+        sw_device=device, device=device,
+    )
+    return torch.as_tensor(out)
 
 
 def image_features(

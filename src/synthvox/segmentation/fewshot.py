@@ -223,9 +223,9 @@ def flipped(subject: Subject, axis: int = 0) -> Subject:
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The CPU generator of step ``step`` for base ``seed`` (independent of any earlier step)."""
-    g = torch.Generator()
-    g.manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 0x5EED) % (2**63 - 1))
-    return g
+    from synthvox.seeding import FINETUNE_STEPS, generator
+
+    return generator(seed, FINETUNE_STEPS, step)
 
 
 def sample_centres(
@@ -439,25 +439,17 @@ def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> d
 # Validation
 
 
-def dice_per_class(pred: torch.Tensor, ref: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Dice of each class index between two index maps; NaN where a class is absent from both."""
-    pred = pred.reshape(-1).long().cpu()
-    ref = ref.reshape(-1).long().cpu()
-    inter = torch.bincount(ref[pred == ref], minlength=n_classes).double()
-    size = torch.bincount(pred, minlength=n_classes).double() + torch.bincount(ref, minlength=n_classes).double()
-    d = 2 * inter / size
-    d[size == 0] = float("nan")
-    return d
-
-
 def validate(net: nn.Module, subject: Subject, cfg: FinetuneConfig, device: torch.device, n_classes: int, has_background: bool) -> float:
-    """Mean foreground Dice of ``net`` on a held-out subject (sliding window in the model frame)."""
+    """Mean foreground Dice of ``net`` on a held-out subject (sliding window in the model frame), over
+    the classes present in the subject's reference (:func:`synthvox.metrics.dice_per_label`)."""
+    from synthvox.metrics import dice_per_label
+
     prob = sliding_window_probabilities(net, subject.image.to(device), cfg.patch_size, device, overlap=0.25, sw_batch_size=cfg.batch_size)
-    d = dice_per_class(prob.argmax(0), subject.classes, n_classes)
-    fg = d[1:] if has_background else d
-    present = torch.isin(torch.arange(n_classes), torch.unique(subject.classes).cpu())[1 if has_background else 0:]
-    fg = fg[present]
-    return float(fg[~torch.isnan(fg)].mean()) if fg.numel() else float("nan")
+    ref = subject.classes.cpu()
+    present = [c for c in torch.unique(ref).tolist() if c != 0 or not has_background]
+    if not present:
+        return float("nan")
+    return float(np.mean(list(dice_per_label(prob.argmax(0).cpu(), ref, present).values())))
 
 
 # ----------------------------------------------------------------------------------------------------

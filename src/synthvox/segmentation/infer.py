@@ -103,7 +103,7 @@ def sliding_window_probabilities(
         tta: ``True`` averages over all 8 combinations of flips of the three axes; a tuple of axes
             flips only those; ``False`` does no test-time augmentation.
     """
-    from monai.inferers import sliding_window_inference
+    from synthvox.models.features import sliding_window
 
     was_training = net.training
     net.eval()
@@ -115,16 +115,13 @@ def sliding_window_probabilities(
         return torch.softmax(logits.float(), dim=1)
 
     x = image[None].float()
-    roi = [int(p) for p in patch_size]
     total = None
     flips = _flip_sets(tta)
     for axes in flips:
         dims = [a + 2 for a in axes]
         xi = x.flip(dims) if dims else x
-        prob = sliding_window_inference(
-            xi, roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian", device=device, sw_device=device
-        )
-        prob = torch.as_tensor(prob)
+        prob = sliding_window(predictor, xi, patch_size, device, overlap=overlap, sw_batch_size=sw_batch_size,
+                              whole_if_fits=False)
         if dims:
             prob = prob.flip(dims)
         total = prob if total is None else total + prob

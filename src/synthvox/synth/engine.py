@@ -108,11 +108,11 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 
     Neighbouring seeds and indices give unrelated streams; the result is the same on every machine.
     """
+    from synthvox.seeding import generator
+
     if int(index) < 0:
         raise ValueError(f"sample index must be non-negative, got {index}")
-    ss = np.random.SeedSequence([int(seed) & (2**64 - 1), int(index)])
-    state = int(ss.generate_state(1, np.uint64)[0]) >> 1
-    return torch.Generator().manual_seed(state)
+    return generator(seed, index)
 
 
 def bank_digest(bank: Any) -> str:

@@ -444,14 +444,13 @@ class TemplateSet:
     def procedural(cls, cfg: LabelConfig, device: torch.device | str = "cpu", cube_size: int = 32) -> TemplateSet:
         """The pool of ``cfg.procedural_pool`` procedural shapes; shape ``k`` depends only on
         ``(cfg.procedural_seed, k)``, so the pool is the same however it is filled."""
+        from synthvox.seeding import generator
         from synthvox.shapes.procedural import procedural_cubes
 
         def make(idx: list[int]) -> torch.Tensor:
             out = []
             for k in idx:
-                ss = np.random.SeedSequence([int(cfg.procedural_seed) & (2**63 - 1), int(k)])
-                gen = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1)))
-                out.append(procedural_cubes(1, cube_size, gen, device))
+                out.append(procedural_cubes(1, cube_size, generator(cfg.procedural_seed, k), device))
             return torch.cat(out)
 
         return cls(make, cfg.procedural_pool, cfg, device, None)
