@@ -88,6 +88,9 @@ def writing_commands(d, out_file: str, out_dir: str) -> dict[str, list[str]]:
                      "--init", "random", "--variant", "tiny", "--steps", "1", "--patch", "32", "--device", "cpu"],
         "pretrain": ["pretrain", "--config", "tiny", "steps=1", "progress=false", "--out", out_dir, "--device", "cpu"],
         "apply": ["apply", str(d / "img.nii.gz"), "--warp", str(d / "no_warp_needed.nii.gz"), "--out", out_file],
+        "register": ["register", str(d / "img.nii.gz"), str(d / "img.nii.gz"), "--out", out_dir, "--features", "mind",
+                     "--device", "cpu"],
+        "demo": ["demo", "--out", out_dir, "--features", "mind", "--device", "cpu"],
     }
 
 
@@ -109,9 +112,14 @@ def no_work(monkeypatch):
     monkeypatch.setattr(segmentation, "segment", forbidden)
     monkeypatch.setattr(segmentation, "finetune", forbidden)
     monkeypatch.setattr(pretrain, "build_module", forbidden)
+    monkeypatch.setattr("synthvox.registration.pipeline.register", forbidden)
+    monkeypatch.setattr("synthvox.demo.run_demo", forbidden)
 
 
-@pytest.mark.parametrize("command", ["synth", "shapes", "features", "segment", "finetune", "pretrain", "apply"])
+WRITERS = ["synth", "shapes", "features", "segment", "finetune", "pretrain", "apply", "register", "demo"]
+
+
+@pytest.mark.parametrize("command", WRITERS)
 def test_output_under_a_file_is_refused_before_work(inputs, tmp_path, no_work, command):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -121,7 +129,7 @@ def test_output_under_a_file_is_refused_before_work(inputs, tmp_path, no_work, c
     assert tree(tmp_path) == ["a_file"]
 
 
-@pytest.mark.parametrize("command", ["synth", "shapes", "features", "segment", "finetune", "pretrain", "apply"])
+@pytest.mark.parametrize("command", WRITERS)
 def test_folder_without_write_permission_is_refused_before_work(inputs, tmp_path, no_work, monkeypatch, command):
     # Tests may run as root, which ignores permission bits: make creating a file fail the way it
     # does for a read-only folder.
