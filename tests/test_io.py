@@ -214,3 +214,14 @@ def test_staging_dir_is_all_or_nothing(tmp_path, exc):
         (stage / "a.txt").write_text("a")
         raise exc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
+
+
+@pytest.mark.parametrize("level", [0, 1, 9])
+def test_compress_level_writes_readable_identical_volumes(tmp_path, oblique_affine, smooth_image, level):
+    p = io.save(Volume(smooth_image, oblique_affine), tmp_path / "a.nii.gz", compress_level=level)
+    back = io.load(p)
+    assert torch.equal(back.data, smooth_image)
+    np.testing.assert_allclose(back.affine, oblique_affine, atol=1e-5)
+    assert p.read_bytes()[:2] == b"\x1f\x8b"  # still gzip, as the name says
+    with pytest.raises(ValueError):
+        io.save(Volume(smooth_image, oblique_affine), tmp_path / "b.nii.gz", compress_level=10)

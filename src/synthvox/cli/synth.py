@@ -100,8 +100,9 @@ def register(app: typer.Typer) -> None:
                 b = engine.batch(idx)
                 for j, i in enumerate(idx):
                     io.save(b.labels[j].cpu(), stage / f"{i:04d}_labels.nii.gz", affine, labels=True)
-                    io.save(b.view1[j].cpu(), stage / f"{i:04d}_view1.nii.gz", affine)
-                    io.save(b.view2[j].cpu(), stage / f"{i:04d}_view2.nii.gz", affine)
+                    # views are noisy floats that gzip hardly shrinks: store them (level 0), 10x faster
+                    io.save(b.view1[j].cpu(), stage / f"{i:04d}_view1.nii.gz", affine, compress_level=0)
+                    io.save(b.view2[j].cpu(), stage / f"{i:04d}_view2.nii.gz", affine, compress_level=0)
                     if len(shown[0]) < preview_samples:
                         shown[0].append(b.labels[j].cpu())
                         shown[1].append(b.view1[j].cpu())
