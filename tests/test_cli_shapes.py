@@ -50,6 +50,7 @@ def test_shapes_writes_a_bank(maps, tmp_path):
     assert result.exit_code == 0, result.output
     bank = ShapeBank.load(out)
     assert len(bank) == 4 and bank.spacing == 1.5
+    assert bank.prepared is not None and bank.prepared["bits"].shape[0] == 4  # ready for the engine
     assert [(p["source"].split("/")[-1], p["label"]) for p in bank.provenance] == [
         ("a.nii.gz", 4),
         ("a.nii.gz", 9),

@@ -353,3 +353,60 @@ def test_shapes_on_cuda_match_cpu(bank):
     on_cpu = build_bank(maps, ["b"], spacing=1.5, min_voxels=8, device="cpu")
     assert on_gpu.get(0).shape == on_cpu.get(0).shape
     assert (on_gpu.get(0) == on_cpu.get(0)).float().mean() > 0.995
+
+
+# ----------------------------------------------------------------------------------------------- prepared templates
+
+
+def _small_bank() -> ShapeBank:
+    return load_default_bank().subset(list(range(0, 1717, 41)))
+
+
+def test_default_bank_ships_prepared_for_the_engine_defaults():
+    from synthvox.synth.engine import SynthConfig, SynthEngine
+    from synthvox.synth.labels import LabelConfig, prepare_settings
+
+    b = load_default_bank()
+    assert b.prepared is not None and b.prepared["settings"] == prepare_settings(LabelConfig())
+    engine = SynthEngine(SynthConfig(labels=LabelConfig(size=(32, 32, 32))), "cpu")
+    assert len(engine._bank_set._cache) == len(b)  # nothing left to prepare at the first sample
+    other = SynthEngine(SynthConfig(labels=LabelConfig(size=(32, 32, 32), smoothing=2.0)), "cpu")
+    assert len(other._bank_set._cache) == 0  # other settings: prepared on first use, as before
+
+
+def test_prepared_bank_renders_exactly_what_preparing_on_the_fly_does(tmp_path):
+    from synthvox.synth.engine import SynthConfig, SynthEngine
+    from synthvox.synth.labels import LabelConfig, prepare_bank
+
+    cfg = SynthConfig(labels=LabelConfig(size=(32, 32, 32)), seed=4)
+    plain = _small_bank()
+    assert plain.prepared is None  # a subset does not inherit prepared templates
+    ref = [SynthEngine(cfg, "cpu", plain).batch([i]) for i in range(3)]
+    prepare_bank(plain)
+    plain.save(tmp_path / "b.npz")
+    loaded = ShapeBank.load(tmp_path / "b.npz")
+    assert loaded.prepared is not None and loaded.prepared["bits"].shape[0] == len(loaded)
+    got = [SynthEngine(cfg, "cpu", loaded).batch([i]) for i in range(3)]
+    for a, b in zip(ref, got):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.view1, b.view1)
+
+
+def test_corrupt_prepared_templates_are_refused(tmp_path):
+    import json
+
+    from synthvox.synth.labels import prepare_bank
+
+    b = prepare_bank(_small_bank())
+    b.save(tmp_path / "b.npz")
+    with np.load(tmp_path / "b.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    bad = dict(arrays, prepared_bits=arrays["prepared_bits"][:-1])
+    np.savez(tmp_path / "short.npz", **bad)
+    with pytest.raises(InputError, match="prepared templates"):
+        ShapeBank.load(tmp_path / "short.npz")
+    meta = json.loads(arrays["meta"].astype(np.uint8).tobytes().decode())
+    meta["prepared"] = "yes"
+    bad = dict(arrays, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    np.savez(tmp_path / "meta.npz", **bad)
+    with pytest.raises(InputError, match="prepared templates"):
+        ShapeBank.load(tmp_path / "meta.npz")

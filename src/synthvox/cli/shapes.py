@@ -36,8 +36,9 @@ def shapes(
 
     Each label is split into connected components; components of at least --min-voxels voxels are
     cropped, resampled through the label map's affine to --spacing mm and bit-packed into OUT with
-    their provenance (source file, label id, component). Building is deterministic; --seed is
-    accepted like every command's but draws nothing.
+    their provenance (source file, label id, component), together with the data engine's prepared
+    form of each template (so synthesis with the bank starts at full speed). Building is
+    deterministic; --seed is accepted like every command's but draws nothing.
     """
     import time
 
@@ -83,6 +84,9 @@ def shapes(
     )
     if len(bank) == 0:
         raise InputError(f"no component of any label has {min_voxels} voxels at {spacing:g} mm; lower --min-voxels")
+    from synthvox.synth.labels import prepare_bank
+
+    prepare_bank(bank)  # the engine's per-template cache ships in the file: no slow first samples
     path = bank.save(out, force=force)
     size_mb = path.stat().st_size / 2**20
     typer.echo(

@@ -87,6 +87,17 @@ class ShapeBank:
         self.provenance = [dict(p) for p in provenance]
         self.meta = dict(meta or {})
         self._cube_cache: dict[tuple[int, str], torch.Tensor] = {}
+        #: The data engine's prepared templates (see :func:`synthvox.synth.labels.prepare_bank`):
+        #: ``{"settings": {...}, "bits": (N, B) uint8, "bounds": (N, 3, 2) float64}``, or ``None``.
+        self.prepared: dict[str, Any] | None = None
+
+    def set_prepared(self, settings: dict[str, Any], bits: np.ndarray, bounds: np.ndarray) -> None:
+        """Attach the engine's prepared templates (one row of packed bits and bounds per template)."""
+        bits = np.ascontiguousarray(bits, dtype=np.uint8)
+        bounds = np.asarray(bounds, dtype=np.float64)
+        if bits.ndim != 2 or len(bits) != len(self) or bounds.shape != (len(self), 3, 2):
+            raise ValueError(f"prepared templates must be one per template ({len(self)}), got {bits.shape} and {bounds.shape}")
+        self.prepared = {"settings": dict(settings), "bits": bits, "bounds": bounds}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -237,6 +248,11 @@ class ShapeBank:
             "bits": bits.astype(np.uint8),
             "provenance": _json_array(self.provenance),
         }
+        if self.prepared is not None:
+            meta["prepared"] = self.prepared["settings"]
+            arrays["meta"] = _json_array(meta)
+            arrays["prepared_bits"] = self.prepared["bits"]
+            arrays["prepared_bounds"] = self.prepared["bounds"]
         with atomic_path(p) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **arrays)
@@ -263,6 +279,9 @@ class ShapeBank:
                 if missing:
                     raise InputError(f"not a synthvox shape bank (missing {', '.join(missing)}): {p}")
                 arrays = {k: z[k] for k in _KEYS}
+                for k in ("prepared_bits", "prepared_bounds"):
+                    if k in z.files:
+                        arrays[k] = z[k]
         except InputError:
             raise
         except Exception as exc:  # zipfile/ValueError/OSError for foreign or corrupt files
@@ -306,7 +325,18 @@ class ShapeBank:
         ):
             raise InputError(f"shape bank {p} is corrupt (sizes do not match)")
         packed = [bits[offsets[i] : offsets[i + 1]] for i in range(n)]
-        return cls(packed, shapes, float(spacing), provenance, spacings, extra)
+        bank = cls(packed, shapes, float(spacing), provenance, spacings, extra)
+        settings = meta.get("prepared")
+        if settings is not None:
+            pb, pr = arrays.get("prepared_bits"), arrays.get("prepared_bounds")
+            if not isinstance(settings, dict) or pb is None or pr is None or pb.dtype != np.uint8 \
+                    or pr.dtype.kind != "f":
+                raise InputError(f"shape bank {p} is corrupt (prepared templates of the wrong type)")
+            try:
+                bank.set_prepared(settings, pb, pr)
+            except ValueError:
+                raise InputError(f"shape bank {p} is corrupt (prepared templates do not match)") from None
+        return bank
 
 
 def _chmod_like_new_file(path: Path) -> None:
@@ -601,9 +631,19 @@ def default_bank_path() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "shapes_default.npz"
 
 
+_DEFAULT_BANK: dict[tuple[str, int, int], ShapeBank] = {}
+
+
 def load_default_bank() -> ShapeBank:
-    """Load the shape bank shipped inside the package (see ``synthvox/data/BANK.md``)."""
+    """The shape bank shipped inside the package (see ``synthvox/data/BANK.md``), with the engine's
+    prepared templates; read once per process (the same object is returned while the file is
+    unchanged), as engines only read it."""
     path = default_bank_path()
     if not path.is_file():
         raise InputError(f"the default shape bank is missing from the installation: {path}")
-    return ShapeBank.load(path)
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _DEFAULT_BANK:
+        _DEFAULT_BANK.clear()
+        _DEFAULT_BANK[key] = ShapeBank.load(path)
+    return _DEFAULT_BANK[key]

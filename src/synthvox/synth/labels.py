@@ -380,8 +380,34 @@ def _prepare(
     return packed, bounds
 
 
+def prepare_settings(cfg: LabelConfig) -> dict[str, Any]:
+    """The label settings a prepared template depends on (nothing else of ``cfg`` changes it)."""
+    return {"max_resolution": int(cfg.max_resolution), "smoothing": float(cfg.smoothing),
+            "threshold": float(cfg.threshold), "min_threshold": float(cfg.min_threshold)}
+
+
+def prepare_bank(bank: Any, cfg: LabelConfig | None = None) -> Any:
+    """Prepare every template of ``bank`` for the engine now (on the CPU) and attach the result.
+
+    A bank saved afterwards carries its prepared templates, so an engine with the same
+    :func:`prepare_settings` starts with a full cache: its first sample costs what its hundredth does.
+    Prepared on the CPU, the templates are the same on every machine.
+    """
+    cfg = cfg or LabelConfig()
+    ts = TemplateSet.from_bank(bank, cfg, "cpu")
+    ts._cache.clear()  # prepare afresh, not from what the bank carries
+    items = ts.get(list(range(len(bank))))
+    bits = torch.stack([b for b, _ in items]).numpy() if items else np.zeros((0, 0), np.uint8)
+    bounds = np.stack([r for _, r in items]) if items else np.zeros((0, 3, 2))
+    bank.set_prepared(prepare_settings(cfg), bits, bounds)
+    return bank
+
+
 class TemplateSet:
     """Templates prepared for placement, each built once on first use and cached.
+
+    A bank that carries prepared templates for the same settings (:func:`prepare_bank`) fills the
+    cache at once.
 
     A template's cube is blurred (``cfg.smoothing``), upsampled to ``cfg.max_resolution`` per side,
     thresholded and bit-packed (about 36 kB per template at 64³).
@@ -438,7 +464,13 @@ class TemplateSet:
         def make(idx: list[int]) -> torch.Tensor:
             return torch.stack([template_to_cube(bank.get(i), res) for i in idx])[:, None]
 
-        return cls(make, len(bank), cfg, device, np.asarray(bank.extents_mm, np.float64).max(axis=1) / 2.0)
+        out = cls(make, len(bank), cfg, device, np.asarray(bank.extents_mm, np.float64).max(axis=1) / 2.0)
+        prepared = getattr(bank, "prepared", None)
+        if prepared is not None and prepared["settings"] == prepare_settings(cfg):
+            bits = torch.from_numpy(prepared["bits"]).to(out.device)
+            for i in range(len(bank)):
+                out._cache[i] = (bits[i], prepared["bounds"][i])
+        return out
 
     @classmethod
     def procedural(cls, cfg: LabelConfig, device: torch.device | str = "cpu", cube_size: int = 32) -> TemplateSet:
