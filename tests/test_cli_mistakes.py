@@ -306,6 +306,24 @@ def test_shape_bank_metadata_of_wrong_type(inputs, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("change", [{"step": "1"}, {"step": -3}, {"compat": [1]}, {"best_val_dice": "high"}, None])
+def test_finetune_checkpoint_metadata_of_wrong_type(inputs, tmp_path, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "m"
+    args = [*writing_commands(inputs, "", str(out))["finetune"], "--steps", "2"]
+    assert runner.invoke(app, args).exit_code == 0
+    (ckpt,) = sorted((out / "checkpoints").glob("*.safetensors"))[-1:]
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = json.loads(f.metadata()["synthvox"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    text = "[1, 2]" if change is None else json.dumps({**meta, **change})
+    save_file(tensors, str(ckpt), metadata={"synthvox": text})
+    r = runner.invoke(app, [*args[:-2], "--steps", "4", "--resume"])
+    assert "checkpoint" in one_line_error(r)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Volumes two voxels thick, and 2x2x2: each command works or says why, in one line
 

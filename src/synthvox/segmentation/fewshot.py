@@ -419,6 +419,10 @@ def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> d
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise InputError(f"checkpoint {path} is unreadable or truncated ({type(exc).__name__}): delete it to resume from an older one") from None
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(meta.get("compat", {}), dict) \
+            or not all(isinstance(meta.get(k, 0.0), (int, float)) for k in ("best_val_dice", "last_val_dice")):
+        raise InputError(f"checkpoint {path} has metadata of the wrong type: delete it to resume from an older one")
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         net.load_state_dict(model_sd)
@@ -428,10 +432,15 @@ def load_checkpoint(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> d
     state: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
+            parts = k.split(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise InputError(f"checkpoint {path} has an unknown entry {k!r}: delete it to resume from an older one")
+            state.setdefault(int(parts[1]), {})[parts[2]] = v
     opt_sd["state"] = state
-    opt.load_state_dict(opt_sd)
+    try:
+        opt.load_state_dict(opt_sd)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise InputError(f"checkpoint {path} has optimizer state that does not fit: {' '.join(str(exc).split())[:160]}") from None
     return meta
 
 
