@@ -93,3 +93,16 @@ def test_bad_n_and_bank(tmp_path):
     fake = tmp_path / "fake.npz"
     fake.write_text("not a bank")
     _one_line_error(_run("--out", str(tmp_path / "c"), "--shapes", str(fake), "--size", "16"))
+
+
+def test_preview_says_which_artefacts_each_view_received():
+    from synthvox.synth.appearance import AppearanceConfig, sample_appearance
+    from synthvox.synth.preview import artefact_summary
+
+    g = torch.Generator().manual_seed(0)
+    off = sample_appearance(g, 5, AppearanceConfig.all_off()).to_dict()
+    assert artefact_summary(off) == "no artefacts"
+    on = artefact_summary(sample_appearance(g, 5, AppearanceConfig.all_on()).to_dict())
+    for word in ("bias", "gamma", "thick slices", "spike", "Gibbs", "noise"):
+        assert word in on, on
+    assert ("blur" in on) != ("sharpened" in on)  # one or the other

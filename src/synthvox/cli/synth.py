@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
 
         from synthvox.synth.engine import SynthConfig, SynthEngine
         from synthvox.synth.labels import LabelConfig
-        from synthvox.synth.preview import preview_figure
+        from synthvox.synth.preview import artefact_summary, preview_figure
 
         bank = None
         choice = shapes.strip()
@@ -113,7 +113,9 @@ def register(app: typer.Typer) -> None:
             doc = {"config": config.to_dict(), "device": str(dev), "voxel_mm": vox, "samples": records}
             (stage / "params.json").write_text(json.dumps(doc))
             titles = [f"#{i}  {int(lab.max()) + 1} labels" for i, lab in enumerate(shown[0])]
-            fig = preview_figure(shown[0], shown[1], shown[2], titles=titles)
+            notes = [f"view 1: {artefact_summary(r['view1'])}   |   view 2: {artefact_summary(r['view2'])}"
+                     for r in records[: len(shown[0])]]
+            fig = preview_figure(shown[0], shown[1], shown[2], titles=titles, notes=notes)
             fig.savefig(stage / "preview.png", format="png", facecolor=fig.get_facecolor())
         typer.echo(
             f"wrote {n} label maps with two views each ({'x'.join(map(str, dims))}, {vox:.3g} mm) to {out} "

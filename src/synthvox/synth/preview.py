@@ -31,6 +31,35 @@ def label_colors(n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def artefact_summary(view: dict) -> str:
+    """The artefacts a view received, in words, from its appearance parameters (as in params.json).
+
+    E.g. ``"bias 0.04, blur 0.4 vox, 2 spikes, gaussian noise 0.034"``; ``"no artefacts"`` when none.
+    """
+    axes = "xyz"
+    parts = []
+    if view.get("bias"):
+        parts.append(f"bias {float(view['bias'].get('strength', 0.0)):.2f}")
+    if view.get("gamma") is not None:
+        parts.append(f"gamma {float(view['gamma']):.2f}")
+    if view.get("blur"):
+        parts.append(f"blur {max(float(b) for b in view['blur']):.1f} vox")
+    if view.get("sharpen"):
+        parts.append("sharpened")
+    if view.get("low_res"):
+        lr = view["low_res"]
+        parts.append(f"thick slices x{float(lr.get('factor', 1.0)):.1f} ({axes[int(lr.get('axis', 0))]})")
+    if view.get("spikes"):
+        n = len(view["spikes"].get("positions", []))
+        parts.append(f"{n} spike{'s' if n != 1 else ''}")
+    if view.get("gibbs"):
+        parts.append(f"Gibbs ({''.join(axes[int(a)] for a in view['gibbs'].get('axes', []))})")
+    if view.get("noise"):
+        nz = view["noise"]
+        parts.append(f"{nz.get('kind', '')} noise {float(nz.get('std', 0.0)):.3f}".strip())
+    return ", ".join(parts) or "no artefacts"
+
+
 def _slice(vol: np.ndarray, axis: int) -> np.ndarray:
     """Middle slice through ``axis``, oriented for display (first remaining axis left to right)."""
     sl = np.take(vol, vol.shape[axis] // 2, axis=axis)
@@ -43,6 +72,7 @@ def preview_figure(
     view2: Sequence[torch.Tensor | np.ndarray],
     titles: Sequence[str] | None = None,
     planes: Sequence[tuple[str, int]] = PLANES,
+    notes: Sequence[str] | None = None,
 ):
     """Montage: one row per sample; per plane, the labels, view 1 and view 2 side by side.
 
@@ -52,6 +82,8 @@ def preview_figure(
         view2: per sample, the second view.
         titles: optional row titles.
         planes: planes to show, as ``(name, axis)``.
+        notes: optional caption under each row (``synthvox synth``: the artefacts of each view,
+            see :func:`artefact_summary`).
 
     Returns:
         A :class:`matplotlib.figure.Figure` (Agg canvas).
@@ -68,7 +100,8 @@ def preview_figure(
 
     n = len(labels)
     cols = 3 * len(planes)
-    fig = Figure(figsize=(1.7 * cols, 1.8 * n + 0.5), dpi=100)
+    row_h = 1.8 + (0.35 if notes is not None else 0.0)
+    fig = Figure(figsize=(1.7 * cols, row_h * n + 0.5), dpi=100)
     fig.patch.set_facecolor("black")
     axes = fig.subplots(n, cols, squeeze=False)
     for r in range(n):
@@ -92,5 +125,9 @@ def preview_figure(
                     ax.set_title(f"{name}\n{('labels', 'view 1', 'view 2')[k]}", color="white", fontsize=8)
         if titles is not None:
             axes[r, 0].set_ylabel(titles[r], color="white", fontsize=8)
-    fig.subplots_adjust(left=0.03, right=0.99, top=1 - 0.5 / (1.8 * n + 0.5), bottom=0.01, wspace=0.04, hspace=0.06)
+        if notes is not None:
+            axes[r, cols // 2].set_xlabel(notes[r], color="white", fontsize=7)
+    hspace = 0.3 if notes is not None else 0.06
+    bottom = 0.25 / (row_h * n + 0.5) if notes is not None else 0.01
+    fig.subplots_adjust(left=0.03, right=0.99, top=1 - 0.5 / (row_h * n + 0.5), bottom=bottom, wspace=0.04, hspace=hspace)
     return fig
