@@ -306,21 +306,28 @@ def test_shape_bank_metadata_of_wrong_type(inputs, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.fixture(scope="module")
+def finetuned(inputs, tmp_path_factory):
+    """A model directory with its checkpoint, from two finetuning steps."""
+    out = tmp_path_factory.mktemp("finetuned") / "m"
+    args = [*writing_commands(inputs, "", str(out))["finetune"], "--steps", "2"]
+    assert runner.invoke(app, args).exit_code == 0
+    return out
+
+
 @pytest.mark.parametrize("change", [{"step": "1"}, {"step": -3}, {"compat": [1]}, {"best_val_dice": "high"}, None])
-def test_finetune_checkpoint_metadata_of_wrong_type(inputs, tmp_path, change):
+def test_finetune_checkpoint_metadata_of_wrong_type(inputs, finetuned, tmp_path, change):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    out = tmp_path / "m"
-    args = [*writing_commands(inputs, "", str(out))["finetune"], "--steps", "2"]
-    assert runner.invoke(app, args).exit_code == 0
+    out = shutil.copytree(finetuned, tmp_path / "m")
     (ckpt,) = sorted((out / "checkpoints").glob("*.safetensors"))[-1:]
     with safe_open(str(ckpt), framework="pt") as f:
         meta = json.loads(f.metadata()["synthvox"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     text = "[1, 2]" if change is None else json.dumps({**meta, **change})
     save_file(tensors, str(ckpt), metadata={"synthvox": text})
-    r = runner.invoke(app, [*args[:-2], "--steps", "4", "--resume"])
+    r = runner.invoke(app, [*writing_commands(inputs, "", str(out))["finetune"], "--steps", "4", "--resume"])
     assert "checkpoint" in one_line_error(r)
 
 
