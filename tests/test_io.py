@@ -225,3 +225,25 @@ def test_compress_level_writes_readable_identical_volumes(tmp_path, oblique_affi
     assert p.read_bytes()[:2] == b"\x1f\x8b"  # still gzip, as the name says
     with pytest.raises(ValueError):
         io.save(Volume(smooth_image, oblique_affine), tmp_path / "b.nii.gz", compress_level=10)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_cleanup_on_failure_removes_only_what_the_block_added(tmp_path, keep):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    with pytest.raises(KeyboardInterrupt), io.cleanup_on_failure(out, keep=lambda: keep):
+        (out / "config.yaml").write_text("x")
+        (out / "checkpoints").mkdir()
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in out.iterdir()) == (["checkpoints", "config.yaml", "mine.txt"] if keep else ["mine.txt"])
+    fresh = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError), io.cleanup_on_failure(fresh):
+        fresh.mkdir(parents=True)
+        (fresh / "log.csv").write_text("x")
+        raise RuntimeError("out of memory")
+    assert not (tmp_path / "a").exists()
+    with io.cleanup_on_failure(fresh):  # success keeps everything
+        fresh.mkdir(parents=True)
+        (fresh / "log.csv").write_text("x")
+    assert (fresh / "log.csv").exists()

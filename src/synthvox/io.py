@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +257,47 @@ def _integral(arr: np.ndarray, p: Path) -> np.ndarray:
     return as_int.astype(label_dtype(as_int))
 
 
+def missing_dirs(path: str | os.PathLike) -> list[Path]:
+    """``path`` and those of its ancestors that do not exist yet, deepest first."""
+    missing, d = [], Path(path).absolute()
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    return missing
+
+
+@contextlib.contextmanager
+def cleanup_on_failure(out: str | os.PathLike, keep: Callable[[], bool] = lambda: False) -> Iterator[Path]:
+    """On an error or Ctrl-C inside the block, delete what appeared in the folder ``out`` during it,
+    and ``out`` and its parents when the block created them, unless ``keep()`` says the partial
+    result is worth keeping (a checkpoint to resume from). Entries that were there before stay."""
+    import shutil
+
+    target = Path(out).absolute()
+    created = missing_dirs(target)
+    before = set(target.iterdir()) if target.is_dir() else set()
+    try:
+        yield target
+    except BaseException:
+        if not keep():
+            for entry in set(target.iterdir()) - before if target.is_dir() else ():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            _remove_empty(created)
+        raise
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the folders in ``dirs`` (deepest first) while they are empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 @contextlib.contextmanager
 def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a hidden folder inside ``out`` for a command's outputs; on success move them into ``out``.
@@ -270,11 +311,7 @@ def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
     import threading
 
     target = Path(out)
-    created: list[Path] = []
-    d = target.absolute()
-    while not d.exists():
-        created.append(d)
-        d = d.parent
+    created = missing_dirs(target)
     target.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".partial.", dir=target))
     ok = False
@@ -299,11 +336,7 @@ def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if not ok:
-            for c in created:  # deepest first
-                try:
-                    c.rmdir()
-                except OSError:
-                    break
+            _remove_empty(created)
 
 
 def save(

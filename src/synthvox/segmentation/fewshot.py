@@ -589,45 +589,16 @@ def finetune(
     ckpt = latest_checkpoint(out) if resume else None
     if resume and ckpt is None and (out / LOG_NAME).exists():
         raise InputError(f"--resume: no checkpoint found in {out / CHECKPOINT_DIR}")
-    created = _missing_dirs(out)
-    before = set(out.iterdir()) if out.is_dir() else set()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    from synthvox.io import cleanup_on_failure
+
+    # A run that fails (out of memory, a bad value, Ctrl-C) before its first checkpoint leaves
+    # nothing behind: what it wrote is removed, and so is the folder when this call made it.
+    with cleanup_on_failure(out, keep=lambda: latest_checkpoint(out) is not None):
+        out.mkdir(parents=True, exist_ok=True)
         return _finetune_into(
             out, cfg, ckpt, backbone, source, subjects, val_subject, val_source, label_ids, train_spacing,
             normalisation, device, progress,
         )
-    except BaseException:
-        # A run that fails (out of memory, a bad value, Ctrl-C) before its first checkpoint leaves
-        # nothing behind: what it wrote is removed, and so is the folder when this call made it.
-        if latest_checkpoint(out) is None:
-            _remove_new(out, before, created)
-        raise
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, deepest first."""
-    missing, d = [], path.absolute()
-    while not d.exists():
-        missing.append(d)
-        d = d.parent
-    return missing
-
-
-def _remove_new(out: Path, before: set[Path], created: list[Path]) -> None:
-    """Delete what appeared in ``out`` since ``before``, then the folders in ``created`` when empty."""
-    import shutil
-
-    for p in set(out.iterdir()) - before if out.is_dir() else ():
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    for d in created:
-        try:
-            d.rmdir()
-        except OSError:
-            break
 
 
 def _finetune_into(

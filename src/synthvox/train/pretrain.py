@@ -318,30 +318,14 @@ def _clean_up_on_failure(fn: Any) -> Any:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from synthvox.io import cleanup_on_failure
+
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
-        out = Path(bound.arguments["out"]).absolute()
+        out = Path(bound.arguments["out"])
         info = bound.arguments["dist_info"] or DistInfo()
-        created, d = [], out
-        while not d.exists():
-            created.append(d)
-            d = d.parent
-        before = set(out.iterdir()) if out.is_dir() else set()
-        try:
+        with cleanup_on_failure(out, keep=lambda: not info.is_main or bool(list_checkpoints(out / "checkpoints"))):
             return fn(*args, **kwargs)
-        except BaseException:
-            if info.is_main and out.is_dir() and not list_checkpoints(out / "checkpoints"):
-                for p in set(out.iterdir()) - before:
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        p.unlink(missing_ok=True)
-                for c in created:  # deepest first
-                    try:
-                        c.rmdir()
-                    except OSError:
-                        break
-            raise
 
     return wrapper
 
