@@ -101,8 +101,9 @@ def load(
 
 #: Largest label id a label map may hold: int64, the dtype label tensors use everywhere.
 MAX_LABEL_ID = np.iinfo(np.int64).max
-#: Largest magnitude an image intensity may have: float32 arithmetic (differences, squares of
-#: normalised values) stays finite well below float32's maximum of 3.4e38.
+#: Largest magnitude an image intensity may have. Values are float32 once read; below 1e30, their
+#: differences and sums over neighbourhoods stay far from float32's maximum of 3.4e38 (a float64
+#: file with 1e39 would become infinite, one with 3e38 would overflow at the first difference).
 MAX_INTENSITY = 1e30
 
 
@@ -110,8 +111,9 @@ def check_affine(affine: np.ndarray, what: str, path: str | os.PathLike | None =
     """A 4x4 float64 voxel-to-world affine, or an :class:`InputError` when it is unusable.
 
     Refuses non-finite entries, a singular or nearly singular 3x3 part (zero, duplicated or
-    collinear axes) and voxel sizes outside 1 micrometre to 1 metre, all of which make every later
-    resampling step fail or produce garbage.
+    collinear axes) and voxel sizes outside 1e-6 to 1e6 mm (a nanometre to a kilometre), all of which
+    make every later resampling step fail or produce garbage. Readers of images, label maps and
+    warps use it, and :func:`save` checks the affine it writes.
     """
     where = f": {path}" if path is not None else ""
     a = np.asarray(affine, dtype=np.float64)
