@@ -7,6 +7,7 @@ applies to, not one example.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -393,6 +394,26 @@ def test_synth_failure_or_ctrl_c_leaves_no_partial_samples(tmp_path, monkeypatch
     assert r.exit_code == code, r.output
     assert "Traceback" not in r.output
     assert tree(tmp_path) == []  # not even the folder
+
+
+DISK_FULL = OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("command", ["synth", "shapes", "features", "segment", "finetune", "pretrain"])
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(inputs, tmp_path, monkeypatch, command):
+    """A write that fails half-way (here: every atomic write) is reported in one line, and the
+    command leaves neither partial files nor the folders it made."""
+
+    @contextlib.contextmanager
+    def full(path):
+        raise DISK_FULL
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(io, "atomic_path", full)
+    args = writing_commands(inputs, str(tmp_path / "new" / "out.nii.gz"), str(tmp_path / "new" / "run"))[command]
+    line = one_line_error(runner.invoke(app, args))
+    assert "No space left on device" in line
+    assert tree(tmp_path) == []
 
 
 def test_synth_failure_keeps_an_earlier_complete_run(tmp_path, monkeypatch):

@@ -45,6 +45,15 @@ def user_errors(fn: F) -> F:
             if "out of memory" in text.lower() or "can't allocate memory" in text.lower():
                 fail("out of memory: " + text.splitlines()[0])
             raise
+        except OSError as exc:
+            # the machine's mistake rather than the program's: a full disk, a quota, a file system
+            # made read-only or a permission taken away while the command ran
+            import errno
+
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                where = f" {exc.filename}" if exc.filename else ""
+                fail(f"cannot write{where}: {exc.strerror or exc}")
+            raise
 
     return wrapper  # type: ignore[return-value]
 
