@@ -79,10 +79,13 @@ def test_rotation_prior_is_zero_at_headers_and_grows_with_the_angle():
     r30[:3, :3] = rotation(np.radians(30), 0, 0)
     r90[:3, :3] = rotation(0, np.radians(90), 0)
     r180[:3, :3] = rotation(0, 0, np.pi)
+    r10 = np.eye(4)
+    r10[:3, :3] = rotation(0, np.radians(10), 0)
     assert aff.rotation_prior(np.eye(4), 0.1) == 0.0
+    assert aff.rotation_prior(r10, 0.1) == 0.0  # a few degrees are free
     assert aff.rotation_angle_deg(r30) == pytest.approx(30.0, abs=1e-6)
     assert 0 < aff.rotation_prior(r30, 0.1) < aff.rotation_prior(r90, 0.1) < aff.rotation_prior(r180, 0.1)
-    assert aff.rotation_prior(r180, 0.1) == pytest.approx(0.2)
+    assert aff.rotation_prior(r180, 0.1) == pytest.approx(0.1 * (1 + np.cos(np.radians(aff.PRIOR_FREE_DEG))))
 
 
 def test_elongated_symmetric_head_comes_out_right_side_up():
@@ -121,7 +124,7 @@ def test_elongated_symmetric_head_comes_out_right_side_up():
     assert rep["initial_choice"] in [c["name"] for c in rep["initial_candidates"]]
     assert all(np.isfinite(c["score"]) for c in rep["initial_candidates"])
     err = aff.rotation_angle_deg(np.linalg.inv(truth) @ res.world_affine)
-    assert err < 4.0, f"rotation off by {err:.1f} degrees (chose {rep['initial_choice']})"
+    assert err < 10.0, f"rotation off by {err:.1f} degrees (chose {rep['initial_choice']})"  # not flipped (180)
     d = dice_per_label(res.moved_labels.data, flab.data, [1, 2, 4])
     headers = dice_per_label(resample_like(mlab, fixed, mode="nearest").data, flab.data, [1, 2, 4])
     assert d["1"] > 0.8 and d["4"] > 0.7, d  # the cerebellum (behind, below) is where it belongs
@@ -191,3 +194,39 @@ def test_spine_pairs_end_no_worse_than_the_headers(pair):
     headers = dice_per_label(resample_like(ml, fx, mode="nearest").data, fl.data, [1])["1"]
     res = register(fx, mv, features="mind", moving_labels=ml, fixed_labels=fl)
     assert res.report["mean_dice"] >= headers, (res.report["mean_dice"], headers, res.report["initial_choice"])
+
+
+def test_folding_penalty_unfolds_a_folded_field():
+    from synthvox.registration.instance import folding_penalty, jacobian_det
+
+    shape = (12, 12, 12)
+    field = torch.zeros((3, *shape))
+    x = torch.arange(12.0)
+    field[0] = (-3.0 * torch.sin(2 * np.pi * x / 12))[:, None, None]  # d(u_x)/dx < -1 somewhere: folds
+    assert float((jacobian_det(field) <= 0).float().mean()) > 0.1
+    assert float(folding_penalty(torch.zeros((3, *shape)))) == 0.0
+    p = field.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        folding_penalty(p).backward()
+        opt.step()
+    assert float((jacobian_det(p.detach()) <= 0).float().mean()) == 0.0
+
+
+@pytest.mark.slow
+def test_brain_pair_folds_below_a_tenth_of_a_percent():
+    """A nichart_dev T1 -> FLAIR pair (two people): Dice as before, folding < 0.1 % (about 70 s)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+
+    if not common.has_shared_data():
+        pytest.skip("shared data (nichart_dev) not found")
+    a, b = common.nichart_paths("Subj6"), common.nichart_paths("Subj7")
+    res = register(io.load(b["flair"]), io.load(a["t1"]), features="mind", moving_labels=io.load_labels(a["dlmuse"]))
+    dice = dice_per_label(res.moved_labels.data, io.load_labels(b["flair_dlmuse"]).data, common.dlmuse_groups())
+    assert np.nanmean(list(dice.values())) > 0.6  # measured 0.669 (before the penalty: 0.669)
+    assert res.report["folding_percent"] < 0.1

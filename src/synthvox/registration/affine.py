@@ -144,9 +144,16 @@ def rotation_angle_deg(matrix: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
 
 
+#: Rotations up to this angle from the headers' cost nothing under the prior (scanners and head
+#: positions differ by a few degrees; the prior is there against tens of degrees, and flips).
+PRIOR_FREE_DEG = 15.0
+
+
 def rotation_prior(matrix: np.ndarray, weight: float = 0.0) -> float:
-    """The rotation prior of :func:`fit_affine` for a whole transform: ``weight * (1 - cos angle)``."""
-    return float(weight * (1.0 - np.cos(np.radians(rotation_angle_deg(matrix)))))
+    """The rotation prior of :func:`fit_affine` for a whole transform:
+    ``weight * max(0, cos(PRIOR_FREE_DEG) - cos(angle))``."""
+    c = float(np.cos(np.radians(rotation_angle_deg(matrix))))
+    return float(weight * max(0.0, float(np.cos(np.radians(PRIOR_FREE_DEG))) - c))
 
 
 def edge_margins(shape: tuple[int, ...], margin: int, extra: int = 0) -> list[int]:
@@ -283,9 +290,9 @@ def _translation_search(ff: torch.Tensor, wf: torch.Tensor, fa: np.ndarray, mv: 
     return shift, float(cost.min())
 
 
-#: Weight of the rotation prior: ``PRIOR_WEIGHT * (1 - cos angle)`` is added to the feature cost
-#: (unit total variance features: a cost of 0 for a perfect match, about 2 for unrelated images), so
-#: a start 30 degrees off the headers pays 0.013, 90 degrees 0.1, upside down 0.2.
+#: Weight of the rotation prior: ``PRIOR_WEIGHT * max(0, cos 15deg - cos angle)`` is added to the
+#: feature cost (unit total variance features: 0 for a perfect match, about 2 for unrelated images),
+#: so a start 30 degrees off the headers pays 0.01, 90 degrees 0.097, upside down 0.197.
 PRIOR_WEIGHT = 0.1
 #: Features within this many voxels of a field of view's edge are not compared (MIND's reach). The
 #: fixed side of a pooled fit keeps one more pooled cell away from its edge, so that at the start no
@@ -410,6 +417,14 @@ def affine_cost(feat_fixed: torch.Tensor, fixed_affine: np.ndarray, feat_moving:
         return float(_points_cost(x @ m[:3, :3].T + m[:3, 3], target, w, mv, inv_ma, wm, inv_wa))
 
 
+def _settle(step: int, n: int) -> float:
+    """Learning-rate factor: constant for the first half of ``n`` steps, then a cosine down to zero."""
+    half = n / 2.0
+    if step < half:
+        return 1.0
+    return 0.5 * (1.0 + float(np.cos(np.pi * min(step - half, half) / max(half, 1.0))))
+
+
 def fit_affine(
     feat_fixed: torch.Tensor,
     fixed_affine: np.ndarray,
@@ -431,8 +446,8 @@ def fit_affine(
 ) -> np.ndarray:
     """Fit a residual affine ``Q`` (fixed world to the moving grid's world) on features.
 
-    The learning rate decays to zero along each level (cosine), so the fit settles on the optimum
-    instead of wandering around it (an image registered onto itself gets the identity).
+    The learning rate stays constant for the first half of each level, then decays to zero (cosine),
+    so the fit settles on the optimum instead of wandering around it.
 
     Args:
         feat_fixed: ``(C, X, Y, Z)`` fixed features on a grid with affine ``fixed_affine``.
@@ -451,8 +466,8 @@ def fit_affine(
         max_points: fixed points used per level (an even subsample of the weighted region).
         start_rotation: rotation (3x3) already applied before ``Q`` relative to the headers; the prior
             acts on the whole rotation ``start_rotation @ R(Q)``.
-        prior_weight: weight of the prior ``prior_weight * (1 - cos angle)`` against rotations far from
-            the headers' (0 turns it off).
+        prior_weight: weight of the prior against rotations far from the headers' (0 turns it off):
+            ``prior_weight * max(0, cos(PRIOR_FREE_DEG) - cos angle)``.
 
     Returns:
         4x4 matrix ``Q`` with ``z = Q x`` the moving grid's world position of fixed point ``x``.
@@ -505,13 +520,14 @@ def fit_affine(
                                               matrix().detach(), search_mm)
                 trans.data += best / radius
         opt = torch.optim.Adam([rot, log_scale, shear, trans], lr=lr, eps=ADAM_EPS)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, n=max(n_iter, 1): 0.5 * (1.0 + np.cos(np.pi * min(k, n) / n)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, n=max(n_iter, 1): _settle(k, n))
         for _ in range(n_iter):
             opt.zero_grad(set_to_none=True)
             m = matrix()
             loss = _points_cost(x @ m[:3, :3].T + m[:3, 3], target, w, mv_feat, inv_ma, wm_full, inv_wa)
             if prior_weight > 0:
-                loss = loss + prior_weight * (3.0 - torch.trace(r0 @ rotation())) / 2.0
+                cos = (torch.trace(r0 @ rotation()) - 1.0) / 2.0
+                loss = loss + prior_weight * torch.relu(float(np.cos(np.radians(PRIOR_FREE_DEG))) - cos)
             loss.backward()
             opt.step()
             sched.step()

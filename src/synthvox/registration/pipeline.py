@@ -82,7 +82,7 @@ class RegistrationConfig:
     adam_iters: int = 80
     lam: float = 1.25
     adam_lr: float = 1.0
-    fold_weight: float = 0.0
+    fold_weight: float = 50.0
     inverse_consistent: bool = True
 
 
@@ -369,8 +369,9 @@ def register(
     weight_f = weight_f * aff.interior(torch.ones_like(weight_f), aff.edge_margins(wshape, aff.FOV_MARGIN, 1))
     residual = np.eye(4)
     if affine:
+        # half a coarsest cell more: no pooled fixed point starts on the moving edge
         weight_fit = weight_f * aff.interior(torch.ones_like(weight_f),
-                                             aff.edge_margins(wshape, aff.FOV_MARGIN, max(cfg.affine_levels)))
+                                             aff.edge_margins(wshape, aff.FOV_MARGIN, max(cfg.affine_levels) // 2))
         residual = aff.fit_affine(feat_f, waff, feat_m, eaff, weight_fixed=weight_fit, weight_moving=valid_e,
                                   levels=cfg.affine_levels, iters=cfg.affine_iters, search_mm=cfg.search_mm,
                                   start_rotation=aff.rotation_part(world0), prior_weight=cfg.rotation_prior)
@@ -395,7 +396,7 @@ def register(
         to_w = np.linalg.inv(residual) @ eaff
         feat_mw = resample_to_grid(Volume(feat_m, to_w), wshape, waff).data
         valid_w = resample_to_grid(Volume(valid_e[None], to_w), wshape, waff).data[0]
-        mmask_w = valid_w if mmask_full is not None or float(valid_w[weight_f > 0].min()) < 0.999 else None
+        mmask_w = valid_w if mmask_full is not None or (float(valid_w[weight_f > 0].min()) < 0.999) else None
         grid = max(1, int(round(cfg.convex_grid_mm / s)))
         radius = max(1, int(round(cfg.convex_range_mm / (grid * s))))
         disp_w = convex_stage(feat_f, feat_mw, grid, radius, weight_fixed=fmask_w, weight_moving=mmask_w,
