@@ -4,7 +4,8 @@ Datasets (``--datasets``, all from ``../shared/data/eval``):
 
 - ``nichart``: T1 of subject A (moving, with its DLMUSE labels) onto the FLAIR of subject B (fixed),
   scored against B's ``flair_dlmuse/`` on the 14 coarse structures of ``dlmuse_groups.json``. Pairs
-  are (Subj i, Subj i+3 mod 11), i = 1.., the first ``--pairs`` of them (or ``--pair A:B`` ...).
+  are (Subj i, Subj i+3 mod 11), i = 1.., the first ``--pairs`` of them (or ``--pair A:B`` ...;
+  ``--consecutive``: the 11 pairs Subj i -> Subj i+1, the last onto the first).
 - ``spine``: the spinal-cord subject, T1w -> T2w, T2* -> T2w and T2* -> T1w (the 7.5 mm-thick T2*
   always moving, so scoring happens on an isotropic 1 mm grid), scored on the cord masks.
 - ``ctmr``: the abdominal MR (moving) onto the CT (fixed), scored on the 7 organs of ``organs.json``.
@@ -431,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=6, help="number of nichart pairs (default 6; --quick: 1)")
     ap.add_argument("--pair", action="append", default=None, metavar="A:B",
                     help="explicit nichart pair MOVING:FIXED, e.g. Subj5:Subj8 (repeatable; overrides --pairs)")
+    ap.add_argument("--consecutive", action="store_true",
+                    help="the 11 consecutive nichart pairs of issue 11 (Subj i -> Subj i+1, the last onto the first)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--datasets", default=None, help=f"comma list of {', '.join(DATASETS)} (default all; --quick: nichart)")
     ap.add_argument("--weights", default=None, help="model directory for net/both (default: the shipped weights)")
@@ -452,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     if not common.has_shared_data():
         print(f"no evaluation data at {common.eval_dir()} (set SYNTHVOX_SHARED)", file=sys.stderr)
         return 2
+    if args.consecutive:
+        subj = common.SUBJECTS
+        args.pair = [f"{subj[i]}:{subj[(i + 1) % len(subj)]}" for i in range(len(subj))]
+        args.pairs = len(args.pair)
     if args.quick and args.pair is None and "--pairs" not in (argv if argv is not None else sys.argv):
         args.pairs = 1
     methods = [m for m in args.methods.split(",") if m]
