@@ -79,13 +79,14 @@ def inverse_displacement(
     disp_vox: torch.Tensor | None = None,
     working_affine: np.ndarray | None = None,
     iters: int = 30,
+    tol_mm: float = 1e-3,
 ) -> torch.Tensor:
     """The inverse of :func:`compose_displacement`'s map as a RAS displacement on another grid.
 
     The forward map is ``x -> T(x + U(x))`` (``U``: the working-grid displacement in mm); for each
     point ``y`` of the grid (``shape``, ``affine``), normally MOVING's, the fixed point ``x`` with
     ``T(x + U(x)) = y`` solves ``x = T^-1(y) - U(x)``, found by fixed-point iteration (it converges where
-    the map does not fold).
+    the map does not fold), at most ``iters`` steps, until no point moves by more than ``tol_mm``.
 
     Returns:
         ``(3, X, Y, Z)`` float32 displacement ``e`` with ``y -> y + e(y)`` landing in FIXED's RAS space.
@@ -102,7 +103,11 @@ def inverse_displacement(
         lin = torch.as_tensor(wa[:3, :3], device=device)
         for _ in range(iters):
             u = sample_at(disp_vox.float(), transform_points(x, inv_wa).float(), mode="linear", padding="border")
-            x = x0 - u.permute(1, 2, 3, 0).to(torch.float64) @ lin.T
+            x_new = x0 - u.permute(1, 2, 3, 0).to(torch.float64) @ lin.T
+            change = float((x_new - x).abs().max())
+            x = x_new
+            if change < tol_mm:  # converged: no wasted iterations
+                break
     return (x - y).permute(3, 0, 1, 2).float().contiguous()
 
 
