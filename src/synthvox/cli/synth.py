@@ -54,6 +54,7 @@ def register(app: typer.Typer) -> None:
         """Render N synthetic label maps with two random views each, plus a preview montage.
 
         Writes DIR/NNNN_labels.nii.gz, DIR/NNNN_view1.nii.gz, DIR/NNNN_view2.nii.gz, DIR/params.json (every random parameter, replayable) and DIR/preview.png.
+        The set appears in DIR all at once at the end: a run that fails or is interrupted (Ctrl-C) writes nothing, so split a very large N into several runs (e.g. with --seed).
         """
         import json
         import time
