@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         import math
 
         from synthvox import io
-        from synthvox.cli.common import resolve_device
+        from synthvox.cli.common import check_at_least, resolve_device
         from synthvox.errors import InputError
         from synthvox.models import build_model
         from synthvox.models.features import image_features
@@ -45,8 +45,9 @@ def register(app: typer.Typer) -> None:
                 raise InputError(f"--ct-window must be LOW,HIGH in HU, got {ct_window!r}") from None
             if len(window) != 2 or not all(math.isfinite(v) for v in window) or not window[0] < window[1]:
                 raise InputError(f"--ct-window must be two finite numbers LOW,HIGH in HU with LOW < HIGH, got {ct_window!r}")
-        if patch < 8:
-            raise InputError(f"--patch must be at least 8 voxels, got {patch}")
+        check_at_least(**{"--patch": (patch, 8)})
+        if modality.lower() not in ("auto", "mr", "ct"):
+            raise InputError(f"--modality must be auto, mr or ct, got {modality!r}")
         if weights is not None and weights != "random":
             from synthvox.models.checkpoint import read_model_config
 
