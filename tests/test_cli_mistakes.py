@@ -168,6 +168,32 @@ def test_non_finite_or_out_of_range_option_values(inputs, tmp_path, command, val
     assert tree(tmp_path) == []
 
 
+BAD_OPTIONS = {
+    "features": [["--modality", "pet"], ["--patch", "4"], ["--ct-window", "5,1"]],
+    "segment": [["--overlap", "1.5"]],
+    "finetune": [["--steps", "0"], ["--lr", "nan"], ["--train", "encoder"], ["--modality", "pet"], ["--batch", "0"]],
+    "shapes": [["--spacing", "nan"], ["--min-voxels", "0"], ["--max-extent", "1"]],
+    "synth": [["--n", "0"], ["--size", "7"], ["--batch", "0"], ["--preview", "0"]],
+}
+
+
+@pytest.mark.parametrize("command,option", [(c, o) for c, opts in BAD_OPTIONS.items() for o in opts],
+                         ids=lambda v: v if isinstance(v, str) else "=".join(v))
+def test_bad_option_values_are_refused_before_any_input_is_read(tmp_path, command, option):
+    """With every input missing, the error names the option: options are checked first."""
+    missing = str(tmp_path / "missing.nii.gz")
+    args = {
+        "features": ["features", missing, "--out", str(tmp_path / "f.nii.gz")],
+        "segment": ["segment", missing, "--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "s.nii.gz")],
+        "finetune": ["finetune", "--image", missing, "--label", missing, "--out", str(tmp_path / "m")],
+        "shapes": ["shapes", missing, "--out", str(tmp_path / "b.npz")],
+        "synth": ["synth", "--out", str(tmp_path / "s"), "--shapes", str(tmp_path / "missing.npz")],
+    }[command]
+    line = one_line_error(runner.invoke(app, [*args, *option]))
+    assert option[0] in line
+    assert tree(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------------------
 # Label ids that do not fit 32 bits: every writer keeps them exactly
 
