@@ -415,6 +415,7 @@ def register(
 
     # 5b. never end worse than the start: compare the similarity of the result with the chosen
     # candidate's start and with the headers, on the working grid's features; keep the best
+    t = time.perf_counter()
     sim = {"headers": _similarity(feat_f, weight_f, feat_m, valid_e, eaff, waff, np.linalg.inv(world0)),
            "start": _similarity(feat_f, weight_f, feat_m, valid_e, eaff, waff, np.eye(4)),
            "final": _similarity(feat_f, weight_f, feat_m, valid_e, eaff, waff, residual, disp_w)}
@@ -427,6 +428,9 @@ def register(
         world = np.eye(4) if fallback == "headers" else world0
         disp_w = None
     del feat_m, feat_f
+    times["check"] = time.perf_counter() - t
+    progress.stage("check", times["check"], f"feature cost {sim['final']:.4g} (start {sim['start']:.4g}, "
+                   f"headers {sim['headers']:.4g})" + (f": kept the {fallback}" if fallback else ""))
 
     # 6. composition and outputs
     t = time.perf_counter()
