@@ -1,14 +1,16 @@
 """Initial alignment and the affine stage.
 
 * :func:`foreground` finds the object in an image of any modality (Otsu threshold of a smoothed copy).
-* :func:`initial_candidates` aligns centres of mass (``"com"``) or centres and principal axes
-  (``"moments"``: every sign choice of the axes, and the header's own orientation) of the two
-  foregrounds in world space; :func:`choose_initial` keeps the candidate whose coarse MIND features
-  match best after an exhaustive translation search (+-64 mm), so headers tens of millimetres off and
-  foregrounds cut differently by the two fields of view are both handled.
+* :func:`initial_candidates` names the starts: the headers, a translation of the foregrounds' centres
+  of mass onto each other (``"com"``) and the four rotations of their principal axes onto each other
+  (``"moments"``); :func:`score_candidates` refines each by an exhaustive translation search
+  (+-64 mm) and a short affine on coarse MIND features, and scores it by the features' match plus a
+  prior against rotations far from the headers' (:func:`rotation_prior`), so headers tens of
+  millimetres off are handled and an elongated, nearly symmetric object does not come out flipped.
 * :func:`fit_affine` refines it on features: an exhaustive translation search at the coarsest level
   (so a start tens of millimetres off is recovered), then Adam on the 12 parameters of an affine in a
-  coarse-to-fine pyramid, minimising the weighted mean squared feature difference.
+  coarse-to-fine pyramid, minimising the weighted mean squared feature difference (points outside
+  MOVING's field of view count as the worst case), with the same rotation prior.
 
 Every transform is a 4x4 matrix mapping FIXED's world (RAS, mm) to MOVING's world.
 """

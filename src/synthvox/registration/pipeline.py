@@ -3,14 +3,19 @@
 Stages (each timed in the report):
 
 1. **Working grid.** FIXED's field of view and axes at an isotropic spacing (2 mm by default, or
-   FIXED's own spacing when coarser; capped at ``max_size`` voxels per axis).
-2. **Initialisation** (``init``): headers only, centres of mass, or moments of the foregrounds.
+   FIXED's own spacing when coarser; capped at ``max_size`` voxels per axis, and fine enough for
+   ``min_size`` voxels along the longest axis).
+2. **Initialisation** (``init``): named candidates (headers, centres of mass, principal axes), each
+   scored after a short coarse affine with a prior against rotations far from the headers'.
 3. **Features** of FIXED on the working grid and of MOVING on a grid with the same axes covering all of
    MOVING: MIND-SSC, the network's, or both.
 4. **Affine** (optional): translation search then a coarse-to-fine Adam fit on the features.
-5. **Deformable** (optional): ConvexAdam's coupled convex search then Adam instance optimisation.
-6. **Composition** into one displacement field on FIXED's grid (ITK/ANTs convention), moved image and
-   labels, the Jacobian folding and Dice.
+5. **Deformable** (optional): ConvexAdam's coupled convex search then Adam instance optimisation
+   with diffusion regularisation and a folding penalty.
+6. **Check**: the result's feature match against the chosen start's and the headers'; a worse result
+   is replaced by the better start, with a warning.
+7. **Composition** into one displacement field on FIXED's grid (ITK/ANTs convention), the deformable
+   part alone and the inverse on MOVING's grid, moved image and labels, the Jacobian folding and Dice.
 """
 
 from __future__ import annotations
@@ -396,7 +401,9 @@ def register(
         to_w = np.linalg.inv(residual) @ eaff
         feat_mw = resample_to_grid(Volume(feat_m, to_w), wshape, waff).data
         valid_w = resample_to_grid(Volume(valid_e[None], to_w), wshape, waff).data[0]
-        mmask_w = valid_w if mmask_full is not None or (float(valid_w[weight_f > 0].min()) < 0.999) else None
+        inside = valid_w[weight_f > 0]
+        partial = inside.numel() > 0 and float(inside.min()) < 0.999  # MOVING does not cover all of FIXED
+        mmask_w = valid_w if mmask_full is not None or partial else None
         grid = max(1, int(round(cfg.convex_grid_mm / s)))
         radius = max(1, int(round(cfg.convex_range_mm / (grid * s))))
         disp_w = convex_stage(feat_f, feat_mw, grid, radius, weight_fixed=fmask_w, weight_moving=mmask_w,
