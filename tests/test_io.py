@@ -247,3 +247,17 @@ def test_cleanup_on_failure_removes_only_what_the_block_added(tmp_path, keep):
         fresh.mkdir(parents=True)
         (fresh / "log.csv").write_text("x")
     assert (fresh / "log.csv").exists()
+
+
+def test_staging_dir_cleans_up_on_sigterm_and_restores_the_handler(tmp_path):
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(SystemExit) as exc, io.staging_dir(out) as stage:
+        (stage / "0000_labels.nii.gz").write_bytes(b"x")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before

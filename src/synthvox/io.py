@@ -304,41 +304,55 @@ def _remove_empty(dirs: list[Path]) -> None:
 def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a hidden folder inside ``out`` for a command's outputs; on success move them into ``out``.
 
-    On any error or Ctrl-C, the staging folder is deleted, and so are ``out`` and its parents when
-    this call created them, so a failed command leaves nothing behind. The final moves (renames on
-    one file system) run with Ctrl-C deferred, so ``out`` never gets part of a set of outputs.
+    On any error, Ctrl-C or SIGTERM (``kill``; the command then exits with status 143), the staging
+    folder is deleted, and so are ``out`` and its parents when this call created them, so a failed
+    command leaves nothing behind. The final moves (renames on one file system) run with both
+    signals deferred, so ``out`` never gets part of a set of outputs.
     """
     import shutil
     import signal
     import threading
 
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through the clean-up below, unlike the default
+
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, terminate) if main else None
     target = Path(out)
     created = missing_dirs(target)
-    target.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".partial.", dir=target))
     ok = False
     try:
-        yield stage
-        deferred: list[int] = []
-        main = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGINT, lambda signum, frame: deferred.append(signum)) if main else None
+        target.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".partial.", dir=target))
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            for f in sorted(stage.iterdir()):
-                if f.is_file():
-                    os.chmod(f, 0o666 & ~umask)
-                os.replace(f, target / f.name)
-        finally:
+            yield stage
+            deferred: list[int] = []
+            old = {}
             if main:
-                signal.signal(signal.SIGINT, old)
-        ok = True
-        if deferred:
-            raise KeyboardInterrupt
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    old[sig] = signal.signal(sig, lambda signum, frame: deferred.append(signum))
+            try:
+                umask = os.umask(0)
+                os.umask(umask)
+                for f in sorted(stage.iterdir()):
+                    if f.is_file():
+                        os.chmod(f, 0o666 & ~umask)
+                    os.replace(f, target / f.name)
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+            ok = True
+            if signal.SIGTERM in deferred:
+                raise SystemExit(128 + signal.SIGTERM)
+            if deferred:
+                raise KeyboardInterrupt
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
         if not ok:
             _remove_empty(created)
+        if main:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 def save(
