@@ -261,3 +261,17 @@ def test_staging_dir_cleans_up_on_sigterm_and_restores_the_handler(tmp_path):
     assert exc.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_cleanup_on_failure_turns_sigterm_into_a_clean_exit(tmp_path):
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc, io.cleanup_on_failure(out):
+        out.mkdir()
+        (out / "log.csv").write_text("x")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert exc.value.code == 128 + signal.SIGTERM and not out.exists()
+    assert signal.getsignal(signal.SIGTERM) == before

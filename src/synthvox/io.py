@@ -270,16 +270,19 @@ def missing_dirs(path: str | os.PathLike) -> list[Path]:
 
 @contextlib.contextmanager
 def cleanup_on_failure(out: str | os.PathLike, keep: Callable[[], bool] = lambda: False) -> Iterator[Path]:
-    """On an error or Ctrl-C inside the block, delete what appeared in the folder ``out`` during it,
-    and ``out`` and its parents when the block created them, unless ``keep()`` says the partial
-    result is worth keeping (a checkpoint to resume from). Entries that were there before stay."""
+    """On an error, Ctrl-C or SIGTERM inside the block, delete what appeared in the folder ``out``
+    during it, and ``out`` and its parents when the block created them, unless ``keep()`` says the
+    partial result is worth keeping (a checkpoint to resume from). Entries that were there before
+    stay. SIGTERM raises ``SystemExit(143)`` in the block (the default would kill the process
+    without any clean-up); code inside may install its own handler meanwhile."""
     import shutil
 
     target = Path(out).absolute()
     created = missing_dirs(target)
     before = set(target.iterdir()) if target.is_dir() else set()
     try:
-        yield target
+        with _sigterm_exits():
+            yield target
     except BaseException:
         if not keep():
             for entry in set(target.iterdir()) - before if target.is_dir() else ():
@@ -289,6 +292,26 @@ def cleanup_on_failure(out: str | os.PathLike, keep: Callable[[], bool] = lambda
                     entry.unlink(missing_ok=True)
             _remove_empty(created)
         raise
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises ``SystemExit(143)``, so clean-ups run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _remove_empty(dirs: list[Path]) -> None:
@@ -313,46 +336,41 @@ def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
     import signal
     import threading
 
-    def terminate(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the clean-up below, unlike the default
-
     main = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, terminate) if main else None
     target = Path(out)
     created = missing_dirs(target)
     ok = False
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".partial.", dir=target))
+    with _sigterm_exits():
         try:
-            yield stage
-            deferred: list[int] = []
-            old = {}
-            if main:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    old[sig] = signal.signal(sig, lambda signum, frame: deferred.append(signum))
+            target.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=".partial.", dir=target))
             try:
-                umask = os.umask(0)
-                os.umask(umask)
-                for f in sorted(stage.iterdir()):
-                    if f.is_file():
-                        os.chmod(f, 0o666 & ~umask)
-                    os.replace(f, target / f.name)
+                yield stage
+                deferred: list[int] = []
+                old = {}
+                if main:
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        old[sig] = signal.signal(sig, lambda signum, frame: deferred.append(signum))
+                try:
+                    umask = os.umask(0)
+                    os.umask(umask)
+                    for f in sorted(stage.iterdir()):
+                        if f.is_file():
+                            os.chmod(f, 0o666 & ~umask)
+                        os.replace(f, target / f.name)
+                finally:
+                    for sig, handler in old.items():
+                        signal.signal(sig, handler)
+                ok = True
+                if signal.SIGTERM in deferred:
+                    raise SystemExit(128 + signal.SIGTERM)
+                if deferred:
+                    raise KeyboardInterrupt
             finally:
-                for sig, handler in old.items():
-                    signal.signal(sig, handler)
-            ok = True
-            if signal.SIGTERM in deferred:
-                raise SystemExit(128 + signal.SIGTERM)
-            if deferred:
-                raise KeyboardInterrupt
+                shutil.rmtree(stage, ignore_errors=True)
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
-    finally:
-        if not ok:
-            _remove_empty(created)
-        if main:
-            signal.signal(signal.SIGTERM, old_term)
+            if not ok:
+                _remove_empty(created)
 
 
 def save(

@@ -714,7 +714,7 @@ def _finetune_into(
                 csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint(step)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (see io.cleanup_on_failure)
         if step > start:
             checkpoint(step)
         bar.close()
