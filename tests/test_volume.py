@@ -117,3 +117,15 @@ def test_nearest_integer_sampling_matches_grid_sample():
 def test_grid_for_spacing_refuses_non_finite_or_non_positive(spacing):
     with pytest.raises(InputError, match="positive, finite"):
         grid_for_spacing((8, 8, 8), np.eye(4), spacing)
+
+
+@pytest.mark.parametrize("shape,minimum,ok", [((24, 24, 2), 4, False), ((4, 4, 4), 4, True), ((8, 8, 3), (2, 2, 4), False),
+                                              ((8, 8, 4), (2, 2, 4), True)])
+def test_check_min_size_names_input_stage_and_need(shape, minimum, ok):
+    from synthvox.volume import check_min_size
+
+    if ok:
+        check_min_size(shape, minimum, "moving image", "the affine stage")
+        return
+    with pytest.raises(InputError, match=r"moving image is too small for the affine stage: .* needs at least"):
+        check_min_size(shape, minimum, "moving image", "the affine stage")

@@ -48,6 +48,26 @@ class Volume:
         return Volume(self.data.to(device), self.affine.copy())
 
 
+def check_min_size(shape: tuple[int, ...], minimum: int | tuple[int, int, int], what: str, stage: str) -> None:
+    """Refuse, with one line, a grid smaller than a stage needs (a pooling pyramid, a patch, ...).
+
+    Args:
+        shape: the spatial shape ``(X, Y, Z)`` the stage would get (after any resampling).
+        minimum: voxels needed along each axis (one int or three).
+        what: the input, for the message (``"moving image"``).
+        stage: the stage, for the message (``"the affine stage at 2 mm"``).
+
+    Raises:
+        InputError: ``shape`` is smaller than ``minimum`` along some axis.
+    """
+    mins = (int(minimum),) * 3 if isinstance(minimum, (int, np.integer)) else tuple(int(m) for m in minimum)
+    if any(int(s) < m for s, m in zip(shape, mins)):
+        need = "x".join(map(str, mins)) if len(set(mins)) > 1 else f"{mins[0]}"
+        raise InputError(
+            f"{what} is too small for {stage}: {'x'.join(map(str, shape))} voxels, needs at least {need} along each axis"
+        )
+
+
 def spacing_of(affine: np.ndarray) -> np.ndarray:
     """Voxel size in mm along each array axis of ``affine``."""
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
