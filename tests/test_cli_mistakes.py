@@ -377,6 +377,18 @@ def test_thin_volumes_in_every_image_command(inputs, tmp_path, image):
     assert io.load_labels(tmp_path / "s.nii.gz").shape == vol.shape
 
 
+@pytest.mark.parametrize("image", ["thin", "cube2"])
+def test_thin_volumes_in_register_work_or_are_refused_in_one_line(inputs, tmp_path, image):
+    src = str(inputs / f"{image}.nii.gz")
+    for k, (fixed, moving) in enumerate(((src, str(inputs / "img.nii.gz")), (str(inputs / "img.nii.gz"), src))):
+        out = tmp_path / f"r{k}"
+        r = runner.invoke(app, ["register", fixed, moving, "--out", str(out), "--features", "mind", "--device", "cpu",
+                                "--quiet"])
+        if r.exit_code != 0:
+            assert "too" in one_line_error(r)
+            assert not out.exists()
+
+
 def test_thin_label_maps_in_shapes_and_finetune(inputs, tmp_path):
     d = inputs
     r = runner.invoke(app, ["shapes", str(d / "thin_lab.nii.gz"), "--out", str(tmp_path / "b.npz"), "--min-voxels", "4",
