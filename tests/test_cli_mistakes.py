@@ -377,9 +377,14 @@ def test_thin_volumes_in_every_image_command(inputs, tmp_path, image):
     assert io.load_labels(tmp_path / "s.nii.gz").shape == vol.shape
 
 
-@pytest.mark.parametrize("image", ["thin", "cube2"])
+@pytest.mark.parametrize("image", ["thin", "cube2", "thick4"])
 def test_thin_volumes_in_register_work_or_are_refused_in_one_line(inputs, tmp_path, image):
-    src = str(inputs / f"{image}.nii.gz")
+    if image == "thick4":
+        vol = io.load(inputs / "img.nii.gz")
+        io.save(Volume(vol.data[:, :, :, 8:12].contiguous(), vol.affine), tmp_path / "thick4.nii.gz")
+        src = str(tmp_path / "thick4.nii.gz")
+    else:
+        src = str(inputs / f"{image}.nii.gz")
     for k, (fixed, moving) in enumerate(((src, str(inputs / "img.nii.gz")), (str(inputs / "img.nii.gz"), src))):
         out = tmp_path / f"r{k}"
         r = runner.invoke(app, ["register", fixed, moving, "--out", str(out), "--features", "mind", "--device", "cpu",

@@ -44,7 +44,7 @@ def user_errors(fn: F) -> F:
             text = str(exc)
             if "out of memory" in text.lower() or "can't allocate memory" in text.lower():
                 fail("out of memory: " + text.splitlines()[0])
-            if "smaller than kernel size" in text:
+            if "smaller than kernel size" in text or "expected each dimension size to be at least" in text:
                 # a safety net for stages without their own size check (volume.check_min_size)
                 fail("an input volume is too thin for this command at its working resolution "
                      f"({text.splitlines()[0]}): give it more voxels along its thinnest axis")
