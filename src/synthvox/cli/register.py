@@ -57,6 +57,7 @@ def register(app: typer.Typer) -> None:
         moving_mask: Path = typer.Option(None, "--moving-mask", help="Region of MOVING to match."),
         spacing: float = typer.Option(2.0, "--spacing", help="Working spacing in mm (FIXED's when coarser)."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr (warnings still)."),
+        settings: list[str] = typer.Option([], "--set", help="Solver setting KEY=VALUE of RegistrationConfig, e.g. adam_iters=80 (repeatable)."),
         device: str = DeviceOption,
         seed: int = SeedOption,
         force: bool = ForceOption,
@@ -65,6 +66,7 @@ def register(app: typer.Typer) -> None:
         inverse_warp.nii.gz (ITK/ANTs), qc.png, report.json."""
         from synthvox import io
         from synthvox.cli.common import check_number, check_out_dir, resolve_device
+        from synthvox.config import apply_overrides
         from synthvox.demo import resolve_features
         from synthvox.registration.outputs import output_names
         from synthvox.registration.pipeline import RegistrationConfig
@@ -72,6 +74,7 @@ def register(app: typer.Typer) -> None:
 
         dev = resolve_device(device)
         check_number("--spacing", spacing, 0.0, low_open=True)
+        config = apply_overrides(RegistrationConfig(spacing=spacing), settings, "--set")
         features = resolve_features(features, weights)
         check_out_dir(out, force, output_names(moving_labels is not None))
         names = _label_names(label_names)
@@ -89,7 +92,7 @@ def register(app: typer.Typer) -> None:
         res = run_registration(
             fx, mv, features=features, weights=weights, device=dev, moving_labels=ml, fixed_labels=fl,
             fixed_mask=fm, moving_mask=mm, init=init, affine=not no_affine, deformable=not no_deformable,
-            config=RegistrationConfig(spacing=spacing), seed=seed, log=log, label_names=names,
+            config=config, seed=seed, log=log, label_names=names,
         )
         res.report["inputs"] = {"fixed": str(fixed), "moving": str(moving),
                                 "moving_labels": str(moving_labels) if moving_labels else None,

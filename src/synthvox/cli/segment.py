@@ -27,6 +27,7 @@ def finetune_command(
     val_every: int | None = typer.Option(None, "--val-every", help="Steps between held-out checks (default: steps/10)."),
     flip: bool = typer.Option(False, "--flip-augment", help="Random flips in augmentation (only for labels without left/right)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    settings: list[str] = typer.Option([], "--set", help="Augmentation setting KEY=VALUE of AugmentConfig, e.g. p_noise=0 (repeatable)."),
     device: str = DeviceOption,
     seed: int = SeedOption,
     force: bool = ForceOption,
@@ -48,6 +49,9 @@ def finetune_command(
     if modality.lower() not in ("auto", "mr", "ct"):
         raise InputError(f"--modality must be auto, mr or ct, got {modality!r}")
     check_number("--lr", lr, 0.0, low_open=True)
+    from synthvox.config import apply_overrides
+
+    augment = apply_overrides(dataclasses.replace(AugmentConfig(), flip=flip), settings, "--set")
     if spacing is not None:
         check_number("--spacing", spacing, 0.0, 100.0, low_open=True)
     if len(image) != len(label):
@@ -91,7 +95,7 @@ def finetune_command(
         spacing=spacing,
         modality=modality,
         val_every=val_every,
-        augment=dataclasses.replace(AugmentConfig(), flip=flip),
+        augment=augment,
     )
     from synthvox.segmentation.modeldir import read_meta
 
