@@ -59,6 +59,7 @@ def test_demo_refuses_to_overwrite(mind_demo: tuple[object, object]) -> None:
     assert (out / "report.json").read_bytes() == before
 
 
+@pytest.mark.slow  # a second full demo (about 3 min on a busy 2-core machine); the MIND demo above runs by default
 @pytest.mark.skipif(default_weights_path() is None, reason="no default weights ship yet")
 def test_demo_with_default_weights_runs(tmp_path) -> None:  # noqa: ANN001
     res = synthvox.run_demo(features="both", device="cpu")
