@@ -3,8 +3,8 @@
 Each variant is today's recipe (the one the shipped weights were trained with) with one config key
 changed, trained from scratch on one thread for the same number of steps (``--steps``; the smaller
 network gets the steps that cost about the same CPU time), then exported and measured with
-``benchmarks/features.py --quick`` (no registration). The last rows combine changes; the best of
-them is the ``cpu`` preset. Each variant's result is kept in ``--work`` so that an interrupted ablation resumes.
+``benchmarks/features.py --quick`` (no registration). The last rows combine changes; the best
+measured recipe is the ``cpu`` preset. Each variant's result is kept in ``--work`` so that an interrupted ablation resumes.
 
     OMP_NUM_THREADS=1 nice python benchmarks/ablation.py [--steps 150] [--only NAME ...]
 
@@ -43,7 +43,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "balanced+fullres+2mm": ("the three that first looked promising, together",
                              ["loss.sampling=balanced", "loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}",
                               "data.synth={labels.fov_mm: 128}"]),
-    "fullres+2mm": ("full-resolution layer weights and 2 mm, uniform voxels (the `cpu` preset)",
+    "fullres+2mm": ("full-resolution layer weights and 2 mm, uniform voxels",
                     ["loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}", "data.synth={labels.fov_mm: 128}"]),
 }
 #: Steps multiplier that gives a variant the same CPU time as the default network (measured per step).
