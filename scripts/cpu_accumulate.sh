@@ -11,7 +11,7 @@
 #    RUN/model (float16),
 # 4. runs the feature probe (benchmarks/features.py) on RUN/model beside the shipped weights and
 #    MIND-SSC, into RUN/probe/.
-# Keep the result only when the probe says it is better: bash scripts/keep_weights.sh RUN
+# Keep the result only when the probe and its registration rows say it is better (DEVELOPERS.md).
 set -uo pipefail
 BUDGET=${1:-3600}
 shift || true
