@@ -230,3 +230,13 @@ def test_brain_pair_folds_below_a_tenth_of_a_percent():
     dice = dice_per_label(res.moved_labels.data, io.load_labels(b["flair_dlmuse"]).data, common.dlmuse_groups())
     assert np.nanmean(list(dice.values())) > 0.6  # measured 0.669 (before the penalty: 0.669)
     assert res.report["folding_percent"] < 0.1
+
+
+def test_jacobian_det_by_cofactors_equals_linalg_det():
+    from synthvox.registration.instance import jacobian_det
+
+    field = torch.randn(3, 9, 10, 11, generator=torch.Generator().manual_seed(0)) * 0.4
+    grads = torch.stack([torch.stack(torch.gradient(field[i], dim=(0, 1, 2)), dim=-1) for i in range(3)], dim=-2)
+    ref = torch.linalg.det(grads + torch.eye(3))
+    assert torch.allclose(jacobian_det(field), ref, atol=1e-5)
+    assert torch.allclose(jacobian_det(torch.zeros(3, 4, 4, 4)), torch.ones(4, 4, 4))
