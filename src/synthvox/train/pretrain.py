@@ -83,13 +83,10 @@ def sample_indices(step: int, rank: int, world_size: int, batch_pairs: int) -> l
 
 
 def pair_generators(indices: Sequence[int], seed: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per sample for the loss's voxel sampling, seeded from ``(seed, index)``."""
-    gens = []
-    for i in indices:
-        g = torch.Generator(device=device)
-        g.manual_seed((int(seed) * 0x9E3779B1 + int(i) * 0x85EBCA77 + _SALT) % (2**63 - 1))
-        gens.append(g)
-    return gens
+    """One generator per sample for the loss's voxel sampling, from ``(seed, index)`` (:mod:`synthvox.seeding`)."""
+    from synthvox.seeding import generator
+
+    return [generator(seed, _SALT, int(i), device=device) for i in indices]
 
 
 def lr_at(step: int, cfg: PretrainConfig, rewarm_from: int | None = None) -> float:
