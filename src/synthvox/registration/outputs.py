@@ -80,7 +80,8 @@ def save(result: Any, out: str | Path, *, force: bool = False, title: str | None
         raise InputError(f"output directory {out} already holds outputs (use --force to overwrite)")
     io.check_writable(out)
     png = qc_png_bytes(result.fixed, result.moved, title=title or "registration", fixed_labels=result.fixed_labels,
-                       moved_labels=result.moved_labels)
+                       moved_labels=result.moved_labels, label_names=result.report.get("label_names"),
+                       dice=result.report.get("dice"))
     report = json.dumps(result.report, indent=2, allow_nan=True)
     affine_txt = itk_affine_text(result.world_affine)
     # everything into a staging folder first, then moved into place: an error or Ctrl-C leaves no

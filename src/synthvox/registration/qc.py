@@ -1,12 +1,24 @@
-"""Quality-control picture: fixed, moved and a checkerboard of the two in three orthogonal planes."""
+"""Quality-control picture: fixed, moved and a checkerboard of the two in three orthogonal planes.
+
+Every panel is titled with its plane and image and carries orientation markers (R/L, A/P, S/I)
+computed from the displayed volume's affine; the picture is shown in the radiological convention
+(the patient's right on the viewer's left in the axial and coronal planes) unless asked otherwise.
+Label outlines get a colour legend (id, name, and Dice when both label maps are given).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from synthvox.volume import Volume, to_canonical
+from synthvox.volume import Volume
+
+#: Panel order (columns) and, for each plane, the array axes shown (horizontal, vertical).
+PLANES = ("sagittal", "coronal", "axial")
+_PLANE_AXES = {"sagittal": (1, 2), "coronal": (0, 2), "axial": (0, 1)}
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -16,8 +28,47 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _planes(vol: np.ndarray) -> list[np.ndarray]:
     cx, cy, cz = (s // 2 for s in vol.shape)
-    # sagittal (y, z), coronal (x, z), axial (x, y); transposed so that up is superior / anterior
+    # sagittal (y, z), coronal (x, z), axial (x, y); transposed for imshow(origin="lower"): the first
+    # named axis runs left to right, the second bottom to top
     return [vol[cx].T, vol[:, cy].T, vol[:, :, cz].T]
+
+
+def panel_markers(affine: np.ndarray) -> dict[str, dict[str, str]]:
+    """The anatomical direction at each edge of each panel, for an array with this voxel-to-RAS affine.
+
+    Panels are cut as :func:`qc_figure` cuts them (sagittal: array axes 1 across, 2 up; coronal: 0
+    across, 2 up; axial: 0 across, 1 up; drawn with the first voxel at the bottom left). Each array
+    axis is named by the world direction it points closest to (``nibabel.aff2axcodes``), so an oblique
+    or flipped grid gets the markers of its own axes.
+
+    Returns:
+        ``{plane: {"left": ..., "right": ..., "bottom": ..., "top": ...}}`` with one of R L A P S I.
+    """
+    import nibabel as nib
+
+    codes = nib.orientations.aff2axcodes(np.asarray(affine, np.float64))
+    out: dict[str, dict[str, str]] = {}
+    for plane, (h, v) in _PLANE_AXES.items():
+        out[plane] = {"left": _OPPOSITE[codes[h]], "right": codes[h],
+                      "bottom": _OPPOSITE[codes[v]], "top": codes[v]}
+    return out
+
+
+def display_orientation(vol: Volume, radiological: bool = True) -> Volume:
+    """``vol`` with its axes permuted and flipped (no interpolation) for display.
+
+    Radiological: array axes closest to L, A, S (the patient's right is drawn on the left of the
+    axial and coronal panels); neurological: closest to R, A, S.
+    """
+    import nibabel as nib
+    import torch
+
+    target = nib.orientations.axcodes2ornt(("L" if radiological else "R", "A", "S"))
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(vol.affine), target)
+    data = vol.data.cpu().numpy()
+    moved = np.stack([nib.orientations.apply_orientation(c, transform) for c in data])
+    affine = vol.affine @ nib.orientations.inv_ornt_aff(transform, vol.shape)
+    return Volume(torch.from_numpy(np.ascontiguousarray(moved)), affine)
 
 
 def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
@@ -26,6 +77,13 @@ def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
     xs = (np.arange(a.shape[1]) * tiles // max(a.shape[1], 1)) % 2
     board = (ys[:, None] + xs[None, :]) % 2 == 0
     return np.where(board, a, b)
+
+
+def label_colour(label: int) -> tuple[float, float, float, float]:
+    """The RGBA colour of label ``label``'s outline (tab20, so ids 20 apart share a colour)."""
+    import matplotlib
+
+    return tuple(float(v) for v in matplotlib.colormaps["tab20"](int(label) % 20))  # type: ignore[return-value]
 
 
 def label_edges_rgba(labels: np.ndarray) -> np.ndarray:
@@ -46,37 +104,76 @@ def label_edges_rgba(labels: np.ndarray) -> np.ndarray:
     return rgba
 
 
+def legend_entries(label_ids: list[int], label_names: Mapping[Any, str] | None = None,
+                   dice: Mapping[Any, float] | None = None) -> list[tuple[int, str]]:
+    """``(label id, text)`` for each label of the legend: ``"3 hippocampus  Dice 0.82"``.
+
+    ``label_names`` and ``dice`` may be keyed by int or by str (as in ``report.json``); a label without
+    a Dice (found in one map only) says so when Dice is given for others.
+    """
+    names = {int(k): str(v) for k, v in (label_names or {}).items()}
+    scores = {int(k): float(v) for k, v in (dice or {}).items()}
+    out = []
+    for i in sorted(int(x) for x in label_ids):
+        text = f"{i}" + (f" {names[i]}" if i in names else "")
+        if dice is not None:
+            d = scores.get(i)
+            text += "  Dice —" if d is None or d != d else f"  Dice {d:.2f}"
+        out.append((i, text))
+    return out
+
+
 def qc_figure(fixed: Volume, moved: Volume, title: str = "", fixed_labels: Volume | None = None,
-              moved_labels: Volume | None = None) -> Any:
+              moved_labels: Volume | None = None, *, label_names: Mapping[Any, str] | None = None,
+              dice: Mapping[Any, float] | None = None, radiological: bool = True) -> Any:
     """A matplotlib figure (Agg) with rows fixed / moved / checkerboard and columns sagittal, coronal, axial.
 
-    Both volumes must share a grid (``moved`` is on FIXED's grid); shown in RAS orientation with the
-    voxel aspect ratio kept. Label maps on that grid, when given, are drawn as coloured outlines: the
-    fixed labels on the fixed row, the moved labels on the moved row, both on the checkerboard.
+    Both volumes must share a grid (``moved`` is on FIXED's grid); the voxel aspect ratio is kept and
+    each panel has orientation markers from the affine. Label maps on that grid, when given, are drawn
+    as coloured outlines (the fixed labels on the fixed row, the moved labels on the moved row, both on
+    the checkerboard) with a legend of their ids, names (``label_names``) and Dice: ``dice`` as given
+    (e.g. ``report["dice"]``), else computed when both label maps are given.
+
+    Args:
+        radiological: the patient's right on the viewer's left (False: neurological, right on right).
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
-    f = to_canonical(Volume(fixed.data[:1].float().cpu(), fixed.affine))
-    m = to_canonical(Volume(moved.data[:1].float().cpu(), moved.affine))
+    f = display_orientation(Volume(fixed.data[:1].float().cpu(), fixed.affine), radiological)
+    m = display_orientation(Volume(moved.data[:1].float().cpu(), moved.affine), radiological)
     fa, ma = _unit(f.data[0].numpy()), _unit(m.data[0].numpy())
     sp = f.spacing
     aspects = [sp[2] / sp[1], sp[2] / sp[0], sp[1] / sp[0]]
-    fig = Figure(figsize=(9, 9), dpi=100)
+    markers = panel_markers(f.affine)
     rows = [("fixed", _planes(fa)), ("moved", _planes(ma)),
-            ("checkerboard", [checkerboard(x, y) for x, y in zip(_planes(fa), _planes(ma))])]
+            ("overlay (checkerboard)", [checkerboard(x, y) for x, y in zip(_planes(fa), _planes(ma))])]
 
-    def planes_of(lab: Volume | None) -> list[np.ndarray] | None:
+    def as_array(lab: Volume | None) -> np.ndarray | None:
         if lab is None:
             return None
-        return _planes(to_canonical(Volume(lab.data[:1].cpu(), lab.affine)).data[0].numpy())
+        return display_orientation(Volume(lab.data[:1].cpu(), lab.affine), radiological).data[0].numpy()
 
-    fl, ml = planes_of(fixed_labels), planes_of(moved_labels)
+    fla, mla = as_array(fixed_labels), as_array(moved_labels)
+    fl = None if fla is None else _planes(fla)
+    ml = None if mla is None else _planes(mla)
+    ids = sorted({int(i) for a in (fla, mla) if a is not None for i in np.unique(a)} - {0})
+    if dice is None and fla is not None and mla is not None:
+        from synthvox.metrics import dice_per_label
+
+        shared = sorted(({int(i) for i in np.unique(fla)} & {int(i) for i in np.unique(mla)}) - {0})
+        dice = dice_per_label(mla, fla, shared) if shared else {}
+    entries = legend_entries(ids, label_names, dice) if ids else []
+
+    fig = Figure(figsize=(12 if entries else 9, 9.5), dpi=100)
     overlays = [[fl], [ml], [fl, ml]]
+    mark = {"fontsize": 9, "fontweight": "bold", "color": "yellow"}
     for r, (name, planes) in enumerate(rows):
         for c, (img, asp) in enumerate(zip(planes, aspects)):
+            plane = PLANES[c]
             ax = fig.add_subplot(3, 3, r * 3 + c + 1)
             ax.imshow(img, cmap="gray", origin="lower", aspect=asp, vmin=0, vmax=1, interpolation="nearest")
             for lab in overlays[r]:
@@ -84,20 +181,37 @@ def qc_figure(fixed: Volume, moved: Volume, title: str = "", fixed_labels: Volum
                     ax.imshow(label_edges_rgba(lab[c]), origin="lower", aspect=asp, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            ax.set_title(f"{plane} · {name}", fontsize=10)
+            mk = markers[plane]
+            for x, y, edge, ha, va in ((0.02, 0.5, "left", "left", "center"), (0.98, 0.5, "right", "right", "center"),
+                                       (0.5, 0.02, "bottom", "center", "bottom"), (0.5, 0.98, "top", "center", "top")):
+                ax.text(x, y, mk[edge], ha=ha, va=va, transform=ax.transAxes, **mark)
             if c == 0:
                 ax.set_ylabel(name)
+    convention = ("radiological convention: the patient's right (R) is on the viewer's left" if radiological
+                  else "neurological convention: the patient's right (R) is on the viewer's right")
+    fig.text(0.5, 0.005, convention + "; markers from the image affine", ha="center", va="bottom", fontsize=9)
+    right = 1.0
+    if entries:
+        right = 0.74
+        handles = [Patch(facecolor=label_colour(i), edgecolor="black", label=text) for i, text in entries]
+        vals = [float(v) for v in (dice or {}).values() if float(v) == float(v)]
+        head = "label outlines" + (f" (mean Dice {np.mean(vals):.2f})" if vals else "")
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.75, 0.5), fontsize=8,
+                   title=head, title_fontsize=9, ncol=1 if len(handles) <= 30 else 2, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.02, right, 0.97 if title else 1.0))
     return fig
 
 
 def qc_png_bytes(fixed: Volume, moved: Volume, title: str = "", fixed_labels: Volume | None = None,
-                 moved_labels: Volume | None = None) -> bytes:
-    """The QC figure rendered as PNG bytes (the caller writes them)."""
+                 moved_labels: Volume | None = None, *, label_names: Mapping[Any, str] | None = None,
+                 dice: Mapping[Any, float] | None = None, radiological: bool = True) -> bytes:
+    """The QC figure rendered as PNG bytes (the caller writes them); arguments as :func:`qc_figure`."""
     import io as _io
 
     buf = _io.BytesIO()
-    qc_figure(fixed, moved, title, fixed_labels, moved_labels).savefig(buf, format="png")
+    qc_figure(fixed, moved, title, fixed_labels, moved_labels, label_names=label_names, dice=dice,
+              radiological=radiological).savefig(buf, format="png")
     return buf.getvalue()
-
