@@ -80,17 +80,13 @@ def export_checkpoints(run: Path, dst: Path, every: int = 1) -> list[Path]:
     import torch
 
     from synthvox.models import save_model
-    from synthvox.models.unet import UNet
-    from synthvox.train.checkpointing import list_checkpoints, load_checkpoint
-    from synthvox.train.config import ModelConfig, from_dict, model_kwargs
+    from synthvox.train.checkpointing import checkpoint_network, list_checkpoints, load_checkpoint
 
     ckpts = list_checkpoints(run / "checkpoints")
     chosen = [c for i, c in enumerate(ckpts) if i % every == 0 or i == len(ckpts) - 1]
     out = []
     for step, path in chosen:
-        tensors, state = load_checkpoint(path)
-        net = UNet(**model_kwargs(from_dict(ModelConfig, state["config"]["model"])))
-        net.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+        net = checkpoint_network(*load_checkpoint(path))
         md = dst / f"step_{step:08d}"
         with torch.no_grad():
             save_model(net, md, extra={"model_card": {"training_steps": int(step)}})
@@ -205,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="nichart only, two subjects, fewer voxels")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    if not common.has_shared_data():
-        print(f"no evaluation data at {common.eval_dir()} (set SYNTHVOX_SHARED)", file=sys.stderr)
+    if not common.require_shared_data():
         return 2
     for md in args.models:
         if not (md / "config.json").is_file():

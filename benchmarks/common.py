@@ -40,6 +40,16 @@ def has_shared_data() -> bool:
     return (eval_dir() / "nichart_dev").is_dir()
 
 
+def require_shared_data() -> bool:
+    """:func:`has_shared_data`, saying on stderr where the data was looked for when it is absent."""
+    if has_shared_data():
+        return True
+    import sys
+
+    print(f"no evaluation data at {eval_dir()} (set SYNTHVOX_SHARED)", file=sys.stderr)
+    return False
+
+
 def dlmuse_groups() -> dict[str, list[int]]:
     """The 14 coarse structures of ``dlmuse_groups.json`` (name -> DLMUSE ids)."""
     raw = json.loads((eval_dir() / "dlmuse_groups.json").read_text())

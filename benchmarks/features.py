@@ -49,6 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from registration import group_index  # noqa: E402
 
 NAME = "features"
 #: nichart_dev subjects whose T1 and FLAIR headers agree (see ../shared/data/README.md).
@@ -58,13 +59,6 @@ RADIUS = 3
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-def _group_map(labels: np.ndarray, groups: dict[str, list[int]]) -> np.ndarray:
-    out = np.zeros(labels.shape, np.int64)
-    for k, ids in enumerate(groups.values(), start=1):
-        out[np.isin(labels, ids)] = k
-    return out
 
 
 def _on_grid(vol: Any, shape: tuple[int, int, int], affine: np.ndarray, mode: str = "linear") -> Any:
@@ -86,7 +80,7 @@ def load_dataset(name: str, subjects: list[str]) -> list[dict[str, Any]]:
             p = common.nichart_paths(s)
             flair, t1 = io.load(p["flair"]), io.load(p["t1"])
             shape, aff = working_grid(flair, 2.0)
-            lab = _group_map(_on_grid(io.load_labels(p["flair_dlmuse"]), shape, aff, "nearest").data[0].numpy().round(), groups)
+            lab = group_index(_on_grid(io.load_labels(p["flair_dlmuse"]), shape, aff, "nearest").data[0].numpy().round(), groups)
             cases.append({"name": s, "ref": _on_grid(t1, shape, aff), "query": _on_grid(flair, shape, aff),
                           "ref_labels": lab, "query_labels": lab, "classes": list(groups), "aligned": True})
     elif name == "spine":
@@ -107,7 +101,7 @@ def load_dataset(name: str, subjects: list[str]) -> list[dict[str, Any]]:
         for which in ("mr", "ct"):
             img = io.load(d / f"{which}.nii.gz")
             shape, aff = working_grid(img, 2.0)
-            lab = _group_map(_on_grid(io.load_labels(d / f"{which}_seg.nii.gz"), shape, aff, "nearest").data[0].numpy().round(), organs)
+            lab = group_index(_on_grid(io.load_labels(d / f"{which}_seg.nii.gz"), shape, aff, "nearest").data[0].numpy().round(), organs)
             out[which] = (_on_grid(img, shape, aff), lab)
         cases.append({"name": "mr/ct", "ref": out["mr"][0], "query": out["ct"][0], "ref_labels": out["mr"][1],
                       "query_labels": out["ct"][1], "classes": list(organs), "aligned": False})
@@ -321,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer voxels, two subjects, one quick registration pair")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    if not common.has_shared_data():
-        print(f"no evaluation data at {common.eval_dir()} (set SYNTHVOX_SHARED)", file=sys.stderr)
+    if not common.require_shared_data():
         return 2
     subjects = (args.subjects.split(",") if args.subjects else
                 (["Subj1", "Subj2"] if args.quick else ["Subj1", "Subj2", "Subj4"]))

@@ -452,8 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads < 1:
         ap.error("--threads must be >= 1")
-    if not common.has_shared_data():
-        print(f"no evaluation data at {common.eval_dir()} (set SYNTHVOX_SHARED)", file=sys.stderr)
+    if not common.require_shared_data():
         return 2
     if args.consecutive:
         subj = common.SUBJECTS

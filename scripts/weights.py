@@ -75,9 +75,7 @@ def export(run: Path, carry: Path | None, model: Path | None, hardware: str | No
     import torch
 
     from synthvox.models import save_model
-    from synthvox.models.unet import UNet
-    from synthvox.train.checkpointing import load_latest, strip_optimizer
-    from synthvox.train.config import ModelConfig, from_dict, model_kwargs
+    from synthvox.train.checkpointing import checkpoint_network, load_latest, strip_optimizer
 
     latest = load_latest(run / "checkpoints")
     if latest is None:
@@ -92,8 +90,7 @@ def export(run: Path, carry: Path | None, model: Path | None, hardware: str | No
         tmp.replace(carry)
         print(f"carry-over file: {carry} ({carry.stat().st_size / 2**20:.1f} MiB)")
     if model is not None:
-        net = UNet(**model_kwargs(from_dict(ModelConfig, state["config"]["model"])))
-        net.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+        net = checkpoint_network(tensors, state)
         with torch.no_grad():
             save_model(net, model, extra={"model_card": model_card(state, hardware)}, half=True)
         size = sum(f.stat().st_size for f in model.iterdir()) / 2**20

@@ -95,7 +95,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise InputError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
+        kt, vt = args if len(args) == 2 else (Any, Any)
+        return {coerce(k, kt, key): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value

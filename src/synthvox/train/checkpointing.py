@@ -219,3 +219,13 @@ def strip_optimizer(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     tensors = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
     state = {k: v for k, v in state.items() if k not in ("optimizer", "sha256", "format", "version")}
     return save_checkpoint(dst, tensors, state)
+
+
+def checkpoint_network(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Any:
+    """The UNet a pretraining checkpoint holds (its ``model.`` tensors), rebuilt from the saved config, float32."""
+    from synthvox.models.unet import UNet
+    from synthvox.train.config import ModelConfig, from_dict, model_kwargs
+
+    net = UNet(**model_kwargs(from_dict(ModelConfig, state["config"]["model"])))
+    net.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    return net

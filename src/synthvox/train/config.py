@@ -200,9 +200,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     extra = [k for k in cfg.loss.layer_weights if k not in cfg.loss.layers]
     if extra:
         raise InputError(f"loss.layer_weights names layers that loss.layers does not use: {', '.join(map(str, extra))}")
-    for k, v in list(cfg.loss.layer_weights.items()):
-        cfg.loss.layer_weights[k] = coerce(v, float, f"loss.layer_weights.{k}")
-        if cfg.loss.layer_weights[k] < 0:
+    for k, v in cfg.loss.layer_weights.items():
+        if v < 0:
             raise InputError(f"loss.layer_weights.{k} must be >= 0")
     if cfg.loss.layer_weights and sum(cfg.loss.layer_weights.get(k, 1.0) for k in cfg.loss.layers) <= 0:
         raise InputError("loss.layer_weights must give some layer a positive weight")
