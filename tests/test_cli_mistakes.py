@@ -350,10 +350,10 @@ def test_finetune_checkpoint_metadata_of_wrong_type(inputs, finetuned, tmp_path,
     out = shutil.copytree(finetuned, tmp_path / "m")
     (ckpt,) = sorted((out / "checkpoints").glob("*.safetensors"))[-1:]
     with safe_open(str(ckpt), framework="pt") as f:
-        meta = json.loads(f.metadata()["synthvox"])
+        header = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    text = "[1, 2]" if change is None else json.dumps({**meta, **change})
-    save_file(tensors, str(ckpt), metadata={"synthvox": text})
+    text = "[1, 2]" if change is None else json.dumps({**json.loads(header["state"]), **change})
+    save_file(tensors, str(ckpt), metadata={**header, "state": text})  # the digest covers the tensors only
     r = runner.invoke(app, [*writing_commands(inputs, "", str(out))["finetune"], "--steps", "4", "--resume"])
     assert "checkpoint" in one_line_error(r)
 
@@ -507,9 +507,9 @@ def test_pretrain_failure_leaves_nothing_that_blocks_the_next_run(tmp_path, monk
 
 @pytest.mark.parametrize("exc,code", [(OOM, 2), (KeyboardInterrupt(), 130)])
 def test_finetune_failure_before_a_checkpoint_leaves_nothing(inputs, tmp_path, monkeypatch, exc, code):
-    import synthvox.segmentation.fewshot as fewshot
+    import synthvox.segmentation.loop as loop
 
-    monkeypatch.setattr(fewshot, "draw_batch", _Boom(exc)(fewshot.draw_batch))
+    monkeypatch.setattr(loop, "draw_batch", _Boom(exc)(loop.draw_batch))
     out = tmp_path / "models" / "m"
     r = runner.invoke(app, writing_commands(inputs, "", str(out))["finetune"])
     assert r.exit_code == code, r.output

@@ -15,8 +15,10 @@ from synthvox.errors import InputError
 from synthvox.models import default_weights_path
 from synthvox.segmentation import AugmentConfig, finetune, read_meta, segment
 from synthvox.segmentation.augment import PatchAugment, extract_patch, sample_patch_augment
-from synthvox.segmentation.fewshot import FinetuneConfig, draw_batch, latest_checkpoint, prepare_subject
+from synthvox.segmentation.config import FinetuneConfig
+from synthvox.segmentation.data import draw_batch, prepare_subject
 from synthvox.segmentation.modeldir import load_model_dir
+from synthvox.train.checkpointing import FORMATS, checkpoint_name, list_checkpoints, load_checkpoint
 from synthvox.volume import Volume
 
 IDS = (0, 7, 42)
@@ -137,17 +139,26 @@ def test_resume_continues_exactly(tmp_path):
     img = Volume(render(lab, {0: 10.0, 7: 80.0, 42: 150.0}, 5.0, 0), AFFINE)
     kw = dict(steps=4, checkpoint_every=2, val_every=4, seed=5)
     full = quick(tmp_path / "a", [img], [Volume(lab, AFFINE)], **kw)
-    assert latest_checkpoint(full).name == "step_0000004.safetensors"
-    # an interrupted run: only the step-2 checkpoint exists
+    assert [s for s, _ in list_checkpoints(full / "checkpoints")] == [2, 4]
+    # an interrupted run: only the step-2 checkpoint exists, and the log has run past it
     part = tmp_path / "b"
     (part / "checkpoints").mkdir(parents=True)
-    shutil.copy(full / "checkpoints" / "step_0000002.safetensors", part / "checkpoints")
+    shutil.copy(full / "checkpoints" / checkpoint_name(2), part / "checkpoints")
+    shutil.copy(full / "log.csv", part / "log.csv")
     resumed = quick(part, [img], [Volume(lab, AFFINE)], resume=True, **kw)
     a, _ = load_model_dir(full)
     b, _ = load_model_dir(resumed)
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), k
     assert read_meta(resumed).history["steps"] == 4
+    # the log reads as one run: rows 3 and 4 were cut back and written again, once each
+    steps = [line.split(",")[0] for line in (resumed / "log.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4"]
+    # the checkpoint is the training format, tagged as finetuning: pretraining will not resume it
+    _, state = load_checkpoint(part / "checkpoints" / checkpoint_name(4), kind="finetune")
+    assert state["step"] == 4 and state["format"] == FORMATS["finetune"]
+    with pytest.raises(InputError, match="not a synthvox pretraining checkpoint"):
+        load_checkpoint(part / "checkpoints" / checkpoint_name(4))
     # resuming with other labels is refused
     other = lab.clone()
     other[other == 42] = 3
@@ -200,3 +211,15 @@ def test_bad_inputs(tmp_path):
             quick(tmp_path / "m", [img], [good], init="default", model_overrides=None)
     assert not (tmp_path / "m" / "segmentation.json").exists()
     json.dumps(FinetuneConfig().resolved().to_json())  # the recorded config is plain JSON
+
+
+def test_model_directory_is_a_run_folder(tmp_path):
+    lab = layout()
+    img = Volume(render(lab, {0: 10.0, 7: 80.0, 42: 150.0}, 5.0, 0), AFFINE)
+    model = quick(tmp_path / "m", [img], [Volume(lab, AFFINE)], steps=1)
+    (model / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="already holds a model"):
+        quick(model, [img], [Volume(lab, AFFINE)], steps=1)
+    quick(model, [img], [Volume(lab, AFFINE)], steps=2, force=True)
+    assert read_meta(model).history["steps"] == 2 and (model / "notes.txt").read_text() == "mine"
+    assert len((model / "log.csv").read_text().splitlines()) == 3

@@ -25,7 +25,7 @@ def test_neighbouring_seeds_and_keys_are_unrelated():
 
 
 def test_engine_and_finetune_use_it():
-    from synthvox.segmentation.fewshot import step_generator
+    from synthvox.segmentation.data import step_generator
     from synthvox.synth.engine import sample_generator
 
     assert sample_generator(5, 2).initial_seed() == derive_seed(5, 2)

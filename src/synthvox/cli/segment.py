@@ -39,8 +39,9 @@ def finetune_command(
     from synthvox.cli.common import check_at_least, check_number, resolve_device
     from synthvox.errors import InputError
     from synthvox.segmentation import AugmentConfig, finetune
-    from synthvox.segmentation.fewshot import TRAIN_MODES
-    from synthvox.segmentation.modeldir import is_model_dir
+    from synthvox.segmentation.config import TRAIN_MODES
+    from synthvox.segmentation.loop import RUN_ENTRIES
+    from synthvox.train.rundir import check_run_dir
 
     # Every option is checked before any input is read or anything is written.
     check_at_least(**{"--steps": (steps, 1), "--batch": (batch, 1), "--patch": (patch, 8), "--val-every": (val_every, 1)})
@@ -58,25 +59,13 @@ def finetune_command(
         raise InputError(f"got {len(image)} --image but {len(label)} --label: give one label map per image, in the same order")
     if (val_image is None) != (val_label is None):
         raise InputError("--val-image and --val-label go together: give both or neither")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out must be a directory, but a file is there: {out}")
-    if out.is_dir() and any(out.iterdir()) and not (force or resume):
-        what = "a model" if is_model_dir(out) else "files"
-        raise InputError(f"output directory {out} already holds {what} (use --force to overwrite or --resume to continue)")
-    io.check_writable(out)
+    check_run_dir(out, RUN_ENTRIES, resume, force, what="a model")
     dev = resolve_device(device)
     images = [io.load(p, what=f"image {p.name}") for p in image]
     labels = [io.load_labels(p, what=f"label map {p.name}") for p in label]
     val = None
     if val_image is not None and val_label is not None:
         val = (io.load(val_image, what="validation image"), io.load_labels(val_label, what="validation label map"))
-    if force and not resume and out.is_dir():
-        import shutil
-
-        for sub in ("checkpoints", "backbone"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        for name in ("segmentation.json", "head.safetensors", "log.csv", "finetune.json"):
-            (out / name).unlink(missing_ok=True)
     model = finetune(
         images,
         labels,
@@ -92,6 +81,7 @@ def finetune_command(
         device=dev,
         seed=seed,
         resume=resume,
+        force=force,
         spacing=spacing,
         modality=modality,
         val_every=val_every,

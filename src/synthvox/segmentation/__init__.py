@@ -6,8 +6,9 @@
 """
 
 from synthvox.segmentation.augment import AugmentConfig
-from synthvox.segmentation.fewshot import FinetuneConfig, finetune
+from synthvox.segmentation.config import FinetuneConfig
 from synthvox.segmentation.infer import segment, segment_with
+from synthvox.segmentation.loop import finetune
 from synthvox.segmentation.modeldir import SegmentationMeta, SegmentationNet, load_model_dir, read_meta
 
 __all__ = [

@@ -1,11 +1,14 @@
 """Training checkpoints: one safetensors file per checkpoint, tensors + JSON state, written atomically.
 
-A checkpoint ``RUN/checkpoints/step_00001000.safetensors`` holds
+Pretraining and finetuning write the same format; a tag of the kind (:data:`FORMATS`) keeps one
+from resuming the other's run. A checkpoint ``RUN/checkpoints/step_00001000.safetensors`` holds
 
-* tensors ``model.<name>`` (the UNet), ``heads.<name>`` (projection heads) and, unless stripped,
+* tensors ``model.<name>`` (the network: the UNet, or for finetuning the UNet and its head),
+  ``heads.<name>`` (pretraining's projection heads) and, unless stripped,
   ``optim.<param index>.<key>`` (AdamW moments and step counts);
-* metadata ``state``: JSON with the step, samples seen, skipped steps, the resolved config, the
-  optimizer's parameter groups, and ``sha256``: a digest of all tensor bytes.
+* metadata ``state``: JSON with the step, the resolved config, the optimizer's parameter groups,
+  what the kind of run needs to continue (samples seen, skipped steps; validation scores, ...),
+  and ``sha256``: a digest of all tensor bytes.
 
 It is written to a temporary file beside the target, flushed to disk and renamed into place, so a
 process killed mid-write leaves the previous checkpoints intact and at worst a stray temporary file
@@ -28,6 +31,8 @@ import torch
 from synthvox.errors import InputError
 
 FORMAT = "synthvox-pretrain-checkpoint"
+#: The format tag of each kind of run's checkpoints.
+FORMATS = {"pretrain": FORMAT, "finetune": "synthvox-finetune-checkpoint"}
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d{8,})\.safetensors$")
 
@@ -94,17 +99,24 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
         raise InputError(f"optimizer state in the checkpoint does not fit this run: {' '.join(str(exc).split())[:200]}") from None
 
 
-def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Write ``tensors`` and JSON ``state`` atomically (temporary file, fsync, rename)."""
+def _format(kind: str) -> str:
+    if kind not in FORMATS:
+        raise ValueError(f"unknown kind of checkpoint {kind!r} (one of {', '.join(FORMATS)})")
+    return FORMATS[kind]
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], state: dict[str, Any], kind: str = "pretrain") -> Path:
+    """Write ``tensors`` and JSON ``state`` atomically (temporary file, fsync, rename), tagged as ``kind``."""
     from safetensors.torch import save_file
 
+    fmt = _format(kind)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = dict(state, format=FORMAT, version=FORMAT_VERSION, sha256=tensors_digest(cpu))
+    meta = dict(state, format=fmt, version=FORMAT_VERSION, sha256=tensors_digest(cpu))
     tmp = p.parent / f".{p.name}.{os.getpid()}.tmp"
     try:
-        save_file(cpu, str(tmp), metadata={"format": FORMAT, "state": json.dumps(meta)})
+        save_file(cpu, str(tmp), metadata={"format": fmt, "state": json.dumps(meta)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -122,8 +134,10 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], s
     return p
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and verify a checkpoint.
+def load_checkpoint(
+    path: str | os.PathLike, device: torch.device | str = "cpu", kind: str = "pretrain"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a checkpoint of a ``kind`` run (``"pretrain"`` or ``"finetune"``).
 
     Returns:
         The tensors (on ``device``) and the JSON state.
@@ -142,12 +156,15 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"checkpoint {p} is truncated or corrupt ({' '.join(str(exc).split())[:120] or type(exc).__name__})") from None
-    if meta.get("format") != FORMAT or "state" not in meta:
-        raise InputError(f"{p} is not a synthvox pretraining checkpoint")
+    fmt = _format(kind)
+    if meta.get("format") != fmt or "state" not in meta:
+        raise InputError(f"{p} is not a synthvox {'pretraining' if kind == 'pretrain' else 'finetuning'} checkpoint")
     try:
         state = json.loads(meta["state"])
     except json.JSONDecodeError:
         raise InputError(f"checkpoint {p} is corrupt (unreadable state)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("version", 0), int):
+        raise InputError(f"checkpoint {p} is corrupt (its state is not a record of the expected form)")
     if int(state.get("version", 0)) > FORMAT_VERSION:
         raise InputError(f"checkpoint {p} was written by a newer synthvox (format version {state.get('version')})")
     if state.get("sha256") != tensors_digest(tensors):
@@ -185,7 +202,9 @@ def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
                 p.unlink(missing_ok=True)
 
 
-def load_latest(folder: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+def load_latest(
+    folder: str | os.PathLike, device: torch.device | str = "cpu", kind: str = "pretrain"
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest intact checkpoint in ``folder``; damaged newer ones are skipped with a warning.
 
     Returns:
@@ -200,7 +219,7 @@ def load_latest(folder: str | os.PathLike, device: torch.device | str = "cpu") -
     errors = []
     for _, p in reversed(found):
         try:
-            tensors, state = load_checkpoint(p, device)
+            tensors, state = load_checkpoint(p, device, kind)
         except InputError as exc:
             errors.append(str(exc))
             continue

@@ -24,10 +24,8 @@ Run folder::
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -46,6 +44,7 @@ from synthvox.losses.contrastive import MultiLayerContrastiveLoss
 from synthvox.models.checkpoint import save_model
 from synthvox.models.registry import build_model
 from synthvox.models.unet import UNet
+from synthvox.train import rundir
 from synthvox.train.checkpointing import (
     checkpoint_name,
     list_checkpoints,
@@ -57,10 +56,9 @@ from synthvox.train.checkpointing import (
 )
 from synthvox.train.config import PretrainConfig, apply_overrides, dump_yaml, to_dict
 from synthvox.train.distributed import DistInfo, all_reduce_mean, any_flag, barrier
+from synthvox.train.schedule import REWARM_STEPS, warmup_decay
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "synth_s", "net_s", "skipped", "samples", "elapsed_s"]
-#: Steps of learning-rate warm-up after resuming from a checkpoint without optimizer state.
-REWARM_STEPS = 100
 _SALT = 0x5EED_C0DE
 
 
@@ -90,25 +88,14 @@ def pair_generators(indices: Sequence[int], seed: int, device: torch.device) -> 
 
 
 def lr_at(step: int, cfg: PretrainConfig, rewarm_from: int | None = None) -> float:
-    """Learning rate of optimisation step ``step`` (0-based): linear warm-up, then decay.
+    """Learning rate of optimisation step ``step`` (0-based): linear warm-up, then decay
+    (:func:`synthvox.train.schedule.warmup_decay` with ``cfg.optim``).
 
     ``rewarm_from``: the step at which AdamW was restarted (checkpoint without optimizer state); the
     rate then ramps up again over :data:`REWARM_STEPS` steps.
     """
     o = cfg.optim
-    factor = 1.0
-    if o.warmup > 0 and step < o.warmup:
-        factor = (step + 1) / o.warmup
-    elif o.decay != "none":
-        span = max(1, cfg.steps - o.warmup)
-        p = min(1.0, max(0.0, (step - o.warmup) / span))
-        if o.decay == "cosine":
-            factor = o.final_lr_ratio + (1 - o.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-        else:
-            factor = 1.0 - (1 - o.final_lr_ratio) * p
-    if rewarm_from is not None and step >= rewarm_from:
-        factor *= min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
-    return o.lr * factor
+    return warmup_decay(step, o.lr, cfg.steps, o.warmup, o.decay, o.final_lr_ratio, rewarm_from, REWARM_STEPS)
 
 
 def build_engine(cfg: PretrainConfig, device: torch.device) -> PairSource:
@@ -259,45 +246,17 @@ def _load_module_tensors(module: PretrainModule, tensors: dict[str, torch.Tensor
         raise InputError(f"checkpoint {where} does not fit this config's network: {' '.join(str(exc).split())[:200]}") from None
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows after ``step`` (written after the checkpoint a resumed run starts from)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-    from synthvox.io import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(keep)
+#: The entries of a run folder that belong to the run (what ``--force`` removes).
+RUN_ENTRIES = ("config.yaml", "checkpoints", "log.csv", "tensorboard", "model")
 
 
 def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
     """Refuse to overwrite a run unless ``force`` (then clear its outputs); nothing to do on resume.
 
-    A folder that cannot be written is refused here, before the network or the data engine is built.
+    A folder that cannot be written is refused here, before the network or the data engine is built
+    (:func:`synthvox.train.rundir.prepare_run_dir`).
     """
-    from synthvox.io import check_writable
-
-    owned = ["config.yaml", "checkpoints", "log.csv", "tensorboard", "model"]
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out must be a directory, but a file is there: {out}")
-    check_writable(out, what="the run")
-    if resume:
-        out.mkdir(parents=True, exist_ok=True)
-        return
-    clash = [n for n in owned if (out / n).exists()]
-    if clash and not force:
-        raise InputError(f"run folder {out} already holds a run ({', '.join(clash)}); use --resume to continue it or --force to start over")
-    for n in clash:
-        p = out / n
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    rundir.prepare_run_dir(out, RUN_ENTRIES, resume, force, what="a run")
 
 
 def _clean_up_on_failure(fn: Any) -> Any:
@@ -392,21 +351,13 @@ def pretrain(
             module.net = nn.SyncBatchNorm.convert_sync_batchnorm(module.net)
         train_module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    writer_csv = tb = bar = None
-    log_path = out / "log.csv"
+    log = tb = bar = None
     if info.is_main:
         from synthvox.io import atomic_path
 
         with atomic_path(out / "config.yaml") as tmp:
             tmp.write_text(dump_yaml(cfg))
-        if resume:
-            _truncate_log(log_path, start)
-        new_log = not log_path.exists()
-        log_file = open(log_path, "a", newline="")
-        writer_csv = csv.writer(log_file)
-        if new_log:
-            writer_csv.writerow(LOG_FIELDS + [f"loss_{n}" for n in cfg.loss.layers])
-            log_file.flush()
+        log = rundir.RunLog(out / "log.csv", LOG_FIELDS + [f"loss_{n}" for n in cfg.loss.layers], start if resume else None)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -502,7 +453,7 @@ def pretrain(
                     if acc["n"]:
                         bar.set_postfix(loss=f"{acc['loss'] / acc['n']:.4f}", skipped=skipped, refresh=False)
                 if step % cfg.log_every == 0 or step == end:
-                    if info.is_main and writer_csv is not None:
+                    if log is not None:
                         n = max(acc["n"], 1)
                         row = [
                             step,
@@ -515,8 +466,7 @@ def pretrain(
                             samples,
                             f"{time.perf_counter() - t_start:.2f}",
                         ] + [f"{acc_parts[k] / n:.6f}" if acc["n"] else "nan" for k in cfg.loss.layers]
-                        writer_csv.writerow(row)
-                        log_file.flush()
+                        log.append(row)
                         if tb is not None and acc["n"]:
                             tb.add_scalar("loss/total", acc["loss"] / n, step)
                             for k in cfg.loss.layers:
@@ -558,6 +508,6 @@ def pretrain(
             bar.close()
         if tb is not None:
             tb.close()
-        if writer_csv is not None:
-            log_file.close()
+        if log is not None:
+            log.close()
     return PretrainResult(step, skipped, interrupted, last_loss, last_ckpt, model_dir, stop.signum)

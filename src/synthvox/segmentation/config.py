@@ -1,0 +1,90 @@
+"""Finetuning settings: :class:`FinetuneConfig` and its resolution (automatic values filled in, inputs checked)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from synthvox.errors import InputError
+from synthvox.segmentation.augment import AugmentConfig
+
+TRAIN_MODES = ("all", "decoder", "head")
+
+
+@dataclass
+class FinetuneConfig:
+    """Resolved finetuning settings (all JSON-serialisable; recorded in the model directory).
+
+    Attributes:
+        init: ``"default"`` (shipped pretrained weights), ``"random"`` or a path to a model directory
+            (pretrained weights from ``synthvox pretrain`` or another finetuned model).
+        variant: network variant when ``init="random"``.
+        steps: optimisation steps.
+        patch_size: training patch (and inference window) size in voxels.
+        batch_size: patches per step.
+        lr: peak learning rate (AdamW); decays to zero along a cosine after a short linear warm-up
+            (:func:`synthvox.train.schedule.warmup_decay`, as in pretraining).
+        weight_decay: AdamW weight decay.
+        warmup: warm-up steps (default: 3% of ``steps``, at most 100).
+        train: which parameters learn: ``"all"``, ``"decoder"`` (the encoder is frozen) or ``"head"``.
+        spacing: training spacing in mm per canonical axis (default: the median of the inputs).
+        modality: intensity normalisation preset, ``"auto"``, ``"mr"`` or ``"ct"``.
+        foreground_fraction: fraction of patches centred on a foreground voxel.
+        val_every: steps between held-out checks (default: ``steps // 10``, at least 25).
+        checkpoint_every: steps between checkpoints (default: ``val_every``).
+        keep_checkpoints: how many checkpoints to keep.
+        seed: base seed; step ``i`` of seed ``s`` draws the same patches everywhere.
+        augment: augmentation settings.
+        model_overrides: UNet constructor arguments replacing the variant's (``init="random"`` only).
+    """
+
+    init: str = "default"
+    variant: str = "default"
+    steps: int = 2000
+    patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
+    batch_size: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: int | None = None
+    train: str = "all"
+    spacing: list[float] | None = None
+    modality: str = "auto"
+    foreground_fraction: float = 2.0 / 3.0
+    val_every: int | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> FinetuneConfig:
+        """A copy with the automatic values filled in and the inputs checked."""
+        c = dataclasses.replace(self)
+        if c.train not in TRAIN_MODES:
+            raise InputError(f"--train must be one of {', '.join(TRAIN_MODES)}, got {c.train!r}")
+        if c.steps < 1:
+            raise InputError(f"--steps must be at least 1, got {c.steps}")
+        if c.batch_size < 1:
+            raise InputError(f"--batch must be at least 1, got {c.batch_size}")
+        if not (c.lr > 0 and math.isfinite(c.lr)):
+            raise InputError(f"--lr must be a positive number, got {c.lr}")
+        ps = [c.patch_size] * 3 if isinstance(c.patch_size, int) else list(c.patch_size)
+        if len(ps) != 3 or min(ps) < 8:
+            raise InputError(f"--patch must be at least 8 voxels along each axis, got {c.patch_size}")
+        c.patch_size = [int(p) for p in ps]
+        if c.modality not in ("auto", "mr", "ct"):
+            raise InputError(f"--modality must be auto, mr or ct, got {c.modality!r}")
+        if c.warmup is None:
+            c.warmup = min(100, int(0.03 * c.steps))
+        if c.val_every is None:
+            c.val_every = max(25, c.steps // 10)
+        if c.checkpoint_every is None:
+            c.checkpoint_every = c.val_every
+        c.val_every = max(1, int(c.val_every))
+        c.checkpoint_every = max(1, int(c.checkpoint_every))
+        return c
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

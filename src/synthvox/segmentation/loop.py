@@ -1,0 +1,368 @@
+"""The finetuning loop: one to a few labelled volumes in, a self-describing model directory out.
+
+The (pretrained) UNet gets a 1x1x1 head and learns from augmented patches (:mod:`.data`) with
+MONAI's Dice + cross-entropy under AdamW and the schedule pretraining uses
+(:func:`synthvox.train.schedule.warmup_decay`). The model directory is a run folder like
+pretraining's (:mod:`synthvox.train.rundir`: ``--force``/``--resume``, ``log.csv`` appended per step
+and cut back to the checkpoint on resume) and keeps its checkpoints in the one training format
+(:mod:`synthvox.train.checkpointing`: safetensors with a digest, written atomically). Step ``i`` of seed
+``s`` draws the same patches in every run, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from synthvox.errors import InputError
+from synthvox.segmentation.augment import AugmentConfig
+from synthvox.segmentation.backbone import build_backbone, feature_channels, trainable_parameters
+from synthvox.segmentation.config import FinetuneConfig
+from synthvox.segmentation.data import (
+    Subject,
+    check_pair,
+    common_spacing,
+    draw_batch,
+    label_ids_of,
+    prepare_subject,
+)
+from synthvox.segmentation.infer import resolve_normalisation
+from synthvox.segmentation.modeldir import (
+    BACKBONE_DIR,
+    HEAD_NAME,
+    META_NAME,
+    SegmentationMeta,
+    SegmentationNet,
+    save_model_dir,
+    write_json,
+)
+from synthvox.segmentation.validation import flipped, validate
+from synthvox.train.checkpointing import (
+    checkpoint_name,
+    list_checkpoints,
+    load_latest,
+    load_optimizer,
+    optimizer_tensors,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from synthvox.train.rundir import RunLog, prepare_run_dir
+from synthvox.train.schedule import warmup_decay
+from synthvox.volume import Volume
+
+CHECKPOINT_DIR = "checkpoints"
+LOG_NAME = "log.csv"
+LOG_FIELDS = ["step", "loss", "lr", "val_dice", "seconds"]
+#: The entries of a model directory that belong to the run (what ``--force`` removes).
+RUN_ENTRIES = (META_NAME, HEAD_NAME, BACKBONE_DIR, "finetune.json", LOG_NAME, CHECKPOINT_DIR)
+
+
+def lr_at(step: int, cfg: FinetuneConfig) -> float:
+    """Learning rate of step ``step`` (0-based): linear warm-up to ``cfg.lr``, then cosine decay to zero."""
+    return warmup_decay(step, cfg.lr, cfg.steps, int(cfg.warmup or 0), "cosine", 0.0)
+
+
+def _compat_key(cfg: FinetuneConfig, label_ids: Sequence[int], spacing: Sequence[float]) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it."""
+    return {
+        "label_ids": list(label_ids),
+        "spacing": [round(float(s), 6) for s in spacing],
+        "train": cfg.train,
+        "patch_size": list(cfg.patch_size),
+        "batch_size": cfg.batch_size,
+        "init": cfg.init,
+        "variant": cfg.variant if cfg.init == "random" else None,
+        "model_overrides": cfg.model_overrides,
+    }
+
+
+def _checked_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The finetuning fields of a checkpoint's state, with their types checked."""
+    step = state.get("step")
+    numbers = all(isinstance(state.get(k, 0.0), (int, float)) and not isinstance(state.get(k, 0.0), bool)
+                  for k in ("best_val_dice", "last_val_dice"))
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(state.get("compat"), dict) \
+            or not numbers or not isinstance(state.get("optimizer"), dict):
+        raise InputError(f"checkpoint {path} has metadata of the wrong type: delete it to resume from an older one")
+    return state
+
+
+def _restore(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], net: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Load a finetuning checkpoint's network and optimizer state in place."""
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        net.load_state_dict(model_sd)
+    except RuntimeError as exc:
+        raise InputError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
+    load_optimizer(opt, tensors, state["optimizer"])
+
+
+def finetune(
+    images: Sequence[Volume],
+    labels: Sequence[Volume],
+    *,
+    out_dir: str | os.PathLike,
+    init: str = "default",
+    variant: str = "default",
+    steps: int = 2000,
+    patch_size: int | Sequence[int] = 96,
+    batch_size: int = 2,
+    lr: float = 1e-3,
+    train: str = "all",
+    val: tuple[Volume, Volume] | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    resume: bool = False,
+    spacing: float | Sequence[float] | None = None,
+    modality: str = "auto",
+    val_every: int | None = None,
+    checkpoint_every: int | None = None,
+    augment: AugmentConfig | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Finetune a segmentation network on one to a few labelled volumes and write a model directory.
+
+    Args:
+        images: training images (single-channel 3D volumes of any grid and orientation).
+        labels: one label map per image, on its image's grid; ids are kept (e.g. 0, 7, 42).
+        out_dir: the model directory to write (checkpoints and log live inside it).
+        init: ``"default"`` (shipped pretrained weights), ``"random"`` or a model directory.
+        variant: network variant for ``init="random"`` (``"tiny"``, ``"default"``, ``"large"``).
+        steps: optimisation steps (2000 suits a GPU; a few dozen run on a CPU).
+        patch_size: training patch size (an int or three ints).
+        batch_size: patches per step.
+        lr: peak learning rate (AdamW, linear warm-up then cosine decay).
+        train: ``"all"``, ``"decoder"`` (freeze the encoder) or ``"head"`` (only the 1x1x1 head).
+        val: an optional held-out ``(image, label map)``; without it, a left-right mirrored copy of
+            the first training volume is the held-out check (which assumes the labels do not
+            distinguish left from right).
+        device: where training runs; bf16 autocast on CUDA.
+        seed: base seed (step ``i`` of seed ``s`` draws the same patches in every run).
+        resume: continue from the newest checkpoint in ``out_dir/checkpoints``.
+        spacing: training spacing in mm (default: median of the inputs).
+        modality: intensity normalisation preset (``"auto"``, ``"mr"``, ``"ct"``).
+        val_every: steps between held-out checks (default ``steps // 10``, at least 25).
+        checkpoint_every: steps between checkpoints (default ``val_every``).
+        augment: augmentation settings (default :class:`AugmentConfig()`).
+        model_overrides: UNet constructor arguments replacing the variant's, for ``init="random"``
+            (e.g. ``{"activation": "leaky"}``).
+        force: start over in a model directory that already holds a run (its entries are removed).
+        progress: show a progress bar.
+
+    Returns:
+        The model directory (see :mod:`synthvox.segmentation.modeldir`).
+
+    Raises:
+        InputError: unequal numbers of images and label maps, a label map off its image's grid or
+            with one class only, an image that is not a single-channel 3D volume, unknown settings,
+            a model directory that already holds a run (without ``force`` or ``resume``), or (with
+            ``resume``) a checkpoint from incompatible settings.
+    """
+    images, labels = list(images), list(labels)
+    if len(images) == 0:
+        raise InputError("finetuning needs at least one image with its label map")
+    if len(images) != len(labels):
+        raise InputError(f"got {len(images)} images but {len(labels)} label maps: give one label map per image")
+    device = torch.device(device)
+    if isinstance(spacing, (int, float)):
+        spacing = [float(spacing)] * 3
+    cfg = FinetuneConfig(
+        init=str(init), variant=variant, steps=int(steps),
+        patch_size=[patch_size] * 3 if isinstance(patch_size, int) else list(patch_size),
+        batch_size=int(batch_size), lr=float(lr), train=train,
+        spacing=None if spacing is None else [float(s) for s in spacing], modality=modality,
+        val_every=val_every, checkpoint_every=checkpoint_every, seed=int(seed),
+        augment=augment or AugmentConfig(), model_overrides=dict(model_overrides or {}),
+    ).resolved()
+    if cfg.model_overrides and cfg.init != "random":
+        raise InputError("model overrides apply only to --init random (pretrained weights fix the architecture)")
+
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        check_pair(im, lab, f"training pair {i + 1}:")
+    label_ids = label_ids_of(labels)
+    train_spacing = cfg.spacing or common_spacing(images)
+    if len(train_spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in train_spacing):
+        raise InputError(f"--spacing must be a positive, finite number of mm, got {train_spacing}")
+    normalisation = resolve_normalisation(images[0].data, cfg.modality)
+    subjects = [
+        prepare_subject(im, lab, label_ids, train_spacing, normalisation, f"training pair {i + 1}:")
+        for i, (im, lab) in enumerate(zip(images, labels))
+    ]
+    if val is not None:
+        val_subject = prepare_subject(val[0], val[1], label_ids, train_spacing, normalisation, "validation")
+        val_source = "validation pair"
+    else:
+        val_subject = flipped(subjects[0])
+        val_source = "mirrored copy of training volume 1"
+    for sub in [*subjects, val_subject]:  # volumes live on the device; patches are cut there
+        sub.image, sub.classes = sub.image.to(device), sub.classes.to(device)
+    backbone, source = build_backbone(cfg.init, cfg.variant, device, cfg.seed, cfg.model_overrides)
+    backbone = backbone.to(device)
+    smallest = 2 * int(getattr(backbone, "multiple", 1))
+    if min(cfg.patch_size) < smallest:
+        raise InputError(f"--patch must be at least {smallest} voxels for this network (its coarsest level needs 2 voxels)")
+
+    out = Path(out_dir)
+    ckpt_dir = out / CHECKPOINT_DIR
+    latest = load_latest(ckpt_dir, device, kind="finetune") if resume else None
+    if resume and latest is None and (out / LOG_NAME).exists():
+        raise InputError(f"--resume: no checkpoint found in {ckpt_dir}")
+    from synthvox.io import cleanup_on_failure
+
+    # A run that fails (out of memory, a bad value, Ctrl-C) before its first checkpoint leaves
+    # nothing behind: what it wrote is removed, and so is the folder when this call made it.
+    with cleanup_on_failure(out, keep=lambda: bool(list_checkpoints(ckpt_dir))):
+        prepare_run_dir(out, RUN_ENTRIES, resume, force, what="a model")
+        return _finetune_into(
+            out, cfg, latest, backbone, source, subjects, val_subject, val_source, label_ids, train_spacing,
+            normalisation, device, progress,
+        )
+
+
+def _finetune_into(
+    out: Path,
+    cfg: FinetuneConfig,
+    latest: tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None,
+    backbone: nn.Module,
+    source: str,
+    subjects: list[Subject],
+    val_subject: Subject,
+    val_source: str,
+    label_ids: list[int],
+    train_spacing: Sequence[float],
+    normalisation: dict[str, Any],
+    device: torch.device,
+    progress: bool,
+) -> Path:
+    """The training loop of :func:`finetune`, writing into the existing folder ``out``."""
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    has_background = label_ids[0] == 0
+    n_classes = len(label_ids)
+
+    c_feat = feature_channels(backbone, device)
+    with torch.random.fork_rng(devices=[]):  # the head's initialisation from the seed, global RNG untouched
+        torch.manual_seed(cfg.seed)
+        net = SegmentationNet(backbone, c_feat, n_classes).to(device)
+    params = trainable_parameters(net, cfg.train)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+    compat = _compat_key(cfg, label_ids, train_spacing)
+    start, best, last_val = 0, float("nan"), float("nan")
+    if latest is not None:
+        path, tensors, state = latest
+        state = _checked_state(path, state)
+        if state["compat"] != compat:
+            raise InputError(
+                f"--resume: the checkpoint in {out} was made with different settings or data "
+                f"({_diff(state['compat'], compat)}); use another --out or drop --resume"
+            )
+        _restore(path, tensors, state, net, opt)
+        start = int(state["step"])
+        best = float(state.get("best_val_dice", float("nan")))
+        last_val = float(state.get("last_val_dice", float("nan")))
+        del tensors
+
+    meta = SegmentationMeta(
+        label_ids=label_ids,
+        spacing=[float(s) for s in train_spacing],
+        orientation="RAS",
+        normalisation=normalisation,
+        patch_size=list(cfg.patch_size),
+        feature_channels=c_feat,
+        train={**cfg.to_json(), "init_source": source, "n_train": len(subjects), "val_source": val_source},
+        flip_augmented=bool(cfg.augment.flip),
+    )
+    write_json(out / "finetune.json", {"finetune": cfg.to_json(), "label_ids": label_ids, "spacing": meta.spacing})
+    log = RunLog(out / LOG_NAME, LOG_FIELDS, start if latest is not None else None)
+
+    frozen_backbone = cfg.train == "head"
+    net.train()
+    if frozen_backbone:
+        net.backbone.eval()
+    use_amp = device.type == "cuda"
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="finetune", dynamic_ncols=True)
+    step = start
+    last_loss = float("nan")
+
+    def checkpoint(at: int) -> None:
+        tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+        opt_tensors, opt_meta = optimizer_tensors(opt)
+        tensors.update(opt_tensors)
+        state = {"step": at, "compat": compat, "best_val_dice": best, "last_val_dice": last_val,
+                 "config": cfg.to_json(), "optimizer": opt_meta, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        save_checkpoint(out / CHECKPOINT_DIR / checkpoint_name(at), tensors, state, kind="finetune")
+        prune_checkpoints(out / CHECKPOINT_DIR, max(1, cfg.keep_checkpoints))
+
+    try:
+        while step < cfg.steps:
+            x, y = draw_batch(subjects, cfg, step, device)
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                if frozen_backbone:
+                    with torch.no_grad():
+                        feats = net.backbone(x)
+                    logits = net.head(feats)
+                else:
+                    logits = net(x)
+            loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 12.0)
+                opt.step()
+            last_loss = float(loss.detach())
+            step += 1
+            bar.update(1)
+            row: dict[str, Any] = {"step": step, "loss": f"{last_loss:.5f}", "lr": f"{lr:.3e}", "val_dice": "",
+                                   "seconds": f"{time.perf_counter() - t0:.2f}"}
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                last_val = validate(net, val_subject, cfg, device, n_classes, has_background)
+                net.train()
+                if frozen_backbone:
+                    net.backbone.eval()
+                best = last_val if not (best >= last_val) else best
+                row["val_dice"] = f"{last_val:.4f}"
+                bar.write(f"step {step}: loss {last_loss:.4f}, held-out Dice ({val_source}) {last_val:.4f}")
+            bar.set_postfix(loss=f"{last_loss:.3f}", dice=f"{last_val:.3f}")
+            log.append(row)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint(step)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (see io.cleanup_on_failure)
+        if step > start:
+            checkpoint(step)
+        raise
+    finally:
+        bar.close()
+        log.close()
+
+    meta.history = {
+        "steps": step,
+        "final_loss": last_loss,
+        "last_val_dice": last_val,
+        "best_val_dice": best,
+        "val_source": val_source,
+        "seconds_this_run": round(time.perf_counter() - t0, 2),
+    }
+    net.eval()
+    save_model_dir(net, meta, out)
+    return out
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys[:3]) or "unknown"
