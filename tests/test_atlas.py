@@ -1,0 +1,129 @@
+"""Atlas segmentation: labels carried by registration and fused (majority, locally weighted, + model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_registration import CFG, phantom, warped_pair
+
+from synthvox.errors import InputError
+from synthvox.metrics import dice_per_label
+from synthvox.segmentation.atlas import Atlas, RegisteredAtlas, Target, fuse, segment_with_atlases
+from synthvox.volume import Volume
+
+
+def labels_of(img: torch.Tensor) -> torch.Tensor:
+    """Label ids 0 / 7 / 1042 from the phantom's intensity bands (a big id on purpose)."""
+    return ((img > 0.2).long() * 7 + (img > 0.55).long() * 1035)
+
+
+def mean_dice(seg: torch.Tensor, ref: torch.Tensor, ids=(7, 1042)) -> float:
+    return float(np.mean(list(dice_per_label(seg, ref, list(ids)).values())))
+
+
+def on_grid(lab: torch.Tensor, distance: torch.Tensor | None = None) -> RegisteredAtlas:
+    """An atlas already on the target grid (zero displacement), for testing the fusion alone."""
+    shape = tuple(lab.shape[1:])
+    atlas = Atlas(Volume(lab.float(), np.eye(4)), Volume(lab, np.eye(4)))
+    return RegisteredAtlas(atlas, torch.zeros((3, *shape)), distance, {})
+
+
+def target_of(shape) -> Target:
+    return Target(Volume(torch.ones((1, *shape)), np.eye(4)), torch.ones(shape, dtype=torch.bool))
+
+
+def blocks(shape=(12, 10, 8)) -> list[torch.Tensor]:
+    """Three label maps that disagree on one slab each."""
+    base = torch.zeros((1, *shape), dtype=torch.int64)
+    base[:, 2:10, 2:8, 2:6] = 5
+    a, b, c = base.clone(), base.clone(), base.clone()
+    a[:, 0:2] = 900  # only atlas a claims the first slabs
+    b[:, 10:] = 900
+    return [a, b, c]
+
+
+def test_majority_vote_keeps_ids_and_follows_the_majority():
+    maps = blocks()
+    t = target_of(maps[0].shape[1:])
+    seg, w = fuse(t, [on_grid(m) for m in maps], [0, 5, 900], fusion="majority")
+    assert seg.dtype == torch.int64 and tuple(seg.shape) == tuple(maps[0].shape[1:])
+    assert torch.equal(seg, maps[2][0])  # each disagreement is one atlas against two
+    assert w == [1.0, 1.0, 1.0]
+
+
+def test_weighted_vote_prefers_the_atlas_that_matches_locally():
+    maps = blocks()
+    shape = tuple(maps[0].shape[1:])
+    d_good, d_bad = torch.zeros(shape), torch.ones(shape) * 10
+    # atlas a matches the target far better than b and c: its claim on the first slabs wins there
+    reg = [on_grid(maps[0], d_good), on_grid(maps[1], d_bad), on_grid(maps[2], d_bad)]
+    seg, w = fuse(target_of(shape), reg, [0, 5, 900], fusion="weighted", beta=0.5)
+    assert (seg[0:2] == 900).all()
+    assert (seg[10:] == 0).all()  # b's claim is outvoted by the better atlas a (and c)
+    assert w[0] > w[1] == pytest.approx(w[2])
+    with pytest.raises(InputError, match="feature differences"):
+        fuse(target_of(shape), [on_grid(maps[0])], [0, 5, 900], fusion="weighted")
+
+
+def test_model_probabilities_are_one_more_voter_and_uncovered_voxels_are_background():
+    shape = (6, 6, 6)
+    lab = torch.zeros((1, *shape), dtype=torch.int64)
+    lab[:, :3] = 3
+    prob = torch.zeros((2, *shape))
+    prob[1, :, :3] = 1.0  # the model says label 8 on the first half of the second axis
+    prob[0, :, 3:] = 1.0
+    reg = [on_grid(lab), on_grid(lab)]
+    seg, _ = fuse(target_of(shape), reg, [0, 3, 8], fusion="majority", model_probabilities=(prob, [0, 8]))
+    # two atlases outvote the model where they disagree; where they say background, so does the model
+    assert torch.equal(seg, lab[0])
+    seg, _ = fuse(target_of(shape), reg[:1], [0, 3, 8], fusion="majority", model_probabilities=(prob * 2, [0, 8]))
+    assert (seg[:3, :3] == 8).all()  # a confident model outvotes a single atlas
+    far = on_grid(lab)
+    far.displacement[0] += 100.0  # every voxel maps outside the atlas
+    seg, _ = fuse(target_of(shape), [far], [0, 3], fusion="majority")
+    assert (seg == 0).all()
+
+
+def test_atlases_registered_onto_a_deformed_target_beat_no_registration():
+    img = phantom(32)
+    lab = labels_of(img)
+    moving, _ = warped_pair(img, amp=2.5)
+    tlab = labels_of(moving)
+    aff = np.eye(4)
+    inverted = (img.max() - img) * (img > 0)  # another contrast
+    atlases = [Atlas(Volume(img, aff), Volume(lab, aff), name="same"),
+               Atlas(Volume(inverted, aff), Volume(lab, aff), name="inverted")]
+    before = mean_dice(lab[0], tlab[0])
+    lines: list[str] = []
+    for fusion in ("majority", "weighted"):
+        res = segment_with_atlases(Volume(moving, aff), atlases, fusion=fusion, config=CFG, log=lines.append)
+        assert res.labels.shape == moving.shape[1:] and np.allclose(res.labels.affine, aff)
+        assert set(torch.unique(res.labels.data).tolist()) <= {0, 7, 1042}
+        after = mean_dice(res.labels.data[0], tlab[0])
+        assert after > before + 0.03 and after > 0.85, (fusion, before, after)
+        assert [a["name"] for a in res.report["atlases"]] == ["same", "inverted"]
+        assert res.report["fusion"] == fusion and res.report["label_ids"] == [0, 7, 1042]
+    assert any("registered" in line for line in lines) and any("fusion" in line for line in lines)
+    assert all(0 < a["mean_weight"] <= 1 for a in res.report["atlases"])
+
+
+def test_bad_atlases_and_settings_are_refused():
+    img = phantom(24)
+    aff = np.eye(4)
+    lab = labels_of(img)
+    good = Atlas(Volume(img, aff), Volume(lab, aff))
+    with pytest.raises(InputError, match="at least one atlas"):
+        segment_with_atlases(Volume(img, aff), [])
+    with pytest.raises(InputError, match="grid"):
+        segment_with_atlases(Volume(img, aff), [Atlas(Volume(img, aff), Volume(lab[:, :20], aff))])
+    with pytest.raises(InputError, match="only one label"):
+        segment_with_atlases(Volume(img, aff), [Atlas(Volume(img, aff), Volume(torch.zeros_like(lab), aff))])
+    with pytest.raises(InputError, match="non-integer"):
+        segment_with_atlases(Volume(img, aff), [Atlas(Volume(img, aff), Volume(lab.float() + 0.3, aff))])
+    with pytest.raises(InputError, match="fusion"):
+        segment_with_atlases(Volume(img, aff), [good], fusion="staple")
+    with pytest.raises(InputError, match="beta"):
+        segment_with_atlases(Volume(img, aff), [good], beta=0)
+    with pytest.raises(InputError, match="single-channel"):
+        segment_with_atlases(Volume(img.repeat(2, 1, 1, 1), aff), [good])
