@@ -117,3 +117,16 @@ def test_segment_needs_a_model_directory(files, tmp_path):
     assert r.exit_code == 2 and "not a synthvox segmentation model directory" in r.output
     r = runner.invoke(app, ["segment", "--model", str(tmp_path / "nope"), str(files / "img.nii.gz"), "--out", str(tmp_path / "s.nii.gz")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_finetune_on_the_demo_mr_alone_reports_a_training_fit_check(tmp_path):
+    from synthvox.demo import demo_dir
+
+    d = demo_dir()
+    r = runner.invoke(app, ["finetune", "--image", str(d / "mr.nii.gz"), "--label", str(d / "mr_seg.nii.gz"),
+                            "--out", str(tmp_path / "m"), "--init", "random", "--variant", "tiny", "--steps", "1",
+                            "--patch", "32", "--batch", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "training-fit Dice" in r.output and "not held out" in r.output and "mirrored" not in r.output
+    desc = json.loads((tmp_path / "m" / "segmentation.json").read_text())
+    assert desc["history"]["val_kind"] == "training fit" and desc["history"]["val_held_out"] is False

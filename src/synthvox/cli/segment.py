@@ -17,7 +17,11 @@ def finetune_command(
     variant: str = typer.Option("default", "--variant", help="Network variant for --init random (tiny, default, large)."),
     steps: int = typer.Option(2000, "--steps", help="Optimisation steps (2000 suits a GPU; use a few dozen on a CPU)."),
     train: str = typer.Option("all", "--train", help="Parameters that learn: all, decoder (frozen encoder) or head."),
-    val_image: Path | None = typer.Option(None, "--val-image", help="Held-out image for the Dice check."),
+    val_image: Path | None = typer.Option(
+        None, "--val-image",
+        help="Held-out image for the Dice check (without it: training volumes held out in turn, or for one volume "
+             "a mirrored copy when its labels have no sides, else a training-fit check on an augmented copy).",
+    ),
     val_label: Path | None = typer.Option(None, "--val-label", help="Label map of --val-image."),
     patch: int = typer.Option(96, "--patch", help="Training patch (and inference window) size, voxels."),
     batch: int = typer.Option(2, "--batch", help="Patches per step."),
@@ -90,9 +94,9 @@ def finetune_command(
     from synthvox.segmentation.modeldir import read_meta
 
     meta = read_meta(model)
-    dice = meta.history.get("last_val_dice")
+    h = meta.history
     typer.echo(f"wrote {model} (labels {meta.label_ids}, spacing {[round(s, 3) for s in meta.spacing]} mm, "
-               f"held-out Dice {dice:.4f})")
+               f"{h.get('val_dice_name', 'held-out Dice')} {h.get('last_val_dice', float('nan')):.4f}: {h.get('last_val_on', '')})")
 
 
 def segment_command(

@@ -124,13 +124,21 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def sample_centres(
-    subjects: Sequence[Subject], n: int, foreground_fraction: float, generator: torch.Generator
+    subjects: Sequence[Subject],
+    n: int,
+    foreground_fraction: float,
+    generator: torch.Generator,
+    exclude: int | None = None,
 ) -> list[tuple[int, torch.Tensor]]:
     """``n`` (subject index, centre voxel) pairs; a ``foreground_fraction`` of them on a random
-    voxel of a random foreground class, the others anywhere in the volume."""
+    voxel of a random foreground class, the others anywhere in the volume. Subject ``exclude``
+    (one held out for the check) is never drawn."""
+    eligible = [i for i in range(len(subjects)) if i != exclude]
+    if not eligible:
+        raise ValueError("no subject left to draw patches from")
     out = []
     for _ in range(n):
-        s = int(torch.randint(len(subjects), (1,), generator=generator))
+        s = eligible[int(torch.randint(len(eligible), (1,), generator=generator))]
         sub = subjects[s]
         shape = torch.tensor(sub.image.shape[1:])
         on_fg = bool(torch.rand((), generator=generator) < foreground_fraction) and len(sub.foreground) > 0
@@ -148,11 +156,12 @@ def sample_centres(
 
 
 def draw_batch(
-    subjects: Sequence[Subject], cfg: FinetuneConfig, step: int, device: torch.device
+    subjects: Sequence[Subject], cfg: FinetuneConfig, step: int, device: torch.device, exclude: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The augmented batch of step ``step``: images ``(B, 1, *patch)`` and classes ``(B, 1, *patch)``."""
+    """The augmented batch of step ``step``: images ``(B, 1, *patch)`` and classes ``(B, 1, *patch)``,
+    none of them from subject ``exclude``."""
     g = step_generator(cfg.seed, step)
-    centres = sample_centres(subjects, cfg.batch_size, cfg.foreground_fraction, g)
+    centres = sample_centres(subjects, cfg.batch_size, cfg.foreground_fraction, g, exclude)
     return augment_batch(
         [subjects[s].image for s, _ in centres],
         [subjects[s].classes for s, _ in centres],

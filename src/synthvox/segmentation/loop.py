@@ -43,7 +43,7 @@ from synthvox.segmentation.modeldir import (
     save_model_dir,
     write_json,
 )
-from synthvox.segmentation.validation import flipped, validate
+from synthvox.segmentation.validation import ValidationPlan, plan_validation, validate
 from synthvox.train.checkpointing import (
     checkpoint_name,
     list_checkpoints,
@@ -59,7 +59,7 @@ from synthvox.volume import Volume
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_NAME = "log.csv"
-LOG_FIELDS = ["step", "loss", "lr", "val_dice", "seconds"]
+LOG_FIELDS = ["step", "loss", "lr", "val_dice", "seconds", "val_on"]
 #: The entries of a model directory that belong to the run (what ``--force`` removes).
 RUN_ENTRIES = (META_NAME, HEAD_NAME, BACKBONE_DIR, "finetune.json", LOG_NAME, CHECKPOINT_DIR)
 
@@ -142,9 +142,11 @@ def finetune(
         batch_size: patches per step.
         lr: peak learning rate (AdamW, linear warm-up then cosine decay).
         train: ``"all"``, ``"decoder"`` (freeze the encoder) or ``"head"`` (only the 1x1x1 head).
-        val: an optional held-out ``(image, label map)``; without it, a left-right mirrored copy of
-            the first training volume is the held-out check (which assumes the labels do not
-            distinguish left from right).
+        val: an optional held-out ``(image, label map)``. Without it, several training volumes are
+            held out in turn (each check scores the one the draws left out since the previous
+            check); a single one is scored as a mirrored copy when its labels have no left/right
+            sides, else as an augmented copy labelled a training-fit check
+            (:mod:`synthvox.segmentation.validation`).
         device: where training runs; bf16 autocast on CUDA.
         seed: base seed (step ``i`` of seed ``s`` draws the same patches in every run).
         resume: continue from the newest checkpoint in ``out_dir/checkpoints``.
@@ -199,12 +201,11 @@ def finetune(
     ]
     if val is not None:
         val_subject = prepare_subject(val[0], val[1], label_ids, train_spacing, normalisation, "validation")
-        val_source = "validation pair"
     else:
-        val_subject = flipped(subjects[0])
-        val_source = "mirrored copy of training volume 1"
-    for sub in [*subjects, val_subject]:  # volumes live on the device; patches are cut there
+        val_subject = None
+    for sub in [*subjects, *([val_subject] if val_subject else [])]:  # volumes live on the device; patches are cut there
         sub.image, sub.classes = sub.image.to(device), sub.classes.to(device)
+    plan = plan_validation(subjects, val_subject, cfg, label_ids, device)
     backbone, source = build_backbone(cfg.init, cfg.variant, device, cfg.seed, cfg.model_overrides)
     backbone = backbone.to(device)
     smallest = 2 * int(getattr(backbone, "multiple", 1))
@@ -223,7 +224,7 @@ def finetune(
     with cleanup_on_failure(out, keep=lambda: bool(list_checkpoints(ckpt_dir))):
         prepare_run_dir(out, RUN_ENTRIES, resume, force, what="a model")
         return _finetune_into(
-            out, cfg, latest, backbone, source, subjects, val_subject, val_source, label_ids, train_spacing,
+            out, cfg, latest, backbone, source, subjects, plan, label_ids, train_spacing,
             normalisation, device, progress,
         )
 
@@ -235,8 +236,7 @@ def _finetune_into(
     backbone: nn.Module,
     source: str,
     subjects: list[Subject],
-    val_subject: Subject,
-    val_source: str,
+    plan: ValidationPlan,
     label_ids: list[int],
     train_spacing: Sequence[float],
     normalisation: dict[str, Any],
@@ -259,7 +259,9 @@ def _finetune_into(
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     compat = _compat_key(cfg, label_ids, train_spacing)
-    start, best, last_val = 0, float("nan"), float("nan")
+    # training volumes held out in turn change which subject each step draws from
+    compat["held_out_in_turn_every"] = cfg.val_every if plan.left_out(0) is not None else None
+    start, best, last_val, last_on = 0, float("nan"), float("nan"), ""
     if latest is not None:
         path, tensors, state = latest
         state = _checked_state(path, state)
@@ -272,6 +274,7 @@ def _finetune_into(
         start = int(state["step"])
         best = float(state.get("best_val_dice", float("nan")))
         last_val = float(state.get("last_val_dice", float("nan")))
+        last_on = str(state.get("last_val_on", ""))
         del tensors
 
     meta = SegmentationMeta(
@@ -281,7 +284,8 @@ def _finetune_into(
         normalisation=normalisation,
         patch_size=list(cfg.patch_size),
         feature_channels=c_feat,
-        train={**cfg.to_json(), "init_source": source, "n_train": len(subjects), "val_source": val_source},
+        train={**cfg.to_json(), "init_source": source, "n_train": len(subjects), "val_source": plan.summary,
+               "val_kind": plan.kind, "val_held_out": plan.held_out},
         flip_augmented=bool(cfg.augment.flip),
     )
     write_json(out / "finetune.json", {"finetune": cfg.to_json(), "label_ids": label_ids, "spacing": meta.spacing})
@@ -302,13 +306,13 @@ def _finetune_into(
         opt_tensors, opt_meta = optimizer_tensors(opt)
         tensors.update(opt_tensors)
         state = {"step": at, "compat": compat, "best_val_dice": best, "last_val_dice": last_val,
-                 "config": cfg.to_json(), "optimizer": opt_meta, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                 "last_val_on": last_on, "config": cfg.to_json(), "optimizer": opt_meta, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         save_checkpoint(out / CHECKPOINT_DIR / checkpoint_name(at), tensors, state, kind="finetune")
         prune_checkpoints(out / CHECKPOINT_DIR, max(1, cfg.keep_checkpoints))
 
     try:
         while step < cfg.steps:
-            x, y = draw_batch(subjects, cfg, step, device)
+            x, y = draw_batch(subjects, cfg, step, device, plan.left_out(step))
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -331,13 +335,14 @@ def _finetune_into(
             row: dict[str, Any] = {"step": step, "loss": f"{last_loss:.5f}", "lr": f"{lr:.3e}", "val_dice": "",
                                    "seconds": f"{time.perf_counter() - t0:.2f}"}
             if step % cfg.val_every == 0 or step == cfg.steps:
-                last_val = validate(net, val_subject, cfg, device, n_classes, has_background)
+                scored, last_on = plan.at(step)
+                last_val = validate(net, scored, cfg, device, n_classes, has_background)
                 net.train()
                 if frozen_backbone:
                     net.backbone.eval()
                 best = last_val if not (best >= last_val) else best
-                row["val_dice"] = f"{last_val:.4f}"
-                bar.write(f"step {step}: loss {last_loss:.4f}, held-out Dice ({val_source}) {last_val:.4f}")
+                row["val_dice"], row["val_on"] = f"{last_val:.4f}", last_on
+                bar.write(f"step {step}: loss {last_loss:.4f}, {plan.dice_name} {last_val:.4f} ({last_on})")
             bar.set_postfix(loss=f"{last_loss:.3f}", dice=f"{last_val:.3f}")
             log.append(row)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -355,7 +360,11 @@ def _finetune_into(
         "final_loss": last_loss,
         "last_val_dice": last_val,
         "best_val_dice": best,
-        "val_source": val_source,
+        "val_source": plan.summary,
+        "val_kind": plan.kind,
+        "val_held_out": plan.held_out,
+        "val_dice_name": plan.dice_name,
+        "last_val_on": last_on,
         "seconds_this_run": round(time.perf_counter() - t0, 2),
     }
     net.eval()
