@@ -111,6 +111,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(bank, "build_bank", forbidden)
     monkeypatch.setattr("synthvox.models.features.image_features", forbidden)
     monkeypatch.setattr(segmentation, "segment", forbidden)
+    monkeypatch.setattr(segmentation, "segment_files", forbidden)
     monkeypatch.setattr(segmentation, "finetune", forbidden)
     monkeypatch.setattr(pretrain, "build_module", forbidden)
     monkeypatch.setattr("synthvox.registration.pipeline.register", forbidden)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from synthvox.cli.common import DeviceOption, ForceOption, SeedOption, user_errors
+
+if TYPE_CHECKING:
+    import torch
+
+    from synthvox.segmentation import Segmenter
 
 
 def finetune_command(
@@ -100,32 +106,64 @@ def finetune_command(
 
 
 def segment_command(
-    image: Path = typer.Argument(..., help="Image to segment (any grid and orientation)."),
-    model: Path = typer.Option(..., "--model", help="Model directory written by synthvox finetune."),
-    out: Path = typer.Option(..., "--out", help="Label map to write (.nii or .nii.gz)."),
+    image: Path | None = typer.Argument(None, help="Image to segment (any grid and orientation), or a folder of images."),
+    input_dir: Path | None = typer.Option(
+        None, "-i", "--input", help="Folder of images (*.nii, *.nii.gz) to segment, nnU-Net style (or one image)."
+    ),
+    out: Path = typer.Option(
+        ..., "-o", "--out",
+        help="Label map to write (.nii or .nii.gz); for a folder of images, the output folder (names as the inputs').",
+    ),
+    model: Path | None = typer.Option(None, "--model", help="Model directory written by synthvox finetune."),
     tta: bool = typer.Option(False, "--tta", help="Average over test-time flips (assumes no left/right labels)."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap."),
     device: str = DeviceOption,
     seed: int = SeedOption,
     force: bool = ForceOption,
 ) -> None:
-    """Segment IMAGE with a finetuned model; writes a label map on IMAGE's grid with the training ids."""
+    """Segment IMAGE (or every image of a folder) with a finetuned model; label maps on the images' grids, training ids.
+
+    Examples: 'synthvox segment scan.nii.gz --model MODEL --out seg.nii.gz';
+    'synthvox segment -i imagesTs -o predictions --model MODEL --tta'.
+    """
     from synthvox import io
     from synthvox.cli.common import resolve_device
     from synthvox.errors import InputError
-    from synthvox.segmentation import segment
-    from synthvox.segmentation.modeldir import read_meta
 
-    io.check_output(out, force, nifti=True)
+    # Options first, then every output, then the model: all before any image is read.
     if not 0 <= overlap < 1:
         raise InputError(f"--overlap must be in [0, 1), got {overlap}")
-    read_meta(model)  # a clear error for a non-model directory before reading the image
-    dev = resolve_device(device)
-    img = io.load(image, what="image")
-    seg = segment(model, img, device=dev, tta=tta, overlap=overlap)
-    io.save(seg, out, labels=True, force=force)
-    ids = sorted(int(i) for i in seg.data.unique().tolist())
-    typer.echo(f"wrote {out} (labels present: {ids})")
+    if image is not None and input_dir is not None:
+        raise InputError("give the image (or folder) to segment once: as IMAGE or with -i, not both")
+    source = image if image is not None else input_dir
+    if source is None:
+        raise InputError("nothing to segment: give IMAGE, or -i DIR for a folder of images")
+    folder = source.is_dir()
+    from synthvox.segmentation import folder_jobs
+
+    jobs = folder_jobs(source, out, force) if folder else [(source, io.check_output(out, force, nifti=True))]
+    segmenter = _segmenter(model, resolve_device(device), tta, overlap)
+
+    from synthvox.segmentation import segment_files
+
+    done = segment_files(jobs, segmenter, progress=None if folder else False, out_dir=out if folder else None)
+    if folder:
+        seconds = sum(d.seconds for d in done)
+        typer.echo(f"wrote {len(done)} label maps to {out} ({seconds:.1f} s, {seconds / max(len(done), 1):.1f} s per image)")
+    else:
+        typer.echo(f"wrote {out} (labels present: {done[0].labels_present})")
+
+
+def _segmenter(model: Path | None, device: torch.device, tta: bool, overlap: float) -> Segmenter:
+    """The one function that segments each image, from the command's options (model directory checked first)."""
+    from synthvox.errors import InputError
+    from synthvox.segmentation import model_segmenter
+    from synthvox.segmentation.modeldir import read_meta
+
+    if model is None:
+        raise InputError("--model is required: the model directory written by synthvox finetune")
+    read_meta(model)  # a clear error for a non-model directory before any image is read
+    return model_segmenter(model, device=device, tta=tta, overlap=overlap)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,168 @@
+"""Segmenting files and folders: ``synthvox segment IMAGE --out SEG`` and ``synthvox segment -i DIR -o DIR``.
+
+A folder is segmented nnU-Net style: every ``*.nii`` / ``*.nii.gz`` image in it (not its subfolders)
+gets a label map of the same name in the output folder. Everything that can be refused is refused
+before any work (no images, an output folder that is a file or is the input folder, outputs that
+exist without ``force``); each label map is written atomically, so an interrupted or failed run
+leaves complete label maps and nothing half-written.
+
+What segments one image is a :data:`Segmenter`, any callable from an image :class:`Volume` to a
+label-map :class:`Volume` on the image's grid: :func:`model_segmenter` makes one from a finetuned
+model directory; others (atlases, a model plus atlases) plug into the same loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from synthvox.errors import InputError
+from synthvox.volume import Volume
+
+#: One image in, its label map (on the image's grid) out.
+Segmenter = Callable[[Volume], Volume]
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """One label map that :func:`segment_files` wrote."""
+
+    image: Path
+    output: Path
+    labels_present: list[int]
+    seconds: float
+
+
+def model_segmenter(
+    model: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    tta: bool | Sequence[int] = False,
+    overlap: float = 0.5,
+) -> Segmenter:
+    """A :data:`Segmenter` from a finetuned model directory, loaded once for all the images.
+
+    Raises:
+        InputError: ``model`` is not a segmentation model directory.
+    """
+    from synthvox.segmentation.infer import segment_with
+    from synthvox.segmentation.modeldir import load_model_dir
+
+    net, meta = load_model_dir(model, device)
+
+    def segmenter(image: Volume) -> Volume:
+        return segment_with(net, meta, image, device=device, tta=tta, overlap=overlap)
+
+    return segmenter
+
+
+def nifti_images(folder: Path) -> list[Path]:
+    """The NIfTI images directly in ``folder`` (hidden files left out), sorted by name."""
+    from synthvox.io import is_nifti_path
+
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and is_nifti_path(p))
+
+
+def folder_jobs(in_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> list[tuple[Path, Path]]:
+    """``(image, label map to write)`` for every image of ``in_dir``; checks everything before any work.
+
+    Raises:
+        InputError: ``in_dir`` is not a folder or holds no NIfTI image; ``out_dir`` is a file, looks
+            like a file name, is ``in_dir`` or cannot be written; an output exists (without
+            ``force``) or is a folder.
+    """
+    from synthvox.io import check_writable, is_nifti_path
+
+    src, dst = Path(in_dir), Path(out_dir)
+    if not src.is_dir():
+        raise InputError(f"input folder not found: {src}")
+    if dst.exists() and not dst.is_dir():
+        raise InputError(f"output folder is a file: {dst} (with a folder of images, --out is a folder)")
+    if not dst.exists() and is_nifti_path(dst):
+        raise InputError(f"with a folder of images, --out is a folder, not a NIfTI file name: {dst}")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise InputError(f"the output folder is the input folder {src}: the label maps would replace the images")
+    images = nifti_images(src)
+    if not images:
+        raise InputError(f"no NIfTI images (*.nii, *.nii.gz) in {src}")
+    jobs = [(p, dst / p.name) for p in images]
+    folders = [o for _, o in jobs if o.is_dir()]
+    if folders:
+        raise InputError(f"output is a directory, expected a file name: {folders[0]}")
+    existing = [o for _, o in jobs if o.exists()]
+    if existing and not force:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise InputError(f"output exists, not overwriting (use --force): {existing[0]}{more}")
+    check_writable(dst)
+    return jobs
+
+
+def segment_files(
+    jobs: Sequence[tuple[Path, Path]],
+    segmenter: Segmenter,
+    *,
+    progress: bool | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> list[Segmented]:
+    """Read each image, segment it and write its label map atomically (``jobs`` already checked).
+
+    Args:
+        jobs: ``(image, output)`` pairs, from :func:`folder_jobs` or checked by the caller.
+        segmenter: what segments one image.
+        progress: a progress bar over the files on stderr (``None``: only on a terminal).
+        out_dir: the output folder of a folder run: removed again when this call made it and wrote
+            nothing into it.
+
+    Returns:
+        What was written, in order.
+
+    Raises:
+        InputError: an image that cannot be read (named), or whatever ``segmenter`` refuses. The
+            label maps written before stay; none is half-written.
+    """
+    from tqdm.auto import tqdm
+
+    from synthvox import io
+
+    done: list[Segmented] = []
+    bar = tqdm(total=len(jobs), desc="segment", unit="image", file=sys.stderr, dynamic_ncols=True,
+               disable=None if progress is None else not progress)
+    try:
+        with io.cleanup_on_failure(out_dir, keep=lambda: bool(done)) if out_dir is not None else contextlib.nullcontext():
+            for image_path, out_path in jobs:
+                t0 = time.perf_counter()
+                bar.set_postfix_str(Path(image_path).name, refresh=False)
+                image = io.load(image_path, what=f"image {Path(image_path).name}")
+                seg = segmenter(image)
+                io.save(seg, out_path, labels=True, force=True)
+                ids = sorted(int(i) for i in seg.data.unique().tolist())
+                done.append(Segmented(Path(image_path), Path(out_path), ids, time.perf_counter() - t0))
+                bar.update(1)
+    finally:
+        bar.close()
+    return done
+
+
+def segment_folder(
+    in_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    segmenter: Segmenter,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+) -> list[Segmented]:
+    """Segment every NIfTI image of ``in_dir`` into a label map of the same name in ``out_dir``.
+
+    >>> from synthvox.segmentation import model_segmenter, segment_folder
+    >>> segment_folder("imagesTs", "predictions", model_segmenter("MODEL", device="cuda"))
+
+    See :func:`folder_jobs` for what is refused before any work and :func:`segment_files` for the rest.
+    """
+    return segment_files(folder_jobs(in_dir, out_dir, force), segmenter, progress=progress, out_dir=out_dir)
