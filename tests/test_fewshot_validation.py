@@ -99,13 +99,20 @@ def test_draws_leave_out_the_subject_being_checked():
     subs = [subject(layout(), [0, 7, 42], b)[0] for b in (1.0, 1.5, 2.0)]
     g = torch.Generator().manual_seed(0)
     assert {s for s, _ in sample_centres(subs, 60, 0.6, g, exclude=1)} == {0, 2}
-    cfg = FinetuneConfig(steps=10, patch_size=[16] * 3, val_every=4).resolved()
+    cfg = FinetuneConfig(steps=12, patch_size=[16] * 3, val_every=4).resolved()
     plan = plan_validation(subs, None, cfg, [0, 7, 42], CPU)
     assert plan.kind == "left out in turn" and plan.held_out
-    assert [plan.left_out(i) for i in range(13)] == [0] * 4 + [1] * 4 + [2] * 4 + [0]
+    assert [plan.left_out(i) for i in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
     scored, what = plan.at(8)
     assert scored is subs[1] and what == "training subject 2, left out of the draws since step 4"
-    assert plan.at(10)[1] == "training subject 3, left out of the draws since step 8"  # the last, shorter period
+    # 10 steps for 3 subjects: each left out for 3 steps before its check, the last check after step 10
+    plan = plan_validation(subs, None, FinetuneConfig(steps=10, patch_size=[16] * 3, val_every=4).resolved(), [0, 7, 42], CPU)
+    assert [plan.left_out(i) for i in range(10)] == [None, 0, 0, 0, None, 1, 1, 1, 2, 2]
+    assert plan.at(10)[1] == "training subject 3, left out of the draws since step 8"
+    # a run shorter than one check period still trains on every subject
+    plan = plan_validation(subs[:2], None, FinetuneConfig(steps=20, patch_size=[16] * 3, val_every=25).resolved(), [0, 7, 42], CPU)
+    assert [plan.left_out(i) for i in range(20)] == [None] * 10 + [0] * 10
+    assert plan.at(20) == (subs[0], "training subject 1, left out of the draws since step 10")
 
 
 def test_several_volumes_are_held_out_in_turn_and_resume_exactly(tmp_path):

@@ -260,7 +260,7 @@ def _finetune_into(
 
     compat = _compat_key(cfg, label_ids, train_spacing)
     # training volumes held out in turn change which subject each step draws from
-    compat["held_out_in_turn_every"] = cfg.val_every if plan.left_out(0) is not None else None
+    compat["held_out_in_turn"] = [plan.val_every, plan.window] if plan.kind == "left out in turn" else None
     start, best, last_val, last_on = 0, float("nan"), float("nan"), ""
     if latest is not None:
         path, tensors, state = latest

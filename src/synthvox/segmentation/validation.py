@@ -4,9 +4,11 @@ What is scored depends on what the user gave, and is said in the log and the mod
 
 * a validation pair (``val=``): held out, scored at every check;
 * several training volumes: each check scores one of them, in turn, that the patch draws have left
-  out since the previous check ("training subject 2, left out of the draws since step 150"): step
-  ``i`` leaves out subject ``(i // val_every) % n``, a function of the step, so a resumed run draws
-  the same patches;
+  out for the steps before it ("training subject 2, left out of the draws since step 150"). Check
+  ``j`` (after step ``(j + 1) * val_every``, or the last step) scores subject ``j % n``, left out of
+  the last ``window = min(val_every, steps // n)`` steps before it (the cap keeps a short run from
+  never training on a subject). Which subject step ``i`` leaves out is a function of the step, so a
+  resumed run draws the same patches;
 * one training volume whose labels have no sides: a left-right mirrored copy of it;
 * one training volume whose labels have sides (:func:`sided_labels`; a mirrored copy would put the
   left structures where the right ones belong and score near 0): an augmented copy of the training
@@ -102,7 +104,9 @@ class ValidationPlan:
         short: what one check scores, for the log and the progress output (rotating plans name the
             subject and step at each check instead, :meth:`at`).
         subjects: what can be scored (the validation subject, or the training subjects, or one copy).
-        val_every: steps between checks (the leave-out period).
+        val_every: steps between checks.
+        steps: the run's steps (the last check comes after the last step).
+        window: how many steps before each check leave its subject out of the draws.
     """
 
     kind: str
@@ -110,6 +114,8 @@ class ValidationPlan:
     short: str
     subjects: list[Subject]
     val_every: int
+    steps: int = 0
+    window: int = 0
 
     @property
     def held_out(self) -> bool:
@@ -126,14 +132,17 @@ class ValidationPlan:
         """The training subject the draws of step ``step`` (0-based) leave out, if any."""
         if self.kind != "left out in turn":
             return None
-        return (step // self.val_every) % len(self.subjects)
+        j = step // self.val_every
+        end = min((j + 1) * self.val_every, self.steps)
+        return j % len(self.subjects) if max(j * self.val_every, end - self.window) <= step < end else None
 
     def at(self, steps_done: int) -> tuple[Subject, str]:
         """What the check after ``steps_done`` steps scores, and a description of it."""
         if self.kind != "left out in turn":
             return self.subjects[0], self.short
-        since = ((steps_done - 1) // self.val_every) * self.val_every
-        s = self.left_out(steps_done - 1)
+        j = (steps_done - 1) // self.val_every
+        since = max(j * self.val_every, steps_done - self.window)
+        s = j % len(self.subjects)
         return self.subjects[s], f"training subject {s + 1}, left out of the draws since step {since}"
 
 
@@ -149,11 +158,13 @@ def plan_validation(
     if val is not None:
         return ValidationPlan("validation pair", "validation pair", "validation pair", [val], every)
     if len(subjects) > 1:
+        n = len(subjects)
+        window = max(1, min(every, cfg.steps // n))
         return ValidationPlan(
             "left out in turn",
-            f"training subjects in turn: each check scores the one the patch draws left out for the {every} steps "
-            f"before it (subject k is left out of steps [j*{every}, (j+1)*{every}) when j mod {len(subjects)} = k-1)",
-            "", list(subjects), every,
+            f"training subjects in turn: check j (every {every} steps) scores subject j mod {n} + 1, which the patch "
+            f"draws left out for the {window} steps before it",
+            "", list(subjects), every, cfg.steps, window,
         )
     sided = sided_labels(subjects[0].classes, has_background=label_ids[0] == 0)
     if not sided:
