@@ -144,8 +144,54 @@ def _run_synthvox(method: str, pair: dict[str, Any], data: dict[str, Any], args:
     sec = time.perf_counter() - t
     rep = res.report
     stages = {k: v for k, v in rep["seconds"].items() if k != "total"}
-    return {"moved": res.moved.data[0].numpy(), "moved_labels": res.moved_labels.data[0].numpy(), "seconds": sec,
-            "stages": stages, "folding_percent": float(rep["folding_percent"])}
+    out = {"moved": res.moved.data[0].numpy(), "moved_labels": res.moved_labels.data[0].numpy(), "seconds": sec,
+           "stages": stages, "folding_percent": float(rep["folding_percent"]), "adam_steps": rep.get("adam_steps")}
+    if importlib.util.find_spec("ants") is not None and not args.no_readback:
+        out["ants_readback"] = ants_readback(res, pair)
+    return out
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of the voxels labelled in either map whose label ids agree."""
+    fg = (a != 0) | (b != 0)
+    return float((a[fg] == b[fg]).mean()) if fg.any() else 1.0
+
+
+def ants_readback(res: Any, pair: dict[str, Any]) -> dict[str, float]:
+    """Every transform file synthvox writes, read back and applied by antspyx (after the timing).
+
+    The result is saved as ``synthvox register`` saves it; antspyx then moves MOVING's labels with
+    ``warp.nii.gz`` and with ``deformable_warp.nii.gz`` + ``affine.txt`` (nearest neighbour) and the
+    agreement with synthvox's own moved labels is recorded, with the largest difference of the moved
+    image (``warp.nii.gz``, linear); FIXED's labels go onto MOVING's grid through
+    ``inverse_warp.nii.gz``, and their agreement with MOVING's labels is set beside the forward one's
+    with FIXED's labels (both around the registration's accuracy when the inverse is right).
+    """
+    import ants
+
+    with tempfile.TemporaryDirectory(prefix="readback_") as td:
+        d = Path(td)
+        res.save(d / "out")
+        o = d / "out"
+        fx = ants.image_read(str(pair["fixed"]))
+        mv = ants.image_read(str(pair["moving"]))
+        ml = ants.image_read(str(pair["moving_labels"]))
+        fl = ants.image_read(str(pair["fixed_labels"]))
+        ours = res.moved_labels.data[0].numpy()
+        nn = "nearestNeighbor"
+        via_warp = ants.apply_transforms(fx, ml, [str(o / "warp.nii.gz")], interpolator=nn).numpy()
+        via_two = ants.apply_transforms(fx, ml, [str(o / "deformable_warp.nii.gz"), str(o / "affine.txt")],
+                                        interpolator=nn).numpy()
+        moved = ants.apply_transforms(fx, mv, [str(o / "warp.nii.gz")]).numpy()
+        back = ants.apply_transforms(mv, fl, [str(o / "inverse_warp.nii.gz")], interpolator=nn).numpy()
+        ref_m = ml.numpy()
+        ref_f = fl.numpy()
+    scale = float(np.abs(res.moved.data[0].numpy()).max()) or 1.0
+    return {"warp_labels_agree": _agreement(np.rint(via_warp), ours),
+            "affine_deformable_labels_agree": _agreement(np.rint(via_two), ours),
+            "warp_image_max_diff_rel": float(np.abs(moved - res.moved.data[0].numpy()).max()) / scale,
+            "inverse_labels_agree_moving": _agreement(np.rint(back), ref_m),
+            "forward_labels_agree_fixed": _agreement(ours, ref_f)}
 
 
 def _run_headers(pair: dict[str, Any], data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -217,6 +263,9 @@ def worker(args: argparse.Namespace) -> None:
             score = _score(r["moved_labels"], ref, spacing_of(data["fixed"].affine), pair["groups"])
             row = {"pair": pair["name"], **score, "seconds": r["seconds"], "stages": r["stages"],
                    "folding_percent": r["folding_percent"]}
+            for key in ("adam_steps", "ants_readback"):
+                if r.get(key) is not None:
+                    row[key] = r[key]
             rows.append(row)
             print(f"[{method}/{dataset}] {pair['name']}: Dice {score['mean_dice']:.3f}  HD95 {score['mean_hd95']:.1f} mm  "
                   f"folding {r['folding_percent']:.3f}%  {r['seconds']:.1f} s", flush=True)
@@ -262,6 +311,8 @@ def run_worker(method: str, dataset: str, args: argparse.Namespace, tmp: Path) -
         cmd += ["--weights", args.weights]
     if args.quick:
         cmd.append("--quick")
+    if args.no_readback:
+        cmd.append("--no-readback")
     if qc is not None:
         cmd += ["--qc-out", str(qc)]
     n = str(args.threads)
@@ -293,7 +344,13 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
         for k, v in r["stages"].items():
             stages[k] = stages.get(k, 0.0) + v / len(rows)
     structures = rows[0]["dice"].keys() if rows else []
+    readback = [r["ants_readback"] for r in rows if "ants_readback" in r]
+    # the worst pair of each read-back figure (agreements: lowest; image difference: largest)
+    worst = {k: (max if k.endswith("diff_rel") else min)(rb[k] for rb in readback) for k in readback[0]} if readback else None
+    steps = [r["adam_steps"] for r in rows if r.get("adam_steps") is not None]
     return {
+        "ants_readback_worst": worst,
+        "adam_steps_mean": float(np.mean(steps)) if steps else None,
         "mean_dice": float(np.mean(md)) if md else float("nan"),
         "sd_dice": float(statistics.stdev(md)) if len(md) > 1 else 0.0,
         "mean_hd95": mean("mean_hd95"),
@@ -334,6 +391,15 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(common.md_table(["method", "Dice mean ± sd", "HD95 mm", "folding %", "s/pair", "stages (s)",
                                       "peak RSS MB"], rows, fmt="{:.2f}"))
         ok = {m: r for m, r in by_method.items() if "summary" in r}
+        for m, r in ok.items():
+            w = r["summary"].get("ants_readback_worst")
+            if w:
+                lines += ["", f"`{m}` outputs read back by antspyx (worst pair): `warp.nii.gz` moves the labels as "
+                          f"synthvox did on {100 * w['warp_labels_agree']:.2f}% of labelled voxels, "
+                          f"`deformable_warp.nii.gz` + `affine.txt` on {100 * w['affine_deformable_labels_agree']:.2f}%, "
+                          f"the moved image differs by at most {100 * w['warp_image_max_diff_rel']:.2f}% of its range; "
+                          f"FIXED's labels through `inverse_warp.nii.gz` agree with MOVING's on "
+                          f"{100 * w['inverse_labels_agree_moving']:.1f}% (forward: {100 * w['forward_labels_agree_fixed']:.1f}%)."]
         if ds == "nichart" and ok:
             structs = list(next(iter(ok.values()))["summary"]["dice_per_structure"])
             lines += ["", "Dice per structure (mean over pairs):", ""]
@@ -442,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
     ap.add_argument("--quick", action="store_true", help="one nichart pair and few iterations (the test suite)")
+    ap.add_argument("--no-readback", action="store_true",
+                    help="skip reading synthvox's saved transforms back with antspyx (done by default when installed)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)

@@ -114,6 +114,16 @@ def test_quick_run_one_pair(tmp_path):
     assert {"init", "features", "affine", "convex", "adam"} <= set(nich["mind"]["summary"]["stages"])
     assert "convex" not in nich["affine"]["summary"]["stages"]
     assert nich["affine"]["summary"]["folding_percent"] == 0.0
+    assert 0 < nich["mind"]["pairs"][0]["adam_steps"] <= registration.QUICK_CONFIG["adam_iters"]
+    if importlib.util.find_spec("ants") is not None:
+        # antspyx reads every transform synthvox wrote and moves the labels as synthvox did
+        for m in ("affine", "mind"):
+            rb = nich[m]["pairs"][0]["ants_readback"]
+            assert rb["warp_labels_agree"] > 0.99 and rb["affine_deformable_labels_agree"] > 0.99, rb
+            assert rb["warp_image_max_diff_rel"] < 0.05, rb
+            # the inverse moves FIXED's labels onto MOVING about as well as the forward map does the reverse
+            assert rb["inverse_labels_agree_moving"] > rb["forward_labels_agree_fixed"] - 0.1, rb
+        assert "read back by antspyx" in (tmp_path / "registration.md").read_text()
 
 
 @pytest.mark.slow

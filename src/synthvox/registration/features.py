@@ -23,8 +23,8 @@ def robust_unit_range(image: torch.Tensor) -> torch.Tensor:
     """Scale an image to about [0, 1] by its 0.5th and 99.5th percentiles (MIND needs no more)."""
     x = image.float()
     flat = x.reshape(-1)
-    if flat.numel() > 2_000_000:
-        flat = flat[:: flat.numel() // 2_000_000 + 1]
+    if flat.numel() > 250_000:  # an even subsample: percentiles to a fraction of a percent, sorted fast
+        flat = flat[:: flat.numel() // 250_000 + 1]
     lo, hi = torch.quantile(flat, torch.tensor([0.005, 0.995], device=flat.device))
     if float(hi - lo) <= 0:
         hi = flat.max()

@@ -53,6 +53,10 @@ def instance_optimise(
     weight_fixed: torch.Tensor | None = None,
     weight_moving: torch.Tensor | None = None,
     fold_weight: float = 0.0,
+    region: torch.Tensor | None = None,
+    tol: float = 0.0,
+    patience: int = 10,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Refine a displacement field by Adam on feature SSD with diffusion regularisation.
 
@@ -67,6 +71,15 @@ def instance_optimise(
         weight_fixed: optional fixed mask ``(X, Y, Z)``.
         weight_moving: optional moving mask on the same grid, warped with the field.
         fold_weight: weight of :func:`folding_penalty` (0 turns it off).
+        region: optional ``(X, Y, Z)`` boolean mask of where the data term is evaluated (the object
+            and a margin around it): the field still spans the whole grid (regularised everywhere),
+            but the features are sampled only there, each point counting as much as without it
+            (the data term is scaled by the region's share of the grid). Elsewhere, where both
+            images are background, the data term has next to no gradient.
+        tol: early stop: after every ``patience`` steps, stop when the mean loss of those steps fell by
+            less than ``tol`` (relative) from the ``patience`` steps before (0: always ``iters`` steps).
+        patience: the window of the early stop.
+        stats: when given, filled with ``steps`` (the steps taken) and ``loss`` (the last loss).
 
     Returns:
         ``(3, X, Y, Z)`` displacement in voxels of the features' grid.
@@ -89,12 +102,30 @@ def instance_optimise(
     opt = torch.optim.Adam([param], lr=lr)
     grid = voxel_grid(cshape, device=ff.device)  # type: ignore[arg-type]
     n_ch = ff.shape[0]
+    share = 1.0
+    keep = None
+    if region is not None:
+        keep = pool(region[None].float(), stride)[0] > 0
+        if bool(keep.any()) and not bool(keep.all()):
+            share = float(keep.float().mean())
+            ff = ff[:, keep]  # (C, N): the fixed features at the kept points only
+            wf = wf[keep] if wf is not None else None
+            grid = grid[keep]  # (N, 3)
+        else:
+            keep = None
+    losses: list[float] = []
     with torch.enable_grad():
         for _ in range(iters):
             opt.zero_grad(set_to_none=True)
             disp = box3(param, passes=3)
-            pos = normalise_coords(grid + disp.permute(1, 2, 3, 0), cshape)
-            sampled = F.grid_sample(mov[None], pos[None], mode="bilinear", padding_mode="border", align_corners=True)[0]
+            d = disp.permute(1, 2, 3, 0)
+            if keep is not None:
+                pos = normalise_coords(grid + d[keep], cshape).view(1, -1, 1, 1, 3)
+                sampled = F.grid_sample(mov[None], pos, mode="bilinear", padding_mode="border",
+                                        align_corners=True)[0, :, :, 0, 0]
+            else:
+                pos = normalise_coords(grid + d, cshape)[None]
+                sampled = F.grid_sample(mov[None], pos, mode="bilinear", padding_mode="border", align_corners=True)[0]
             sq = (sampled[:n_ch] - ff).pow(2).sum(0)
             if weight_moving is not None or wf is not None:
                 w = torch.ones_like(sq)
@@ -102,14 +133,24 @@ def instance_optimise(
                     w = w * wf
                 if weight_moving is not None:
                     w = w * sampled[n_ch]
-                data = (w * sq).sum() / w.sum().clamp_min(1.0)
+                data = share * (w * sq).sum() / w.sum().clamp_min(1.0)
             else:
-                data = sq.mean()
+                data = share * sq.mean()
             loss = data + lam * diffusion(disp)
             if fold_weight > 0:
                 loss = loss + fold_weight * folding_penalty(disp)
             loss.backward()
             opt.step()
+            losses.append(float(loss.detach()))
+            n = len(losses)
+            if tol > 0 and n >= 2 * patience and n % patience == 0:
+                before = sum(losses[-2 * patience : -patience]) / patience
+                now = sum(losses[-patience:]) / patience
+                if before - now < tol * abs(before):  # a plateau: more steps would be wasted
+                    break
+    if stats is not None:
+        stats["steps"] = len(losses)
+        stats["loss"] = losses[-1] if losses else float("nan")
     with torch.no_grad():
         disp = box3(param.detach(), passes=3)
     return upsample_field(disp, stride, shape)  # type: ignore[arg-type]

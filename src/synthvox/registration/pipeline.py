@@ -64,7 +64,12 @@ class RegistrationConfig:
         convex_grid_mm: control-point spacing of the discrete search.
         convex_range_mm: capture range of the discrete search.
         adam_grid_mm: spacing of the field optimised by Adam.
-        adam_iters: Adam steps of the instance optimisation.
+        adam_iters: most Adam steps of the instance optimisation.
+        adam_tol: early stop of the instance optimisation: stop when the loss fell by less than this
+            (relative) over the last ``adam_patience`` steps (0: always ``adam_iters`` steps).
+        adam_patience: the window of that early stop.
+        adam_margin_mm: the instance optimisation's data term is evaluated within this distance of
+            FIXED's foreground (or mask) only (negative: everywhere); the field is regularised everywhere.
         lam: diffusion regularisation weight.
         adam_lr: Adam learning rate of the instance optimisation.
         fold_weight: weight of the penalty on Jacobian determinants near or below zero in the Adam
@@ -81,10 +86,13 @@ class RegistrationConfig:
     init_search_mm: float = 64.0
     init_iters: int = 30
     rotation_prior: float = aff.PRIOR_WEIGHT
-    convex_grid_mm: float = 6.0
+    convex_grid_mm: float = 8.0
     convex_range_mm: float = 24.0
     adam_grid_mm: float = 4.0
     adam_iters: int = 80
+    adam_tol: float = 0.002
+    adam_patience: int = 10
+    adam_margin_mm: float = 8.0
     lam: float = 1.25
     adam_lr: float = 1.0
     fold_weight: float = 50.0
@@ -169,16 +177,22 @@ class _Progress:
 
 def _similarity(feat_f: torch.Tensor, weight_f: torch.Tensor, feat_m: torch.Tensor, valid_m: torch.Tensor,
                 moving_affine: np.ndarray, working_affine: np.ndarray, residual: np.ndarray,
-                disp_w: torch.Tensor | None = None) -> float:
+                disp_w: torch.Tensor | None = None, step: int = 2) -> float:
     """Weighted mean squared feature difference of FIXED and MOVING through ``residual`` (and ``disp_w``).
 
-    The same cost as the affine stage's (points outside MOVING's field of view count as 2), on the
-    whole working grid: fixed voxel ``v`` meets the moving features at ``residual(A_w (v + u(v)))``.
+    The same cost as the affine stage's (points outside MOVING's field of view count as 2), on every
+    ``step``-th voxel of the working grid along each axis: fixed voxel ``v`` meets the moving features
+    at ``residual(A_w (v + u(v)))``.
     """
     from synthvox.registration.warp import transform_points, world_points
     from synthvox.volume import sample_at
 
     with torch.no_grad():
+        if step > 1:
+            feat_f = feat_f[:, ::step, ::step, ::step]
+            weight_f = weight_f[::step, ::step, ::step]
+            disp_w = None if disp_w is None else disp_w[:, ::step, ::step, ::step] / step
+            working_affine = np.asarray(working_affine) @ np.diag([step, step, step, 1.0])
         shape = tuple(int(v) for v in feat_f.shape[1:])
         x = world_points(shape, working_affine, device=feat_f.device)  # type: ignore[arg-type]
         if disp_w is not None:
@@ -396,6 +410,7 @@ def register(
 
     # 5. deformable
     disp_w = None
+    adam_stats: dict[str, Any] = {"steps": 0}
     if deformable:
         t = time.perf_counter()
         to_w = np.linalg.inv(residual) @ eaff
@@ -411,13 +426,19 @@ def register(
         times["convex"] = time.perf_counter() - t
         progress.stage("convex", times["convex"], f"search grid {grid * s:g} mm, range {grid * radius * s:g} mm")
         t = time.perf_counter()
+        stride = max(1, int(round(cfg.adam_grid_mm / s)))
+        region = None
+        if cfg.adam_margin_mm >= 0:
+            base = fmask_w.float() if fmask_w is not None else (fg_w > 0.5).float()
+            passes = int(round(cfg.adam_margin_mm / s))
+            region = (box3(base[None], passes=passes)[0] > 0) if passes > 0 else base > 0
         if cfg.adam_iters > 0:
-            stride = max(1, int(round(cfg.adam_grid_mm / s)))
             disp_w = instance_optimise(feat_f, feat_mw, disp_w, stride=stride, iters=cfg.adam_iters, lam=cfg.lam,
                                        lr=cfg.adam_lr, weight_fixed=fmask_w, weight_moving=mmask_w,
-                                       fold_weight=cfg.fold_weight)
+                                       fold_weight=cfg.fold_weight, region=region, tol=cfg.adam_tol, patience=cfg.adam_patience,
+                                       stats=adam_stats)
         times["adam"] = time.perf_counter() - t
-        progress.stage("adam", times["adam"], f"{cfg.adam_iters} steps")
+        progress.stage("adam", times["adam"], f"{adam_stats['steps']} steps on a {stride * s:g} mm grid")
         del feat_mw
 
     # 5b. never end worse than the start: compare the similarity of the result with the chosen
@@ -470,6 +491,7 @@ def register(
         "world_affine": np.asarray(world).round(6).tolist(),
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "folding_percent": fold,
+        "adam_steps": int(adam_stats["steps"]),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "initial_candidates": [{"name": c["name"], "score": round(c["score"], 6), "cost": round(c["cost"], 6),
                                 "rotation_deg": round(c["rotation_deg"], 2)} for c in scored],

@@ -72,6 +72,24 @@ def compose_displacement(
     return (y - x).permute(3, 0, 1, 2).float().contiguous()
 
 
+def invert_field(disp_vox: torch.Tensor, iters: int = 30, tol: float = 1e-3) -> torch.Tensor:
+    """The inverse of ``v -> v + u(v)`` on ``u``'s own grid: ``w`` with ``w(z) = -u(z + w(z))`` (voxels).
+
+    Fixed-point iteration (it converges where the map does not fold), at most ``iters`` steps, until no
+    voxel moves by more than ``tol`` voxels: no wasted iterations.
+    """
+    u = disp_vox.float()
+    grid = voxel_grid(tuple(int(s) for s in u.shape[1:]), device=u.device)
+    w = -u
+    for _ in range(iters):
+        w_new = -sample_at(u, grid + w.permute(1, 2, 3, 0), mode="linear", padding="border")
+        change = float((w_new - w).abs().max())
+        w = w_new
+        if change < tol:
+            break
+    return w
+
+
 def inverse_displacement(
     shape: tuple[int, int, int],
     affine: np.ndarray,
@@ -79,35 +97,36 @@ def inverse_displacement(
     disp_vox: torch.Tensor | None = None,
     working_affine: np.ndarray | None = None,
     iters: int = 30,
-    tol_mm: float = 1e-3,
+    tol_mm: float = 0.01,
 ) -> torch.Tensor:
     """The inverse of :func:`compose_displacement`'s map as a RAS displacement on another grid.
 
-    The forward map is ``x -> T(x + U(x))`` (``U``: the working-grid displacement in mm); for each
-    point ``y`` of the grid (``shape``, ``affine``), normally MOVING's, the fixed point ``x`` with
-    ``T(x + U(x)) = y`` solves ``x = T^-1(y) - U(x)``, found by fixed-point iteration (it converges where
-    the map does not fold), at most ``iters`` steps, until no point moves by more than ``tol_mm``.
+    The forward map is ``x -> T(x + U(x))`` (``U``: the working-grid displacement); for each point ``y``
+    of the grid (``shape``, ``affine``), normally MOVING's, the fixed point is ``x = z + W(z)`` with
+    ``z = T^-1(y)`` and ``W`` the inverse of ``U`` found once on the working grid (:func:`invert_field`,
+    on every second working voxel, ``tol_mm`` converted to its voxels) and interpolated linearly, like
+    ``U`` itself is in the warp.
 
     Returns:
         ``(3, X, Y, Z)`` float32 displacement ``e`` with ``y -> y + e(y)`` landing in FIXED's RAS space.
     """
     device = disp_vox.device if disp_vox is not None else "cpu"
     y = world_points(shape, affine, device=device)
-    x0 = transform_points(y, np.linalg.inv(np.asarray(world_affine, np.float64)))
-    x = x0
+    x = transform_points(y, np.linalg.inv(np.asarray(world_affine, np.float64)))
     if disp_vox is not None:
         if working_affine is None:
             raise ValueError("inverse_displacement needs working_affine with disp_vox")
         wa = np.asarray(working_affine, np.float64)
-        inv_wa = np.linalg.inv(wa)
+        # on every second working voxel (the field is smooth at that scale: the deformable stage's
+        # grids are two or more working voxels apart), then interpolated like the forward field
+        sub = 2 if min(disp_vox.shape[1:]) >= 8 else 1
+        wa_sub = wa @ np.diag([sub, sub, sub, 1.0])
+        step = float(np.abs(np.linalg.det(wa_sub[:3, :3]))) ** (1.0 / 3.0)
+        w = invert_field(disp_vox[:, ::sub, ::sub, ::sub] / sub, iters=iters, tol=tol_mm / max(step, 1e-12))
+        v = sample_at(w, transform_points(x, np.linalg.inv(wa_sub)).float(), mode="linear", padding="border")
+        wa = wa_sub
         lin = torch.as_tensor(wa[:3, :3], device=device)
-        for _ in range(iters):
-            u = sample_at(disp_vox.float(), transform_points(x, inv_wa).float(), mode="linear", padding="border")
-            x_new = x0 - u.permute(1, 2, 3, 0).to(torch.float64) @ lin.T
-            change = float((x_new - x).abs().max())
-            x = x_new
-            if change < tol_mm:  # converged: no wasted iterations
-                break
+        x = x + v.permute(1, 2, 3, 0).to(torch.float64) @ lin.T
     return (x - y).permute(3, 0, 1, 2).float().contiguous()
 
 
