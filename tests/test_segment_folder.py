@@ -181,7 +181,7 @@ def test_segment_folder_errors_are_one_line(images, model, tmp_path, monkeypatch
         "output exists, not overwriting (use --force)": ["segment", "-i", str(images), "-o", str(pred), *base],
         "not both": ["segment", str(images), "-i", str(images), "-o", str(tmp_path / "o"), *base],
         "nothing to segment": ["segment", "-o", str(tmp_path / "o"), *base],
-        "--model is required": ["segment", "-i", str(images), "-o", str(tmp_path / "o")],
+        "nothing to segment with: give --model": ["segment", "-i", str(images), "-o", str(tmp_path / "o")],
         "not a synthvox segmentation model": ["segment", "-i", str(images), "-o", str(tmp_path / "o"), "--model", str(empty)],
     }
     with monkeypatch.context() as m:

@@ -114,17 +114,25 @@ def segment_command(
         ..., "-o", "--out",
         help="Label map to write (.nii or .nii.gz); for a folder of images, the output folder (names as the inputs').",
     ),
-    model: Path | None = typer.Option(None, "--model", help="Model directory written by synthvox finetune."),
+    model: Path | None = typer.Option(None, "--model", help="Model directory written by synthvox finetune (with atlases: one more voter)."),
+    atlas_image: list[Path] = typer.Option([], "--atlas-image", help="Atlas image, any contrast (repeat for several): registered onto each image."),
+    atlas_label: list[Path] = typer.Option([], "--atlas-label", help="Label map of the --atlas-image at the same position."),
+    fusion: str = typer.Option("weighted", "--fusion", help="How atlas labels are fused: weighted (by local feature match) or majority."),
+    features: str = typer.Option("mind", "--features", help="Registration features for the atlases: mind, net, both or auto."),
+    weights: Path | None = typer.Option(None, "--weights", help="Network weights for --features net/both (default: the shipped weights)."),
     tta: bool = typer.Option(False, "--tta", help="Average over test-time flips (assumes no left/right labels)."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap."),
     device: str = DeviceOption,
     seed: int = SeedOption,
     force: bool = ForceOption,
 ) -> None:
-    """Segment IMAGE (or every image of a folder) with a finetuned model; label maps on the images' grids, training ids.
+    """Segment IMAGE (or every image of a folder) with a finetuned model, or with labelled atlases registered
+    onto it (no training); label maps on the images' grids with the training (or atlas) label ids.
 
     Examples: 'synthvox segment scan.nii.gz --model MODEL --out seg.nii.gz';
-    'synthvox segment -i imagesTs -o predictions --model MODEL --tta'.
+    'synthvox segment -i imagesTs -o predictions --model MODEL --tta';
+    'synthvox segment scan.nii.gz --out seg.nii.gz --atlas-image a1.nii.gz --atlas-label a1_seg.nii.gz
+    --atlas-image a2.nii.gz --atlas-label a2_seg.nii.gz'.
     """
     from synthvox import io
     from synthvox.cli.common import resolve_device
@@ -133,6 +141,8 @@ def segment_command(
     # Options first, then every output, then the model: all before any image is read.
     if not 0 <= overlap < 1:
         raise InputError(f"--overlap must be in [0, 1), got {overlap}")
+    if len(atlas_image) != len(atlas_label):
+        raise InputError(f"got {len(atlas_image)} --atlas-image but {len(atlas_label)} --atlas-label: give one label map per atlas image, in the same order")
     if image is not None and input_dir is not None:
         raise InputError("give the image (or folder) to segment once: as IMAGE or with -i, not both")
     source = image if image is not None else input_dir
@@ -142,7 +152,11 @@ def segment_command(
     from synthvox.segmentation import folder_jobs
 
     jobs = folder_jobs(source, out, force) if folder else [(source, io.check_output(out, force, nifti=True))]
-    segmenter = _segmenter(model, resolve_device(device), tta, overlap)
+    dev = resolve_device(device)
+    if atlas_image:
+        segmenter = _atlas_segmenter(atlas_image, atlas_label, model, fusion, features, weights, dev, tta, folder)
+    else:
+        segmenter = _segmenter(model, dev, tta, overlap)
 
     from synthvox.segmentation import segment_files
 
@@ -161,9 +175,35 @@ def _segmenter(model: Path | None, device: torch.device, tta: bool, overlap: flo
     from synthvox.segmentation.modeldir import read_meta
 
     if model is None:
-        raise InputError("--model is required: the model directory written by synthvox finetune")
+        raise InputError("nothing to segment with: give --model (a directory written by synthvox finetune) or atlases (--atlas-image with --atlas-label)")
     read_meta(model)  # a clear error for a non-model directory before any image is read
     return model_segmenter(model, device=device, tta=tta, overlap=overlap)
+
+
+def _atlas_segmenter(images: list[Path], labels: list[Path], model: Path | None, fusion: str, features: str,
+                     weights: Path | None, device: torch.device, tta: bool, quiet: bool) -> Segmenter:
+    """Atlas segmentation from the command's options: every option and atlas checked before any image is read."""
+    from synthvox import io
+    from synthvox.errors import InputError
+    from synthvox.registration.features import FEATURE_KINDS
+    from synthvox.segmentation.atlas import FUSION_METHODS, Atlas, atlas_segmenter
+
+    if fusion not in FUSION_METHODS:
+        raise InputError(f"--fusion must be one of {', '.join(FUSION_METHODS)}, got {fusion!r}")
+    if features == "auto":
+        from synthvox.models.card import auto_features
+
+        features = auto_features(weights)
+    if features not in FEATURE_KINDS:
+        raise InputError(f"--features must be auto or one of {', '.join(FEATURE_KINDS)}, got {features!r}")
+    atlases = [Atlas(io.load(i, what=f"atlas image {i.name}"), io.load_labels(lab, what=f"atlas label map {lab.name}"), name=i.name)
+               for i, lab in zip(images, labels)]
+
+    def say(line: str) -> None:
+        typer.echo("  " + line, err=True)
+
+    return atlas_segmenter(atlases, fusion=fusion, features=features, weights=weights, model=model, tta=tta,
+                           device=device, log=None if quiet else say)
 
 
 def register(app: typer.Typer) -> None:

@@ -36,7 +36,7 @@ from synthvox.volume import Volume, same_grid
 
 FUSION_METHODS = ("majority", "weighted")
 #: Default width of the weighting kernel (in units of the mean feature difference, see module docs).
-DEFAULT_BETA = 0.5
+DEFAULT_BETA = 0.25
 #: Box-filter passes that average the feature difference over a neighbourhood (radius 1 voxel each).
 SMOOTH_PASSES = 2
 #: Labels moved together (memory: this many float32 maps of the atlas grid at a time).
@@ -108,7 +108,7 @@ def local_weights(target_features: torch.Tensor, moved_features: torch.Tensor) -
     return box3(d, passes=SMOOTH_PASSES)[0]
 
 
-def _model_probabilities(model: Any, image: Volume, device: torch.device, tta: bool) -> tuple[torch.Tensor, list[int]]:
+def model_probabilities(model: Any, image: Volume, device: torch.device, tta: bool) -> tuple[torch.Tensor, list[int]]:
     """A finetuned model's softmax probabilities on ``image``'s grid and the label id of each channel."""
     from synthvox.segmentation.infer import sliding_window_probabilities, to_model_frame
     from synthvox.segmentation.modeldir import load_model_dir
@@ -294,7 +294,7 @@ def segment_with_atlases(
     probs = None
     if model is not None:
         t = time.perf_counter()
-        probs = _model_probabilities(model, image, dev, tta)
+        probs = model_probabilities(model, image, dev, tta)
         label_ids = sorted(set(label_ids) | set(probs[1]))
         times["model"] = time.perf_counter() - t
         say(f"model      {times['model']:6.1f} s  probabilities of {len(probs[1])} labels")
@@ -329,3 +329,35 @@ def segment_with_atlases(
         "seconds": {k: round(v, 2) for k, v in times.items()},
     }
     return AtlasSegmentation(Volume(labels[None], image.affine.copy()), report)
+
+
+def atlas_segmenter(
+    atlases: Sequence[Atlas],
+    *,
+    fusion: str = "weighted",
+    beta: float = DEFAULT_BETA,
+    features: str = "mind",
+    weights: Any = None,
+    model: Any = None,
+    tta: bool = False,
+    device: torch.device | str = "cpu",
+    config: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> Callable[[Volume], Volume]:
+    """A per-image segmenter (:data:`synthvox.segmentation.folder.Segmenter`) that fuses ``atlases``
+    (checked now, once for every image) with :func:`segment_with_atlases`."""
+    if fusion not in FUSION_METHODS:
+        raise InputError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSION_METHODS)}")
+    if not (beta > 0 and np.isfinite(beta)):
+        raise InputError(f"beta must be a positive number, got {beta}")
+    check_atlases(atlases)
+    if model is not None:
+        from synthvox.segmentation.modeldir import read_meta
+
+        read_meta(model)  # a clear error for a non-model directory before any image is read
+
+    def segmenter(image: Volume) -> Volume:
+        return segment_with_atlases(image, atlases, fusion=fusion, beta=beta, features=features, weights=weights,
+                                    model=model, tta=tta, device=device, config=config, log=log).labels
+
+    return segmenter
