@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
+import os
 import statistics
 import sys
 import tempfile
@@ -55,6 +57,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "default": ("weights", "all"),
     "default-decoder": ("weights", "decoder"),
 }
+#: Training-free rows (the training subjects are the atlases): synthvox registration (MIND) with
+#: majority or locally weighted fusion, ANTs SyN with a majority vote (the anchor), and the ``default``
+#: finetuned model's probabilities as one more voter in the weighted fusion.
+ATLAS_METHODS = ("atlas-majority", "atlas-weighted", "ants-majority", "finetuned+atlas")
+ALL_METHODS = (*VARIANTS, *ATLAS_METHODS)
 
 #: Budgets per device (``--quick`` overrides both): steps, patch, batch, test subjects (0: all), val every.
 BUDGETS: dict[str, dict[str, Any]] = {
@@ -192,6 +199,104 @@ def run_one(
     return res
 
 
+def _scored(method: str, n_train: int, per_subject: dict[str, dict[str, float]], names: list[str],
+            seconds: list[float], extra: dict[str, Any]) -> dict[str, Any]:
+    """A result row of a training-free method (same keys as :func:`run_one`'s where they apply)."""
+    test = list(per_subject)
+    mat = np.array([[per_subject[s][n] for n in names] for s in test], dtype=float)
+    res = {
+        "variant": method, "n_train": n_train, "mean_dice": float(np.nanmean(mat)),
+        "mean_dice_per_subject": {s: float(np.nanmean(list(per_subject[s].values()))) for s in test},
+        "per_structure": dict(zip(names, np.nanmean(mat, axis=0).tolist())), "per_subject": per_subject,
+        "s_per_step": float("nan"), "train_s_total": 0.0, "inference_s_per_volume": float(np.mean(seconds)),
+        **extra,
+    }
+    print(f"  {method:16s} {n_train} atlas(es): mean Dice {res['mean_dice']:.3f}  {res['inference_s_per_volume']:.1f} s/target",
+          flush=True)
+    return res
+
+
+def run_atlas(methods: list[str], train: list[str], test: list[str], data: dict[str, tuple[Any, Any]],
+              names: list[str], args: argparse.Namespace, models: dict[int, Path]) -> list[dict[str, Any]]:
+    """The synthvox atlas rows: each training subject registered once onto each test subject (MIND),
+    then fused by majority and by local weights (and with the finetuned model's probabilities).
+    Seconds per target: the registrations plus that fusion (plus the model's inference)."""
+    from synthvox.registration.features import FeatureExtractor
+    from synthvox.segmentation import atlas as A
+
+    device = torch.device(args.device)
+    atlases = [A.Atlas(*data[s], name=s) for s in train]
+    ids = A.check_atlases(atlases)
+    extractor = FeatureExtractor(kind="mind", device=device)
+    config = None
+    if args.quick:  # the registration benchmark's quick solver settings
+        from registration import QUICK_CONFIG
+
+        from synthvox.registration import RegistrationConfig
+
+        config = RegistrationConfig(**QUICK_CONFIG)
+    per: dict[str, dict[str, dict[str, float]]] = {m: {} for m in methods}
+    secs: dict[str, list[float]] = {m: [] for m in methods}
+    reg_s: list[float] = []
+    for s in test:
+        image, ref = data[s]
+        t = time.perf_counter()
+        target = A.prepare_target(image, extractor, device)
+        registered = [A.register_atlas(target, a, features="mind", weights=None, extractor=extractor, device=device,
+                                       config=config) for a in atlases]
+        t_reg = time.perf_counter() - t
+        reg_s.append(t_reg)
+        for m in methods:
+            t = time.perf_counter()
+            probs = None
+            if m == "finetuned+atlas":
+                probs = A.model_probabilities(models[len(train)], image, device, False)
+            fusion = "majority" if m == "atlas-majority" else "weighted"
+            seg, _ = A.fuse(target, registered, sorted(set(ids) | set(probs[1] if probs else [])), fusion=fusion,
+                            model_probabilities=probs)
+            secs[m].append(t_reg + time.perf_counter() - t)
+            per[m][s] = score(seg[None], ref.data, names)
+    return [_scored(m, len(train), per[m], names, secs[m], {"registration_s_per_target": float(np.mean(reg_s))})
+            for m in methods]
+
+
+def run_ants_majority(train: list[str], test: list[str], data: dict[str, tuple[Any, Any]], names: list[str],
+                      args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The anchor: ANTs SyN (the registration benchmark's preset) of each atlas T1 onto each test T1,
+    the coarse labels moved with ``genericLabel`` and fused by a per-voxel majority vote (ties: the
+    first atlas's label)."""
+    import ants
+    from registration import ANTS_PARAMS, ANTS_QUICK  # the same preset as the registration benchmark
+
+    from synthvox import io
+
+    if args.threads:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    params = {**ANTS_PARAMS, **(ANTS_QUICK if args.quick else {})}
+    atlas_files = {}
+    for a in train:
+        path = workdir / f"{a}_coarse.nii.gz"
+        io.save(data[a][1], path, labels=True, force=True)
+        atlas_files[a] = (ants.image_read(str(common.nichart_paths(a)["t1"])), ants.image_read(str(path)))
+    per, secs = {}, []
+    for s in test:
+        fx = ants.image_read(str(common.nichart_paths(s)["t1"]))
+        t = time.perf_counter()
+        votes = []
+        for a in train:
+            mv, ml = atlas_files[a]
+            reg = ants.registration(fx, mv, outprefix=str(workdir / f"{a}_to_{s}_"), **params)
+            votes.append(np.rint(ants.apply_transforms(fx, ml, reg["fwdtransforms"], interpolator="genericLabel").numpy()).astype(np.int64))
+        stack = np.stack(votes)
+        counts = np.stack([(stack == c).sum(0) for c in range(len(names) + 1)])
+        fused = counts.argmax(0)
+        tie = counts.max(0) == 1
+        fused[tie] = stack[0][tie]
+        secs.append(time.perf_counter() - t)
+        per[s] = score(torch.from_numpy(fused)[None], data[s][1].data, names)
+    return _scored("ants-majority", len(train), per, names, secs, {"ants": {"antspyx": ants.__version__, **params}})
+
+
 def plot_curves(results: list[dict[str, Any]], path: Path, val_subject: str) -> None:
     """Training loss (smoothed) and held-out Dice against step, one line per variant and size."""
     import matplotlib
@@ -202,6 +307,8 @@ def plot_curves(results: list[dict[str, Any]], path: Path, val_subject: str) -> 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     colours = {"random": "tab:gray", "default": "tab:blue", "default-decoder": "tab:orange"}
     for r in results:
+        if "curve" not in r:  # the training-free rows
+            continue
         c = r["curve"]
         style = "-" if r["n_train"] > 1 else "--"
         label = f"{r['variant']}, {r['n_train']} train"
@@ -264,7 +371,8 @@ def markdown(payload: dict[str, Any]) -> str:
         table = [["**mean Dice**", *[r["mean_dice"] for r in rows]]]
         table += [[k.replace("_", " "), *[r["per_structure"][k] for r in rows]] for k in names]
         table += [["finetune s/step", *[r["s_per_step"] for r in rows]],
-                  ["inference s/volume", *[r["inference_s_per_volume"] for r in rows]]]
+                  ["training s", *[r["train_s_total"] for r in rows]],
+                  ["s/target (registrations + fusion, or inference)", *[r["inference_s_per_volume"] for r in rows]]]
         lines.append(common.md_table(["structure", *[r["variant"] for r in rows]], table))
         lines.append("")
     return "\n".join(lines)
@@ -273,7 +381,7 @@ def markdown(payload: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-sizes", default="1,3", help="training-set sizes, comma-separated (first N subjects)")
-    ap.add_argument("--variants", default="random,default,default-decoder", help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)}")
     ap.add_argument("--weights", type=Path, default=None, help="pretrained model directory (default: the shipped weights)")
     ap.add_argument("--variant", default="default", help="architecture of the random network when there are no weights")
     ap.add_argument("--steps", type=int, default=None, help="finetuning steps per variant (CPU default 200, GPU 2000)")
@@ -309,9 +417,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from synthvox.models import default_weights_path
 
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in ALL_METHODS]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}: use {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown variant(s) {unknown}: use {', '.join(ALL_METHODS)}")
+    if "finetuned+atlas" in variants and "default" not in variants:
+        raise SystemExit("finetuned+atlas uses the default variant's finetuned model: add default to --variants")
+    if "ants-majority" in variants and importlib.util.find_spec("ants") is None:
+        variants.remove("ants-majority")
+        print("skipped ants-majority: antspyx is not installed (pip install antspyx)", flush=True)
     sizes = [int(v) for v in args.train_sizes.split(",") if v]
     if not sizes or min(sizes) < 1 or max(sizes) > len(common.SUBJECTS) - 2:
         raise SystemExit(f"--train-sizes must be between 1 and {len(common.SUBJECTS) - 2}")
@@ -319,8 +432,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     skipped, weights_note = "", ""
     if args.weights is None:
         args.weights = default_weights_path()
-        if args.weights is None and any(VARIANTS[v][0] == "weights" for v in variants):
-            dropped = [v for v in variants if VARIANTS[v][0] == "weights"]
+        if args.weights is None and any(v in VARIANTS and VARIANTS[v][0] == "weights" for v in variants):
+            dropped = [v for v in variants if v in ("default", "default-decoder", "finetuned+atlas")]
             variants = [v for v in variants if v not in dropped]
             skipped = f"skipped {', '.join(dropped)}: no default weights ship yet and no --weights given"
             print(skipped, flush=True)
@@ -356,8 +469,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fewshot_") as tmp:
         for train, test in plan:
             print(f"{len(train)} training subject(s) {train}; {len(test)} test subjects", flush=True)
-            for v in variants:
+            models: dict[int, Path] = {}
+            for v in [v for v in variants if v in VARIANTS]:
                 results.append(run_one(v, train, test, val_subject, data, names, args, Path(tmp)))
+                if v == "default":
+                    models[len(train)] = Path(tmp) / f"default_{len(train)}"
+            atlas_rows = [m for m in ATLAS_METHODS if m in variants and m != "ants-majority"]
+            if atlas_rows:
+                results.extend(run_atlas(atlas_rows, train, test, data, names, args, models))
+            if "ants-majority" in variants:
+                results.append(run_ants_majority(train, test, data, names, args, Path(tmp)))
 
     payload: dict[str, Any] = {
         **header,

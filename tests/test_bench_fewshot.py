@@ -50,15 +50,17 @@ def test_quick_run_writes_results_for_every_variant(tmp_path, one_thread):
 
     weights = save_model(build_model("tiny", seed=3), tmp_path / "weights")
     out = tmp_path / "out"
-    payload = fewshot.main(["--quick", "--steps", "6", "--val-every", "3", "--weights", str(weights),
+    variants = "random,default,default-decoder,atlas-majority,atlas-weighted,finetuned+atlas"
+    payload = fewshot.main(["--quick", "--steps", "6", "--val-every", "3", "--weights", str(weights), "--variants", variants,
                             "--out", str(out), "--device", "cpu", "--threads", "1"])
     for name in ("fewshot.json", "fewshot.md", "fewshot_curves.png", "fewshot_structures.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "fewshot.json").read_text())
     assert saved["benchmark"] == "fewshot" and saved["machine"]["cores"] >= 1 and saved["commit"]
     assert saved["architecture"] == "tiny" and saved["weights"] == str(weights)
-    res = saved["results"]
-    assert [r["variant"] for r in res] == ["random", "default", "default-decoder"]
+    assert [r["variant"] for r in saved["results"]] == variants.split(",")
+    atlas_rows = saved["results"][3:]
+    res = saved["results"][:3]
     assert [r["trained"] for r in res] == ["all", "all", "decoder"]
     names = list(common.dlmuse_groups())
     assert saved["structures"] == names and len(names) == 14
@@ -72,8 +74,12 @@ def test_quick_run_writes_results_for_every_variant(tmp_path, one_thread):
         assert r["curve"]["step"] == list(range(1, 7)) and r["curve"]["val_step"] == [3, 6]
     # the same budget for every variant: the random network has the weights' architecture
     assert saved["settings"]["steps"] == 6 and saved["settings"]["patch"] == 32
+    for r in atlas_rows:  # one atlas (Subj1) registered onto Subj2: far better than a 6-step network
+        assert r["n_train"] == 1 and list(r["per_subject"]) == ["Subj2"]
+        assert 0.4 < r["mean_dice"] <= 1.0 and r["inference_s_per_volume"] >= r["registration_s_per_target"] > 0
     table = (out / "fewshot.md").read_text()
-    assert "| structure | random | default | default-decoder |" in table and "hippocampus" in table
+    assert "| structure | random | default | default-decoder | atlas-majority | atlas-weighted | finetuned+atlas |" in table
+    assert "hippocampus" in table
     assert payload["results"][0]["mean_dice"] == res[0]["mean_dice"]
 
 
