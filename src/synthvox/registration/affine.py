@@ -513,10 +513,10 @@ def fit_affine(
     def rotation() -> torch.Tensor:
         return torch.linalg.matrix_exp(rot.triu(1) - rot.triu(1).T)
 
-    def matrix() -> torch.Tensor:
+    def matrix(rot_m: torch.Tensor | None = None) -> torch.Tensor:
         # rotation x bounded scaling x bounded shear: the fit cannot shrink MOVING to hide a smaller
         # field of view (an unconstrained affine squeezes it to keep every fixed point inside)
-        a = rotation()
+        a = rotation() if rot_m is None else rot_m
         if not rigid_only:
             up = torch.zeros(3, 3, dtype=torch.float64, device=device)
             up = up.index_put((iu[0], iu[1]), max_shear * torch.tanh(shear))
@@ -544,10 +544,11 @@ def fit_affine(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, n=max(n_iter, 1): _settle(k, n))
         for _ in range(n_iter):
             opt.zero_grad(set_to_none=True)
-            m = matrix()
+            r = rotation()  # once per step, for the transform and the prior
+            m = matrix(r)
             loss = _points_cost(x @ m[:3, :3].T + m[:3, 3], target, w, mv_feat, inv_ma, wm_full, inv_wa)
             if prior_weight > 0:
-                cos = (torch.trace(r0 @ rotation()) - 1.0) / 2.0
+                cos = (torch.trace(r0 @ r) - 1.0) / 2.0
                 loss = loss + prior_weight * torch.relu(float(np.cos(np.radians(PRIOR_FREE_DEG))) - cos)
             loss.backward()
             opt.step()

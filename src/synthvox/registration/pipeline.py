@@ -90,7 +90,7 @@ class RegistrationConfig:
     convex_range_mm: float = 24.0
     adam_grid_mm: float = 4.0
     adam_iters: int = 80
-    adam_tol: float = 0.002
+    adam_tol: float = 0.005
     adam_patience: int = 10
     adam_margin_mm: float = 8.0
     lam: float = 1.25
