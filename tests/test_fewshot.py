@@ -164,6 +164,13 @@ def test_resume_continues_exactly(tmp_path):
     other[other == 42] = 3
     with pytest.raises(InputError, match="different settings"):
         quick(part, [img], [Volume(other, AFFINE)], resume=True, **kw)
+    # a model directory with checkpoints of the format before the shared one says so
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "step_0000002.safetensors").write_bytes(b"")
+    (old / "log.csv").write_text("step,loss\n")
+    with pytest.raises(InputError, match="no checkpoint found.*format before"):
+        quick(old, [img], [Volume(lab, AFFINE)], resume=True, **kw)
 
 
 def test_train_modes_freeze_what_they_say(tmp_path):

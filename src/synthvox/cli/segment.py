@@ -21,7 +21,8 @@ def finetune_command(
     out: Path = typer.Option(..., "--out", help="Model directory to write."),
     init: str = typer.Option("default", "--init", help="default (shipped pretrained weights), random, or a model directory."),
     variant: str = typer.Option("default", "--variant", help="Network variant for --init random (tiny, default, large)."),
-    steps: int = typer.Option(2000, "--steps", help="Optimisation steps (2000 suits a GPU; use a few dozen on a CPU)."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: 2000 on a GPU; on a CPU a --minutes budget)."),
+    minutes: float | None = typer.Option(None, "--minutes", help="Wall-clock budget in minutes instead of --steps (default on a CPU: 30)."),
     train: str = typer.Option("all", "--train", help="Parameters that learn: all, decoder (frozen encoder) or head."),
     val_image: Path | None = typer.Option(
         None, "--val-image",
@@ -29,10 +30,10 @@ def finetune_command(
              "a mirrored copy when its labels have no sides, else a training-fit check on an augmented copy).",
     ),
     val_label: Path | None = typer.Option(None, "--val-label", help="Label map of --val-image."),
-    patch: int = typer.Option(96, "--patch", help="Training patch (and inference window) size, voxels."),
+    patch: int | None = typer.Option(None, "--patch", help="Training patch (and inference window) size, voxels (default: 96 on a GPU, 48 on a CPU)."),
     batch: int = typer.Option(2, "--batch", help="Patches per step."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
-    spacing: float | None = typer.Option(None, "--spacing", help="Training spacing in mm (default: median of the inputs)."),
+    spacing: float | None = typer.Option(None, "--spacing", help="Training spacing in mm (default: median of the inputs; on a CPU at least 3 mm)."),
     modality: str = typer.Option("auto", "--modality", help="Intensity normalisation: auto, mr or ct."),
     val_every: int | None = typer.Option(None, "--val-every", help="Steps between held-out checks (default: steps/10)."),
     flip: bool = typer.Option(False, "--flip-augment", help="Random flips in augmentation (only for labels without left/right)."),
@@ -65,12 +66,19 @@ def finetune_command(
     augment = apply_overrides(dataclasses.replace(AugmentConfig(), flip=flip), settings, "--set")
     if spacing is not None:
         check_number("--spacing", spacing, 0.0, 100.0, low_open=True)
+    if minutes is not None:
+        check_number("--minutes", minutes, 0.0, 7 * 24 * 60.0, low_open=True)
     if len(image) != len(label):
         raise InputError(f"got {len(image)} --image but {len(label)} --label: give one label map per image, in the same order")
     if (val_image is None) != (val_label is None):
         raise InputError("--val-image and --val-label go together: give both or neither")
     check_run_dir(out, RUN_ENTRIES, resume, force, what="a model")
     dev = resolve_device(device)
+    from synthvox.segmentation.config import device_defaults
+
+    budget = device_defaults(str(dev))
+    if steps is not None or minutes is not None:  # what the user says replaces the device's budget
+        budget.update(steps=steps if steps is not None else 1_000_000, minutes=minutes)
     images = [io.load(p, what=f"image {p.name}") for p in image]
     labels = [io.load_labels(p, what=f"label map {p.name}") for p in label]
     val = None
@@ -82,8 +90,10 @@ def finetune_command(
         out_dir=out,
         init=init,
         variant=variant,
-        steps=steps,
-        patch_size=patch,
+        steps=budget["steps"],
+        minutes=budget["minutes"],
+        patch_size=patch if patch is not None else budget["patch_size"],
+        min_spacing=budget["min_spacing"],
         batch_size=batch,
         lr=lr,
         train=train,

@@ -12,6 +12,20 @@ from synthvox.segmentation.augment import AugmentConfig
 
 TRAIN_MODES = ("all", "decoder", "head")
 
+#: What suits a device when the user gives no budget (``synthvox finetune`` without ``--steps`` or
+#: ``--minutes``): on a GPU the method's 2000 steps of two 96³ patches at the inputs' spacing; on a CPU
+#: a 30-minute budget of two 48³ patches at 3 mm or coarser (one step about 1-2 s on two cores, so
+#: about a thousand steps; benchmarks/README.md has what that reaches).
+DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cuda": {"steps": 2000, "minutes": None, "patch_size": 96, "min_spacing": None},
+    "cpu": {"steps": 100_000, "minutes": 30.0, "patch_size": 48, "min_spacing": 3.0},
+}
+
+
+def device_defaults(device: str) -> dict[str, Any]:
+    """:data:`DEVICE_DEFAULTS` for a device (``"cuda:1"`` is a GPU, anything else a CPU-like device)."""
+    return dict(DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"])
+
 
 @dataclass
 class FinetuneConfig:
@@ -21,15 +35,26 @@ class FinetuneConfig:
         init: ``"default"`` (shipped pretrained weights), ``"random"`` or a path to a model directory
             (pretrained weights from ``synthvox pretrain`` or another finetuned model).
         variant: network variant when ``init="random"``.
-        steps: optimisation steps.
+        steps: optimisation steps (with ``minutes``: the most steps the budget may give).
+        minutes: a wall-clock budget instead of a step count: before training, a few timed steps and
+            one timed check on a copy of the network fix ``steps`` (and the check interval) so the
+            run, its checks included, fits the budget; a run that still overruns it by 10% stops
+            there with its model written. The CPU default of ``synthvox finetune``.
         patch_size: training patch (and inference window) size in voxels.
         batch_size: patches per step.
         lr: peak learning rate (AdamW); decays to zero along a cosine after a short linear warm-up
             (:func:`synthvox.train.schedule.warmup_decay`, as in pretraining).
+        head_lr_factor: the new 1x1x1 head learns this many times faster than the pretrained network
+            (it starts from random weights; with the same rate the network sat near the
+            all-background solution for the first hundred steps).
+        dice_background: whether the Dice part of the loss includes the background class (MONAI's
+            ``include_background``; off, as in the method's reference finetuning: background is
+            most voxels and its Dice drowns the small structures').
         weight_decay: AdamW weight decay.
         warmup: warm-up steps (default: 3% of ``steps``, at most 100).
         train: which parameters learn: ``"all"``, ``"decoder"`` (the encoder is frozen) or ``"head"``.
         spacing: training spacing in mm per canonical axis (default: the median of the inputs).
+        min_spacing: with the default ``spacing``, train no finer than this many mm (a CPU budget).
         modality: intensity normalisation preset, ``"auto"``, ``"mr"`` or ``"ct"``.
         foreground_fraction: fraction of patches centred on a foreground voxel.
         val_every: steps between held-out checks (default: ``steps // 10``, at least 25).
@@ -46,10 +71,14 @@ class FinetuneConfig:
     patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     batch_size: int = 2
     lr: float = 1e-3
+    head_lr_factor: float = 10.0
+    dice_background: bool = False
+    minutes: float | None = None
     weight_decay: float = 1e-4
     warmup: int | None = None
     train: str = "all"
     spacing: list[float] | None = None
+    min_spacing: float | None = None
     modality: str = "auto"
     foreground_fraction: float = 2.0 / 3.0
     val_every: int | None = None
@@ -70,6 +99,10 @@ class FinetuneConfig:
             raise InputError(f"--batch must be at least 1, got {c.batch_size}")
         if not (c.lr > 0 and math.isfinite(c.lr)):
             raise InputError(f"--lr must be a positive number, got {c.lr}")
+        if not (c.head_lr_factor > 0 and math.isfinite(c.head_lr_factor)):
+            raise InputError(f"head_lr_factor must be a positive number, got {c.head_lr_factor}")
+        if c.minutes is not None and not (c.minutes > 0 and math.isfinite(c.minutes)):
+            raise InputError(f"--minutes must be a positive number, got {c.minutes}")
         ps = [c.patch_size] * 3 if isinstance(c.patch_size, int) else list(c.patch_size)
         if len(ps) != 3 or min(ps) < 8:
             raise InputError(f"--patch must be at least 8 voxels along each axis, got {c.patch_size}")

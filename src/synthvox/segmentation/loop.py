@@ -11,8 +11,10 @@ and cut back to the checkpoint on resume) and keeps its checkpoints in the one t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,7 +55,7 @@ from synthvox.train.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
-from synthvox.train.rundir import RunLog, prepare_run_dir
+from synthvox.train.rundir import RunLog, check_run_dir, prepare_run_dir
 from synthvox.train.schedule import warmup_decay
 from synthvox.volume import Volume
 
@@ -67,6 +69,78 @@ RUN_ENTRIES = (META_NAME, HEAD_NAME, BACKBONE_DIR, "finetune.json", LOG_NAME, CH
 def lr_at(step: int, cfg: FinetuneConfig) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up to ``cfg.lr``, then cosine decay to zero."""
     return warmup_decay(step, cfg.lr, cfg.steps, int(cfg.warmup or 0), "cosine", 0.0)
+
+
+def make_optimizer(net: SegmentationNet, params: list[nn.Parameter], cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over ``params``: the pretrained network at ``cfg.lr``, the new head ``cfg.head_lr_factor`` times faster
+    (each group's ``lr_factor`` scales the schedule's rate)."""
+    head = {id(p) for p in net.head.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in head], "lr_factor": 1.0},
+              {"params": [p for p in params if id(p) in head], "lr_factor": float(cfg.head_lr_factor)}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_loss(cfg: FinetuneConfig, has_background: bool) -> nn.Module:
+    """MONAI's Dice + cross-entropy over the batch; the Dice part leaves background out unless
+    ``cfg.dice_background`` (or there is no background class)."""
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True,
+                      include_background=bool(cfg.dice_background) or not has_background)
+
+
+#: Timed steps (the first one not counted) and checks of the calibration that fixes a minutes budget.
+CALIBRATION_STEPS = 4
+#: Held-out checks a minutes budget plans for.
+BUDGET_CHECKS = 5
+#: A minutes run stops once it overruns its budget by this factor (the calibration is an estimate).
+BUDGET_SLACK = 1.1
+
+
+def budget_config(cfg0: FinetuneConfig, subjects: Sequence[Subject], backbone: nn.Module, n_classes: int,
+                  has_background: bool, check: Subject, device: torch.device) -> tuple[FinetuneConfig, dict[str, float]]:
+    """Fix ``steps`` (and the automatic warm-up and check interval) so that ``cfg0.minutes`` holds the run.
+
+    A few steps on a copy of the network (so the run itself starts untouched) time one step, one check
+    on ``check`` times a check; the budget left after this calibration goes to ``BUDGET_CHECKS``
+    checks and as many steps as fit (at most ``cfg0.steps``). Returns the resolved config and the
+    timings.
+    """
+    import copy
+    import dataclasses
+    import statistics
+
+    t_start = time.perf_counter()
+    c_feat = feature_channels(backbone, device)
+    net = SegmentationNet(copy.deepcopy(backbone), c_feat, n_classes).to(device)
+    params = trainable_parameters(net, cfg0.train)
+    opt = make_optimizer(net, params, cfg0)
+    loss_fn = make_loss(cfg0, has_background)
+    probe = cfg0.resolved()
+    times = []
+    net.train()
+    for i in range(CALIBRATION_STEPS):
+        t = time.perf_counter()
+        x, y = draw_batch(subjects, probe, i, device)
+        loss = loss_fn(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    t_step = statistics.median(times[1:])
+    t = time.perf_counter()
+    validate(net, check, probe, device, n_classes, has_background)
+    t_check = time.perf_counter() - t
+    del net, opt
+    left = cfg0.minutes * 60.0 - (time.perf_counter() - t_start)  # type: ignore[operator]
+    steps = int(max(1.0, (left - BUDGET_CHECKS * t_check) / t_step))
+    steps = min(steps, int(cfg0.steps))
+    cfg = dataclasses.replace(cfg0, steps=steps)
+    if cfg0.val_every is None:
+        cfg = dataclasses.replace(cfg, val_every=max(1, steps // BUDGET_CHECKS))
+    timing = {"s_per_step": round(t_step, 4), "s_per_check": round(t_check, 3), "calibration_s": round(time.perf_counter() - t_start, 2)}
+    return cfg.resolved(), timing
 
 
 def _compat_key(cfg: FinetuneConfig, label_ids: Sequence[int], spacing: Sequence[float]) -> dict[str, Any]:
@@ -126,6 +200,8 @@ def finetune(
     checkpoint_every: int | None = None,
     augment: AugmentConfig | None = None,
     model_overrides: dict[str, Any] | None = None,
+    minutes: float | None = None,
+    min_spacing: float | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -137,7 +213,7 @@ def finetune(
         out_dir: the model directory to write (checkpoints and log live inside it).
         init: ``"default"`` (shipped pretrained weights), ``"random"`` or a model directory.
         variant: network variant for ``init="random"`` (``"tiny"``, ``"default"``, ``"large"``).
-        steps: optimisation steps (2000 suits a GPU; a few dozen run on a CPU).
+        steps: optimisation steps (2000 suits a GPU); with ``minutes``, the most the budget may give.
         patch_size: training patch size (an int or three ints).
         batch_size: patches per step.
         lr: peak learning rate (AdamW, linear warm-up then cosine decay).
@@ -158,6 +234,10 @@ def finetune(
         model_overrides: UNet constructor arguments replacing the variant's, for ``init="random"``
             (e.g. ``{"activation": "leaky"}``).
         force: start over in a model directory that already holds a run (its entries are removed).
+        minutes: a wall-clock budget instead of a step count (see :class:`FinetuneConfig`): timed
+            steps on a copy of the network fix ``steps`` before training starts; a resumed run keeps
+            the steps it fixed.
+        min_spacing: with the default ``spacing``, train no finer than this (mm).
         progress: show a progress bar.
 
     Returns:
@@ -170,6 +250,8 @@ def finetune(
             ``resume``) a checkpoint from incompatible settings.
     """
     images, labels = list(images), list(labels)
+    out = Path(out_dir)
+    check_run_dir(out, RUN_ENTRIES, resume, force, what="a model")  # before any work
     if len(images) == 0:
         raise InputError("finetuning needs at least one image with its label map")
     if len(images) != len(labels):
@@ -177,21 +259,23 @@ def finetune(
     device = torch.device(device)
     if isinstance(spacing, (int, float)):
         spacing = [float(spacing)] * 3
-    cfg = FinetuneConfig(
+    cfg0 = FinetuneConfig(
         init=str(init), variant=variant, steps=int(steps),
         patch_size=[patch_size] * 3 if isinstance(patch_size, int) else list(patch_size),
         batch_size=int(batch_size), lr=float(lr), train=train,
         spacing=None if spacing is None else [float(s) for s in spacing], modality=modality,
         val_every=val_every, checkpoint_every=checkpoint_every, seed=int(seed),
         augment=augment or AugmentConfig(), model_overrides=dict(model_overrides or {}),
-    ).resolved()
+        minutes=None if minutes is None else float(minutes), min_spacing=min_spacing,
+    )
+    cfg = cfg0.resolved()
     if cfg.model_overrides and cfg.init != "random":
         raise InputError("model overrides apply only to --init random (pretrained weights fix the architecture)")
 
     for i, (im, lab) in enumerate(zip(images, labels)):
         check_pair(im, lab, f"training pair {i + 1}:")
     label_ids = label_ids_of(labels)
-    train_spacing = cfg.spacing or common_spacing(images)
+    train_spacing = cfg.spacing or [max(v, cfg.min_spacing or 0.0) for v in common_spacing(images)]
     if len(train_spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in train_spacing):
         raise InputError(f"--spacing must be a positive, finite number of mm, got {train_spacing}")
     normalisation = resolve_normalisation(images[0].data, cfg.modality)
@@ -205,18 +289,32 @@ def finetune(
         val_subject = None
     for sub in [*subjects, *([val_subject] if val_subject else [])]:  # volumes live on the device; patches are cut there
         sub.image, sub.classes = sub.image.to(device), sub.classes.to(device)
-    plan = plan_validation(subjects, val_subject, cfg, label_ids, device)
     backbone, source = build_backbone(cfg.init, cfg.variant, device, cfg.seed, cfg.model_overrides)
     backbone = backbone.to(device)
     smallest = 2 * int(getattr(backbone, "multiple", 1))
     if min(cfg.patch_size) < smallest:
         raise InputError(f"--patch must be at least {smallest} voxels for this network (its coarsest level needs 2 voxels)")
 
-    out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
     latest = load_latest(ckpt_dir, device, kind="finetune") if resume else None
     if resume and latest is None and (out / LOG_NAME).exists():
-        raise InputError(f"--resume: no checkpoint found in {ckpt_dir}")
+        older = " (its step_*.safetensors are of the format before the shared training checkpoints: start again with --force)" \
+            if any(ckpt_dir.glob("step_*.safetensors")) else ""
+        raise InputError(f"--resume: no checkpoint found in {ckpt_dir}{older}")
+    budget: dict[str, float] = {}
+    if cfg.minutes is not None:
+        saved = latest[2].get("config", {}) if latest is not None else {}
+        if isinstance(saved.get("steps"), int) and isinstance(saved.get("val_every"), int):
+            # a resumed budget run keeps the steps its calibration fixed: it continues the same schedule
+            cfg = dataclasses.replace(cfg, steps=saved["steps"], val_every=saved["val_every"]).resolved()
+        else:
+            has_background = label_ids[0] == 0
+            cfg, budget = budget_config(dataclasses.replace(cfg0, spacing=list(train_spacing)), subjects, backbone,
+                                        len(label_ids), has_background, val_subject or subjects[0], device)
+            if progress:
+                print(f"finetune: {cfg.minutes:g} min budget: {cfg.steps} steps at {budget['s_per_step']:.2f} s/step, "
+                      f"a check every {cfg.val_every} steps", file=sys.stderr)
+    plan = plan_validation(subjects, val_subject, cfg, label_ids, device)
     from synthvox.io import cleanup_on_failure
 
     # A run that fails (out of memory, a bad value, Ctrl-C) before its first checkpoint leaves
@@ -244,7 +342,6 @@ def _finetune_into(
     progress: bool,
 ) -> Path:
     """The training loop of :func:`finetune`, writing into the existing folder ``out``."""
-    from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
     has_background = label_ids[0] == 0
@@ -255,8 +352,8 @@ def _finetune_into(
         torch.manual_seed(cfg.seed)
         net = SegmentationNet(backbone, c_feat, n_classes).to(device)
     params = trainable_parameters(net, cfg.train)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    opt = make_optimizer(net, params, cfg)
+    loss_fn = make_loss(cfg, has_background)
 
     compat = _compat_key(cfg, label_ids, train_spacing)
     # training volumes held out in turn change which subject each step draws from
@@ -300,6 +397,7 @@ def _finetune_into(
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="finetune", dynamic_ncols=True)
     step = start
     last_loss = float("nan")
+    stopped = ""
 
     def checkpoint(at: int) -> None:
         tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
@@ -315,7 +413,7 @@ def _finetune_into(
             x, y = draw_batch(subjects, cfg, step, device, plan.left_out(step))
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_factor"]
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
                 if frozen_backbone:
                     with torch.no_grad():
@@ -345,8 +443,13 @@ def _finetune_into(
                 bar.write(f"step {step}: loss {last_loss:.4f}, {plan.dice_name} {last_val:.4f} ({last_on})")
             bar.set_postfix(loss=f"{last_loss:.3f}", dice=f"{last_val:.3f}")
             log.append(row)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            overrun = cfg.minutes is not None and time.perf_counter() - t0 > cfg.minutes * 60.0 * BUDGET_SLACK
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or overrun:
                 checkpoint(step)
+            if overrun and step < cfg.steps:
+                stopped = f"stopped at the {cfg.minutes:g}-minute budget after {step} of {cfg.steps} steps"
+                bar.write(stopped)
+                break
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (see io.cleanup_on_failure)
         if step > start:
             checkpoint(step)
@@ -366,6 +469,7 @@ def _finetune_into(
         "val_dice_name": plan.dice_name,
         "last_val_on": last_on,
         "seconds_this_run": round(time.perf_counter() - t0, 2),
+        "stopped": stopped,
     }
     net.eval()
     save_model_dir(net, meta, out)
