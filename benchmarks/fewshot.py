@@ -21,13 +21,14 @@ volume, and the learning curve (training loss every step; Dice on a held-out sub
 ``--val-every`` steps: monitoring only, the final model is the one scored). Writes ``fewshot.json``,
 ``fewshot.md``, ``fewshot_curves.png`` and ``fewshot_structures.png`` into ``--out``.
 
-Budgets (all overridable): on a GPU 2000 steps of two 96³ patches at the native 2 mm; on the CPU
-200 steps of two 48³ patches at 4 mm (the model frame; the label map comes back onto the 2 mm grid
-and is scored there) and 3 test subjects, about 25 minutes on one core for 1 and 3 training subjects
-and the three variants with the 5.9 M-parameter ``default`` architecture. Finetuning from scratch
-needs far more steps than a CPU allows, so the CPU budget measures the start of the learning curve.
+Budgets (all overridable): on a GPU 2000 steps of two 96³ patches at the native 2 mm; on the CPU the
+defaults of ``synthvox finetune`` there: a 30-minute budget per finetuned variant (``--minutes``; the
+steps it gives are in the results) of two 48³ patches at 3 mm (the model frame; the label map comes
+back onto the 2 mm grid and is scored there), and 3 test subjects. The training-free rows register
+every training subject (the atlases) onto every test subject with MIND features.
 
-    python benchmarks/fewshot.py                               # CPU budget: 200 steps at 4 mm, 48³ patches
+    python benchmarks/fewshot.py                               # CPU: 30 min per variant at 3 mm, 48³ patches
+    python benchmarks/fewshot.py --train-sizes 3 --variants default,atlas-weighted,ants-majority,finetuned+atlas
     python benchmarks/fewshot.py --device cuda --steps 2000 --patch 96 --test-subjects 0
     python benchmarks/fewshot.py --weights RUN/model --variants default,default-decoder
 """
@@ -65,9 +66,9 @@ ALL_METHODS = (*VARIANTS, *ATLAS_METHODS)
 
 #: Budgets per device (``--quick`` overrides both): steps, patch, batch, test subjects (0: all), val every.
 BUDGETS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 200, "patch": 48, "batch": 2, "test_subjects": 3, "val_every": 50, "spacing": 4.0},
-    "cuda": {"steps": 2000, "patch": 96, "batch": 2, "test_subjects": 0, "val_every": 200, "spacing": None},
-    "quick": {"steps": 10, "patch": 32, "batch": 1, "test_subjects": 1, "val_every": 5, "spacing": 4.0},
+    "cpu": {"steps": 1_000_000, "minutes": 30.0, "lr": 3e-3, "patch": 48, "batch": 2, "test_subjects": 3, "val_every": None, "spacing": 3.0},
+    "cuda": {"steps": 2000, "minutes": None, "lr": 1e-3, "patch": 96, "batch": 2, "test_subjects": 0, "val_every": 200, "spacing": None},
+    "quick": {"steps": 10, "minutes": None, "lr": 1e-3, "patch": 32, "batch": 1, "test_subjects": 1, "val_every": 5, "spacing": 4.0},
 }
 
 
@@ -159,7 +160,8 @@ def run_one(
         [data[s][0] for s in train], [data[s][1] for s in train], out_dir=out, init=init_arg,
         variant=args.variant, steps=args.steps, patch_size=args.patch, batch_size=args.batch, lr=args.lr,
         train=trained, val=data[val_subject], device=device, seed=args.seed, spacing=args.spacing,
-        val_every=args.val_every, checkpoint_every=args.steps, model_overrides=overrides, progress=False,
+        val_every=args.val_every, checkpoint_every=None if args.minutes else args.steps, model_overrides=overrides,
+        progress=False, minutes=args.minutes,
     )
     wall = time.perf_counter() - t0
     timing = step_seconds(out / "log.csv")
@@ -192,6 +194,7 @@ def run_one(
         "train_s_total": wall,
         "inference_s_per_volume": float(np.mean(inf_s)),
         "final_loss": curve["loss"][-1],
+        "steps": curve["step"][-1],
         "curve": curve,
     }
     print(f"  {variant:16s} {len(train)} train: mean Dice {res['mean_dice']:.3f}  {res['s_per_step']:.2f} s/step  "
@@ -356,7 +359,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{payload['date']} · commit {payload['commit']} · {common.machine_line(payload['machine'])} · "
         f"device {s['device']}",
         "",
-        f"Budget per variant: {s['steps']} steps, patch {s['patch']}³, batch {s['batch']}, lr {s['lr']}, "
+        f"Budget per variant: {str(s['minutes']) + ' min' if s.get('minutes') else str(s['steps']) + ' steps'}, patch {s['patch']}³, batch {s['batch']}, lr {s['lr']}, "
         f"spacing {s['spacing'] or 'native (2 mm)'}; pretrained weights: {payload['weights'] or '–'}"
         + (f" ({payload['weights_note']})" if payload.get("weights_note") else "")
         + "." + (f" {payload['skipped']}." if payload.get("skipped") else ""),
@@ -370,7 +373,9 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append("")
         table = [["**mean Dice**", *[r["mean_dice"] for r in rows]]]
         table += [[k.replace("_", " "), *[r["per_structure"][k] for r in rows]] for k in names]
-        table += [["finetune s/step", *[r["s_per_step"] for r in rows]],
+        table += [["structures found (Dice > 0.1)", *[sum(v > 0.1 for v in r["per_structure"].values()) for r in rows]],
+                  ["finetune steps", *[r.get("steps", float("nan")) for r in rows]],
+                  ["finetune s/step", *[r["s_per_step"] for r in rows]],
                   ["training s", *[r["train_s_total"] for r in rows]],
                   ["s/target (registrations + fusion, or inference)", *[r["inference_s_per_volume"] for r in rows]]]
         lines.append(common.md_table(["structure", *[r["variant"] for r in rows]], table))
@@ -384,10 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)}")
     ap.add_argument("--weights", type=Path, default=None, help="pretrained model directory (default: the shipped weights)")
     ap.add_argument("--variant", default="default", help="architecture of the random network when there are no weights")
-    ap.add_argument("--steps", type=int, default=None, help="finetuning steps per variant (CPU default 200, GPU 2000)")
+    ap.add_argument("--steps", type=int, default=None, help="finetuning steps per variant (GPU default 2000; on the CPU a --minutes budget)")
+    ap.add_argument("--minutes", type=float, default=None, help="wall-clock budget per finetuned variant (CPU default 30, as synthvox finetune)")
     ap.add_argument("--patch", type=int, default=None, help="training patch and inference window (CPU 48, GPU 96)")
     ap.add_argument("--batch", type=int, default=None, help="patches per step (2)")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: synthvox finetune's for the device)")
     ap.add_argument("--spacing", type=float, default=None, help="training spacing in mm (CPU default 4, GPU native 2 mm); Dice is always scored on the 2 mm T1 grid")
     ap.add_argument("--val-every", type=int, default=None, help="steps between held-out Dice checks")
     ap.add_argument("--test-subjects", type=int, default=None, help="score only the first N test subjects (0: all)")
@@ -400,6 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = BUDGETS["quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")]
+    if args.steps is not None and args.minutes is None:
+        budget["minutes"] = None  # a step count replaces the CPU's minutes budget
     for k, v in budget.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

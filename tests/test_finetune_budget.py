@@ -73,7 +73,7 @@ def test_the_head_learns_faster_and_dice_leaves_background_out():
 def test_device_defaults_and_the_cli_budget_options(tmp_path):
     assert device_defaults("cuda:1") == DEVICE_DEFAULTS["cuda"] and device_defaults("cuda")["steps"] == 2000
     cpu = device_defaults("cpu")
-    assert cpu["minutes"] == 30.0 and cpu["patch_size"] == 48 and cpu["min_spacing"] == 3.0
+    assert cpu["minutes"] == 30.0 and cpu["patch_size"] == 48 and cpu["min_spacing"] == 3.0 and cpu["lr"] == 3e-3
     img, lab = pair()
     io.save(img, tmp_path / "img.nii.gz")
     io.save(lab, tmp_path / "lab.nii.gz", labels=True)
@@ -86,5 +86,5 @@ def test_device_defaults_and_the_cli_budget_options(tmp_path):
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "m"), "--steps", "2", "--init", "random", "--variant", "tiny", "--patch", "32"])
     assert r.exit_code == 0, r.output
     meta = read_meta(tmp_path / "m")
-    assert meta.train["steps"] == 2 and meta.train["minutes"] is None
+    assert meta.train["steps"] == 2 and meta.train["minutes"] is None and meta.train["lr"] == 3e-3
     assert meta.spacing == [3.0, 3.0, 3.0]  # 1.5 mm inputs trained at the CPU's 3 mm

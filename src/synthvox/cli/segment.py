@@ -32,7 +32,7 @@ def finetune_command(
     val_label: Path | None = typer.Option(None, "--val-label", help="Label map of --val-image."),
     patch: int | None = typer.Option(None, "--patch", help="Training patch (and inference window) size, voxels (default: 96 on a GPU, 48 on a CPU)."),
     batch: int = typer.Option(2, "--batch", help="Patches per step."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (AdamW, cosine decay; default: 1e-3 on a GPU, 3e-3 on a CPU)."),
     spacing: float | None = typer.Option(None, "--spacing", help="Training spacing in mm (default: median of the inputs; on a CPU at least 3 mm)."),
     modality: str = typer.Option("auto", "--modality", help="Intensity normalisation: auto, mr or ct."),
     val_every: int | None = typer.Option(None, "--val-every", help="Steps between held-out checks (default: steps/10)."),
@@ -60,7 +60,8 @@ def finetune_command(
         raise InputError(f"--train must be one of {', '.join(TRAIN_MODES)}, got {train!r}")
     if modality.lower() not in ("auto", "mr", "ct"):
         raise InputError(f"--modality must be auto, mr or ct, got {modality!r}")
-    check_number("--lr", lr, 0.0, low_open=True)
+    if lr is not None:
+        check_number("--lr", lr, 0.0, low_open=True)
     from synthvox.config import apply_overrides
 
     augment = apply_overrides(dataclasses.replace(AugmentConfig(), flip=flip), settings, "--set")
@@ -95,7 +96,7 @@ def finetune_command(
         patch_size=patch if patch is not None else budget["patch_size"],
         min_spacing=budget["min_spacing"],
         batch_size=batch,
-        lr=lr,
+        lr=lr if lr is not None else budget["lr"],
         train=train,
         val=val,
         device=dev,
