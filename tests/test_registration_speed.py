@@ -141,3 +141,29 @@ def test_region_of_the_data_term():
     sl = (slice(None), *(slice(10, -10),) * 3)
     assert abs(float(c[sl][0].mean()) - float(a[sl][0].mean())) < 0.2
     assert np.isfinite(c.numpy()).all()
+
+
+def test_register_gives_the_same_result_on_one_or_two_threads_and_restores_them():
+    """Independent tasks side by side on one intra-op thread each: the result does not depend on the
+    number of threads, and torch's setting is what it was afterwards."""
+    from test_registration import CFG, phantom, warped_pair
+
+    from synthvox.registration import register
+    from synthvox.volume import Volume
+
+    img = phantom(32)
+    moving, _ = warped_pair(img, amp=1.5)
+    aff4 = np.diag([1.0, 1.0, 1.0, 1.0])
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            res = register(Volume(img, aff4), Volume(moving, aff4), features="mind", config=CFG)
+            assert torch.get_num_threads() == n
+            out[n] = res
+        assert torch.equal(out[1].warp.data, out[2].warp.data)
+        assert torch.equal(out[1].inverse_warp.data, out[2].inverse_warp.data)
+        assert out[1].report["initial_choice"] == out[2].report["initial_choice"]
+    finally:
+        torch.set_num_threads(before)

@@ -17,6 +17,7 @@ Every transform is a 4x4 matrix mapping FIXED's world (RAS, mm) to MOVING's worl
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from synthvox.errors import InputError
 from synthvox.registration.convex import box3, pool
+from synthvox.registration.parallel import run_tasks
 from synthvox.registration.warp import transform_points, world_points
 from synthvox.volume import Volume, normalise_coords, resample_to_grid, spacing_of
 
@@ -336,7 +338,7 @@ def improves(before: float, after: float, rel: float = 0.02, abs_tol: float = 1e
 
 def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, candidates: list[Candidate],
                      *, search_mm: float = 64.0, factor: int = 2, iters: int = 30,
-                     prior_weight: float = PRIOR_WEIGHT) -> list[dict]:
+                     prior_weight: float = PRIOR_WEIGHT, workers: int = 1) -> list[dict]:
     """Score every candidate after a translation search and a short coarse affine, with a rotation prior.
 
     Each candidate is refined by :func:`fit_affine` on MIND-SSC features of grids ``2 * factor`` times
@@ -353,6 +355,7 @@ def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, ca
         factor: coarsening of the working grid for the features.
         iters: Adam steps of the short affine.
         prior_weight: weight of the rotation prior (0 turns it off).
+        workers: threads scoring candidates side by side (:func:`synthvox.registration.parallel.run_tasks`).
 
     Returns:
         One dict per candidate, in order: ``name``, ``start`` (the candidate), ``matrix`` (after the short
@@ -372,8 +375,8 @@ def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, ca
     scale = total_std(ff, wc > 0.5)
     ff = ff / scale
     wc = interior(torch.ones_like(wc), edge_margins(cshape, FOV_MARGIN, 2)) * wc
-    out = []
-    for name, cand in candidates:
+
+    def score(name: str, cand: np.ndarray) -> dict:
         eshape, eaff = extended_grid(caff, moving, cand, align=2)
         me = resample_through(moving, cand, eshape, eaff, padding="border")
         valid = fov_weight(moving, cand, eshape, eaff, edge_margins(cshape, FOV_MARGIN))
@@ -385,9 +388,11 @@ def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, ca
         if not improves(cost0 + rotation_prior(cand, prior_weight), cost + rotation_prior(np.asarray(cand) @ q, prior_weight)):
             q, cost = np.eye(4), cost0  # the candidate as it is was as good: keep it exactly
         total = np.asarray(cand) @ q
-        out.append({"name": name, "start": np.asarray(cand), "matrix": total, "cost": cost,
-                    "rotation_deg": rotation_angle_deg(total), "score": cost + rotation_prior(total, prior_weight)})
-    return out
+        return {"name": name, "start": np.asarray(cand), "matrix": total, "cost": cost,
+                "rotation_deg": rotation_angle_deg(total), "score": cost + rotation_prior(total, prior_weight)}
+
+    # the candidates are independent: side by side on ``workers`` threads (see registration.parallel)
+    return run_tasks([functools.partial(score, name, cand) for name, cand in candidates], workers)
 
 
 def _level_points(feat_fixed: torch.Tensor, fixed_affine: np.ndarray, weight_fixed: torch.Tensor, factor: int,

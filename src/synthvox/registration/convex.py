@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from synthvox.registration.parallel import run_tasks
 from synthvox.volume import sample_at, voxel_grid
 
 #: Coupling weights of the alternation (the reference's schedule; for unit-variance features).
@@ -210,6 +211,7 @@ def convex_stage(
     weight_fixed: torch.Tensor | None = None,
     weight_moving: torch.Tensor | None = None,
     inverse_consistent: bool = True,
+    workers: int = 1,
 ) -> torch.Tensor:
     """The coarse stage: displacement ``(3, X, Y, Z)`` in fine voxels on the features' grid.
 
@@ -221,13 +223,18 @@ def convex_stage(
         weight_fixed: optional fixed mask ``(X, Y, Z)``.
         weight_moving: optional moving mask on the same grid.
         inverse_consistent: also solve moving-to-fixed and make the two consistent.
+        workers: threads for the two directions, solved side by side
+            (:func:`synthvox.registration.parallel.run_tasks`).
     """
     shape = tuple(int(s) for s in feat_fixed.shape[1:])
     ff, fm = pool(feat_fixed, grid), pool(feat_moving, grid)
     wf = pool(weight_fixed[None].float(), grid)[0] if weight_fixed is not None else None
     wm = pool(weight_moving[None].float(), grid)[0] if weight_moving is not None else None
-    fwd = coupled_convex(cost_volume(ff, fm, radius, wf, wm), radius)
+    tasks = [lambda: coupled_convex(cost_volume(ff, fm, radius, wf, wm), radius)]
     if inverse_consistent:
-        bwd = coupled_convex(cost_volume(fm, ff, radius, wm, wf), radius)
-        fwd, _ = inverse_consistency(fwd, bwd)
+        tasks.append(lambda: coupled_convex(cost_volume(fm, ff, radius, wm, wf), radius))
+    fields = run_tasks(tasks, workers)
+    fwd = fields[0]
+    if inverse_consistent:
+        fwd, _ = inverse_consistency(fwd, fields[1])
     return upsample_field(fwd, grid, shape)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ Stages (each timed in the report):
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +37,7 @@ from synthvox.registration import affine as aff
 from synthvox.registration.convex import box3, convex_stage
 from synthvox.registration.features import FEATURE_KINDS, FeatureExtractor, combine, feature_scales
 from synthvox.registration.instance import instance_optimise
+from synthvox.registration.parallel import run_tasks, single_op_threads
 from synthvox.registration.warp import (
     apply_displacement,
     compose_displacement,
@@ -313,8 +315,23 @@ def register(
         InputError: multi-channel images, label maps or masks off their image's grid, constant images,
             no overlap after initialisation, net features without weights.
     """
-    cfg = config or RegistrationConfig()
     dev = torch.device(device)
+    # one intra-op thread, independent tasks side by side instead (see registration.parallel)
+    with single_op_threads(dev) as workers:
+        return _register(fixed, moving, features=features, weights=weights, dev=dev, moving_labels=moving_labels,
+                         fixed_labels=fixed_labels, fixed_mask=fixed_mask, moving_mask=moving_mask, init=init,
+                         affine=affine, deformable=deformable, modality_fixed=modality_fixed,
+                         modality_moving=modality_moving, ct_window=ct_window, cfg=config or RegistrationConfig(),
+                         seed=seed, log=log, label_names=label_names, workers=workers)
+
+
+def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev: torch.device,
+              moving_labels: Volume | None, fixed_labels: Volume | None, fixed_mask: Volume | None,
+              moving_mask: Volume | None, init: str, affine: bool, deformable: bool, modality_fixed: str,
+              modality_moving: str, ct_window: tuple[float, float] | None, cfg: RegistrationConfig, seed: int,
+              log: Callable[[str], None] | None, label_names: Mapping[int, str] | None,
+              workers: int) -> RegistrationResult:
+    """:func:`register`'s work, with ``workers`` threads for independent tasks."""
     _check_single(fixed, "the fixed image")
     _check_single(moving, "the moving image")
     _check_on_grid(fixed_labels, fixed, "the fixed label map", "fixed image")
@@ -338,8 +355,9 @@ def register(
     for m, what in ((fmask_full, "fixed"), (mmask_full, "moving")):
         if m is not None and not bool(m.any()):
             raise InputError(f"the {what} mask is empty")
-    fixed_fg = fmask_full if fmask_full is not None else aff.foreground(fixed.data)
-    moving_fg = mmask_full if mmask_full is not None else aff.foreground(moving.data)
+    fixed_fg, moving_fg = run_tasks([lambda: fmask_full if fmask_full is not None else aff.foreground(fixed.data),
+                                     lambda: mmask_full if mmask_full is not None else aff.foreground(moving.data)],
+                                    workers)
     candidates = aff.initial_candidates(fixed, moving, init, fixed_fg, moving_fg)
     # edge values continued beyond both fields of view (as MIND pads): an image meets its own features
     fixed_w = resample_to_grid(fixed, wshape, waff, padding="border")
@@ -349,7 +367,7 @@ def register(
         world0, choice = candidates[0][1], "headers"
     else:
         scored = aff.score_candidates(fixed_w, fg_w, moving, candidates, search_mm=cfg.init_search_mm,
-                                      iters=cfg.init_iters, prior_weight=cfg.rotation_prior)
+                                      iters=cfg.init_iters, prior_weight=cfg.rotation_prior, workers=workers)
         best = min(scored, key=lambda c: c["score"])
         world0, choice = best["matrix"], best["name"]
     if not aff.bounding_boxes_overlap(fixed.shape, fixed.affine, moving.shape, moving.affine, world0):
@@ -373,8 +391,8 @@ def register(
     t = time.perf_counter()
     extractor = FeatureExtractor(kind=features, model=model, device=dev, modality_fixed=modality_fixed,
                                  modality_moving=modality_moving, ct_window=ct_window)
-    raw_f = extractor.raw(fixed_w.data, "fixed")
-    raw_m = extractor.raw(moving_e.data, "moving")
+    raw_f, raw_m = run_tasks([lambda: extractor.raw(fixed_w.data, "fixed"),
+                              lambda: extractor.raw(moving_e.data, "moving")], workers)
     scales = feature_scales(raw_f, fg_w > 0.5)
     feat_f = combine(raw_f, scales)
     feat_m = combine(raw_m, scales)
@@ -422,7 +440,7 @@ def register(
         grid = max(1, int(round(cfg.convex_grid_mm / s)))
         radius = max(1, int(round(cfg.convex_range_mm / (grid * s))))
         disp_w = convex_stage(feat_f, feat_mw, grid, radius, weight_fixed=fmask_w, weight_moving=mmask_w,
-                              inverse_consistent=cfg.inverse_consistent)
+                              inverse_consistent=cfg.inverse_consistent, workers=workers)
         times["convex"] = time.perf_counter() - t
         progress.stage("convex", times["convex"], f"search grid {grid * s:g} mm, range {grid * radius * s:g} mm")
         t = time.perf_counter()
@@ -444,9 +462,11 @@ def register(
     # 5b. never end worse than the start: compare the similarity of the result with the chosen
     # candidate's start and with the headers, on the working grid's features; keep the best
     t = time.perf_counter()
-    sim = {"headers": _similarity(feat_f, weight_f, feat_m, valid_e, eaff, waff, np.linalg.inv(world0)),
-           "start": _similarity(feat_f, weight_f, feat_m, valid_e, eaff, waff, np.eye(4)),
-           "final": _similarity(feat_f, weight_f, feat_m, valid_e, eaff, waff, residual, disp_w)}
+    similarity = functools.partial(_similarity, feat_f, weight_f, feat_m, valid_e, eaff, waff)
+    sim = dict(zip(("headers", "start", "final"), run_tasks(
+        [functools.partial(similarity, np.linalg.inv(world0)), functools.partial(similarity, np.eye(4)),
+         functools.partial(similarity, residual, disp_w)], workers)))
+    del similarity
     fallback = None
     if sim["final"] > min(sim["start"], sim["headers"]) + 1e-6:
         fallback = "headers" if sim["headers"] < sim["start"] else "start"
@@ -463,19 +483,18 @@ def register(
     # 6. composition and outputs
     t = time.perf_counter()
     with torch.no_grad():
-        disp = compose_displacement(fixed.shape, fixed.affine, world, disp_w, waff)
-        moved = apply_displacement(moving, disp, fixed.affine)
-        moved_labels = None
-        if moving_labels is not None:
-            moved_labels = apply_displacement(Volume(moving_labels.data.to(dev), moving_labels.affine), disp,
-                                              fixed.affine, labels=True)
-        fold = folding_percent(disp, affine=fixed.affine)
-        # the deformable stage alone (applied before the affine) and the inverse map on MOVING's grid
-        if disp_w is not None:
-            deform = compose_displacement(fixed.shape, fixed.affine, np.eye(4), disp_w, waff)
-        else:
-            deform = torch.zeros((3, *fixed.shape), device=dev)
-        inverse = inverse_displacement(moving.shape, moving.affine, world, disp_w, waff)
+        # the whole map, the deformable stage alone (applied before the affine) and the inverse map on
+        # MOVING's grid, side by side; then what the whole map gives
+        disp, deform, inverse = run_tasks([
+            lambda: compose_displacement(fixed.shape, fixed.affine, world, disp_w, waff),
+            lambda: (compose_displacement(fixed.shape, fixed.affine, np.eye(4), disp_w, waff) if disp_w is not None
+                     else torch.zeros((3, *fixed.shape), device=dev)),
+            lambda: inverse_displacement(moving.shape, moving.affine, world, disp_w, waff)], workers)
+        moved, moved_labels, fold = run_tasks([
+            lambda: apply_displacement(moving, disp, fixed.affine),
+            lambda: (apply_displacement(Volume(moving_labels.data.to(dev), moving_labels.affine), disp, fixed.affine,
+                                        labels=True) if moving_labels is not None else None),
+            lambda: folding_percent(disp, affine=fixed.affine)], workers)
     times["compose"] = time.perf_counter() - t
     progress.stage("compose", times["compose"], f"folding {fold:.3f}%")
     times["total"] = time.perf_counter() - t_start
