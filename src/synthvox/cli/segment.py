@@ -197,10 +197,9 @@ def _atlas_segmenter(images: list[Path], labels: list[Path], model: Path | None,
     from synthvox import io
     from synthvox.errors import InputError
     from synthvox.registration.features import FEATURE_KINDS
-    from synthvox.segmentation.atlas import FUSION_METHODS, Atlas, atlas_segmenter
+    from synthvox.segmentation.atlas import Atlas, atlas_segmenter, check_fusion
 
-    if fusion not in FUSION_METHODS:
-        raise InputError(f"--fusion must be one of {', '.join(FUSION_METHODS)}, got {fusion!r}")
+    check_fusion(fusion)
     if features == "auto":
         from synthvox.models.card import auto_features
 

@@ -99,6 +99,14 @@ def check_atlases(atlases: Sequence[Atlas]) -> list[int]:
     return sorted(ids)
 
 
+def check_fusion(fusion: str, beta: float = DEFAULT_BETA) -> None:
+    """Refuse an unknown fusion method or a weighting width that is not a positive number."""
+    if fusion not in FUSION_METHODS:
+        raise InputError(f"--fusion must be one of {', '.join(FUSION_METHODS)}, got {fusion!r}")
+    if not (beta > 0 and np.isfinite(beta)):
+        raise InputError(f"beta must be a positive number, got {beta}")
+
+
 def local_weights(target_features: torch.Tensor, moved_features: torch.Tensor) -> torch.Tensor:
     """The squared feature difference ``(X, Y, Z)`` of two ``(C, X, Y, Z)`` feature maps, averaged
     over a small neighbourhood (the ``d`` of the module docs)."""
@@ -281,10 +289,7 @@ def segment_with_atlases(
     from synthvox.registration.features import FeatureExtractor
     from synthvox.registration.pipeline import _resolve_model
 
-    if fusion not in FUSION_METHODS:
-        raise InputError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSION_METHODS)}")
-    if not (beta > 0 and np.isfinite(beta)):
-        raise InputError(f"beta must be a positive number, got {beta}")
+    check_fusion(fusion, beta)
     label_ids = check_atlases(atlases)
     dev = torch.device(device)
     say = log or (lambda _line: None)
@@ -346,10 +351,7 @@ def atlas_segmenter(
 ) -> Callable[[Volume], Volume]:
     """A per-image segmenter (:data:`synthvox.segmentation.folder.Segmenter`) that fuses ``atlases``
     (checked now, once for every image) with :func:`segment_with_atlases`."""
-    if fusion not in FUSION_METHODS:
-        raise InputError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSION_METHODS)}")
-    if not (beta > 0 and np.isfinite(beta)):
-        raise InputError(f"beta must be a positive number, got {beta}")
+    check_fusion(fusion, beta)
     check_atlases(atlases)
     if model is not None:
         from synthvox.segmentation.modeldir import read_meta
