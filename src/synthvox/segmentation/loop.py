@@ -249,6 +249,7 @@ def finetune(
             a model directory that already holds a run (without ``force`` or ``resume``), or (with
             ``resume``) a checkpoint from incompatible settings.
     """
+    t_call = time.perf_counter()  # a minutes budget counts from here
     images, labels = list(images), list(labels)
     out = Path(out_dir)
     check_run_dir(out, RUN_ENTRIES, resume, force, what="a model")  # before any work
@@ -302,6 +303,7 @@ def finetune(
             if any(ckpt_dir.glob("step_*.safetensors")) else ""
         raise InputError(f"--resume: no checkpoint found in {ckpt_dir}{older}")
     budget: dict[str, float] = {}
+    deadline = None
     if cfg.minutes is not None:
         saved = latest[2].get("config", {}) if latest is not None else {}
         if isinstance(saved.get("steps"), int) and isinstance(saved.get("val_every"), int):
@@ -311,6 +313,7 @@ def finetune(
             has_background = label_ids[0] == 0
             cfg, budget = budget_config(dataclasses.replace(cfg0, spacing=list(train_spacing)), subjects, backbone,
                                         len(label_ids), has_background, val_subject or subjects[0], device)
+            deadline = t_call + cfg.minutes * 60.0
             if progress:
                 print(f"finetune: {cfg.minutes:g} min budget: {cfg.steps} steps at {budget['s_per_step']:.2f} s/step, "
                       f"a check every {cfg.val_every} steps", file=sys.stderr)
@@ -323,7 +326,7 @@ def finetune(
         prepare_run_dir(out, RUN_ENTRIES, resume, force, what="a model")
         return _finetune_into(
             out, cfg, latest, backbone, source, subjects, plan, label_ids, train_spacing,
-            normalisation, device, progress,
+            normalisation, device, progress, deadline,
         )
 
 
@@ -340,8 +343,13 @@ def _finetune_into(
     normalisation: dict[str, Any],
     device: torch.device,
     progress: bool,
+    deadline: float | None = None,
 ) -> Path:
-    """The training loop of :func:`finetune`, writing into the existing folder ``out``."""
+    """The training loop of :func:`finetune`, writing into the existing folder ``out``.
+
+    ``deadline`` (a ``time.perf_counter()`` value) is the end of a minutes budget: at every check the
+    remaining steps are planned again from the pace so far (a busy machine slows down after the
+    calibration), so the cosine schedule still ends at the budget."""
     from tqdm.auto import tqdm
 
     has_background = label_ids[0] == 0
@@ -441,6 +449,13 @@ def _finetune_into(
                 best = last_val if not (best >= last_val) else best
                 row["val_dice"], row["val_on"] = f"{last_val:.4f}", last_on
                 bar.write(f"step {step}: loss {last_loss:.4f}, {plan.dice_name} {last_val:.4f} ({last_on})")
+                if deadline is not None and step < cfg.steps:
+                    pace = (time.perf_counter() - t0) / max(1, step - start)
+                    planned = step + max(1, int((deadline - time.perf_counter()) / pace))
+                    if planned < cfg.steps * 0.98 or planned > cfg.steps * 1.02:
+                        cfg = dataclasses.replace(cfg, steps=planned)
+                        bar.total = cfg.steps
+                        bar.write(f"step {step}: {cfg.steps} steps fit the budget at {pace:.2f} s per step")
             bar.set_postfix(loss=f"{last_loss:.3f}", dice=f"{last_val:.3f}")
             log.append(row)
             overrun = cfg.minutes is not None and time.perf_counter() - t0 > cfg.minutes * 60.0 * BUDGET_SLACK
@@ -458,6 +473,7 @@ def _finetune_into(
         bar.close()
         log.close()
 
+    meta.train["steps"] = cfg.steps  # a minutes budget may have planned again along the way
     meta.history = {
         "steps": step,
         "final_loss": last_loss,
