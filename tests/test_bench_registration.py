@@ -120,7 +120,7 @@ def test_quick_run_one_pair(tmp_path):
         for m in ("affine", "mind"):
             rb = nich[m]["pairs"][0]["ants_readback"]
             assert rb["warp_labels_agree"] > 0.99 and rb["affine_deformable_labels_agree"] > 0.99, rb
-            assert rb["warp_image_max_diff_rel"] < 0.05, rb
+            assert rb["warp_image_max_diff_rel"] < 1e-3, rb  # where the map lands inside MOVING
             # the inverse moves FIXED's labels onto MOVING about as well as the forward map does the reverse
             assert rb["inverse_labels_agree_moving"] > rb["forward_labels_agree_fixed"] - 0.1, rb
         assert "read back by antspyx" in (tmp_path / "registration.md").read_text()
