@@ -58,6 +58,21 @@ def test_mind_by_slices_equals_the_convolution():
         assert torch.allclose(mind.mind_ssc(x, radius, dilation), _mind_by_convolution(x, radius, dilation), atol=1e-5)
 
 
+def test_mind_by_slabs_equals_the_whole_volume(monkeypatch):
+    """Slabs of one, two and five slices (a last slab shorter than the others) give the whole-volume
+    values, borders included; the batched input still takes the whole-volume path."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(1, 11, 9, 13, generator=g, dtype=torch.float64)
+    ref = mind.mind_ssc(x[None])[0]  # batched: the whole-volume formulation
+    assert torch.allclose(_mind_by_convolution(x.float()), ref.float(), atol=1e-5)
+    for per_slab in (9 * 13, 2 * 9 * 13, 5 * 9 * 13):
+        monkeypatch.setattr(mind, "SLAB_VOXELS", per_slab)
+        out = mind.mind_ssc(x)
+        assert out.shape == (12, 11, 9, 13) and out.dtype == torch.float64
+        assert torch.allclose(out, ref, atol=1e-12)
+    assert torch.equal(mind.mind_ssc(torch.ones(1, 6, 5, 4)), torch.ones(12, 6, 5, 4))
+
+
 def test_fft_correlation_equals_conv3d():
     g = torch.Generator().manual_seed(2)
     inp, ker = torch.randn(5, 21, 19, 17, generator=g), torch.randn(5, 9, 8, 7, generator=g)
@@ -74,6 +89,31 @@ def test_separable_interior_equals_the_3d_erosion():
         outside = 1.0 - F.pad(m.float()[None, None], pad, value=0.0)
         ref = torch.minimum(m.float(), 1.0 - F.max_pool3d(outside, tuple(2 * v + 1 for v in ms), stride=1)[0, 0])
         assert torch.equal(aff.interior(m, margin), ref)
+
+
+def test_fov_weight_from_positions_equals_resampling_ones():
+    """The cover computed from the sample positions is the one of an all-ones MOVING sampled with
+    zero padding, for oblique transforms that cut MOVING's field of view on every side."""
+    from synthvox.volume import Volume
+
+    rng = np.random.default_rng(7)
+    a = np.diag([1.3, 0.9, 2.0, 1.0])
+    a[:3, 3] = [3.0, -5.0, 7.0]
+    moving = Volume(torch.rand(1, 40, 50, 30), a)
+    grid = np.diag([2.0, 2.0, 2.0, 1.0])
+    grid[:3, 3] = [-20.0, -10.0, -5.0]
+    for trial in range(3):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        q[:, 0] *= np.sign(np.linalg.det(q))
+        world = np.eye(4)
+        world[:3, :3] = q if trial else np.eye(3)
+        centre = a[:3, :3] @ np.array([20.0, 25.0, 15.0]) + a[:3, 3]  # rotations about MOVING's centre
+        world[:3, 3] = centre - world[:3, :3] @ centre + rng.normal(size=3) * 5
+        ones = Volume(torch.ones((1, *moving.shape)), moving.affine)
+        cover = aff.resample_through(ones, world, (45, 50, 40), grid).data[0]
+        expected = aff.interior((cover > 0.999).float(), 2)
+        got = aff.fov_weight(moving, world, (45, 50, 40), grid, 2)
+        assert 0 < float(expected.sum()) < expected.numel() and torch.equal(got, expected)
 
 
 def test_channels_last_cost_volume_and_convex_match_the_direct_formula():

@@ -190,9 +190,24 @@ def interior(mask: torch.Tensor, margin: int | list[int]) -> torch.Tensor:
 
 def fov_weight(moving: Volume, world: np.ndarray, shape: tuple[int, int, int], affine: np.ndarray,
                margin: int | list[int]) -> torch.Tensor:
-    """Where MOVING's field of view covers a grid (through ``world``), ``margin`` voxels inside its edge."""
-    ones = Volume(torch.ones((1, *moving.shape), device=moving.data.device), moving.affine)
-    cover = resample_through(ones, world, shape, affine).data[0]
+    """Where MOVING's field of view covers a grid (through ``world``), ``margin`` voxels inside its edge.
+
+    The cover is what linear sampling of an all-ones MOVING with zero padding gives, computed from the
+    sample positions alone: per axis ``clip(min(x + 1, n - x), 0, 1)`` at voxel position ``x`` of an
+    axis of ``n`` voxels, multiplied over the axes."""
+    device = moving.data.device
+    if min(moving.shape) < 2:  # grid_sample's convention for a single voxel: sample it everywhere
+        ones = Volume(torch.ones((1, *moving.shape), device=device), moving.affine)
+        cover = resample_through(ones, world, shape, affine).data[0]
+    else:
+        m = torch.as_tensor(np.linalg.inv(moving.affine) @ np.asarray(world) @ np.asarray(affine), device=device)
+        cover = torch.ones(shape, device=device)
+        for k, n in enumerate(moving.shape):
+            # the axis-k position of every voxel: separable in the grid's three index axes
+            idx = [torch.arange(v, device=device, dtype=torch.float64) for v in shape]
+            pos = (m[k, 0] * idx[0][:, None, None] + m[k, 1] * idx[1][None, :, None]
+                   + m[k, 2] * idx[2][None, None, :] + m[k, 3]).float()
+            cover.mul_(torch.minimum(pos + 1.0, float(n) - pos).clamp_(0.0, 1.0))
     return interior((cover > 0.999).float(), margin)
 
 
