@@ -117,12 +117,15 @@ def local_weights(target_features: torch.Tensor, moved_features: torch.Tensor) -
 
 
 def model_probabilities(model: Any, image: Volume, device: torch.device, tta: bool) -> tuple[torch.Tensor, list[int]]:
-    """A finetuned model's softmax probabilities on ``image``'s grid and the label id of each channel."""
+    """A finetuned model's softmax probabilities on ``image``'s grid and the label id of each channel.
+
+    ``model``: a model directory, or what :func:`~synthvox.segmentation.modeldir.load_model_dir`
+    returned for one (loaded once for many images)."""
     from synthvox.segmentation.infer import sliding_window_probabilities, to_model_frame
     from synthvox.segmentation.modeldir import load_model_dir
     from synthvox.volume import grid_to_grid, sample_at, voxel_grid
 
-    net, meta = load_model_dir(model, device)
+    net, meta = model if isinstance(model, tuple) else load_model_dir(model, device)
     frame = to_model_frame(image, meta.spacing, meta.normalisation)
     prob = sliding_window_probabilities(net, frame.data.to(device), meta.patch_size, device, overlap=0.5, tta=tta)
     m = torch.as_tensor(grid_to_grid(frame.affine, image.affine), dtype=torch.float64)
@@ -330,7 +333,7 @@ def segment_with_atlases(
         "features": features,
         "label_ids": label_ids,
         "atlases": entries,
-        "model": str(model) if model is not None else None,
+        "model": None if model is None else ("loaded model" if isinstance(model, tuple) else str(model)),
         "seconds": {k: round(v, 2) for k, v in times.items()},
     }
     return AtlasSegmentation(Volume(labels[None], image.affine.copy()), report)
@@ -353,10 +356,10 @@ def atlas_segmenter(
     (checked now, once for every image) with :func:`segment_with_atlases`."""
     check_fusion(fusion, beta)
     check_atlases(atlases)
-    if model is not None:
-        from synthvox.segmentation.modeldir import read_meta
+    if model is not None:  # loaded once for every image; a clear error for a non-model directory now
+        from synthvox.segmentation.modeldir import load_model_dir
 
-        read_meta(model)  # a clear error for a non-model directory before any image is read
+        model = load_model_dir(model, device)
 
     def segmenter(image: Volume) -> Volume:
         return segment_with_atlases(image, atlases, fusion=fusion, beta=beta, features=features, weights=weights,
