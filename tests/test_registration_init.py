@@ -88,9 +88,9 @@ def test_rotation_prior_is_zero_at_headers_and_grows_with_the_angle():
     assert aff.rotation_prior(r180, 0.1) == pytest.approx(0.1 * (1 + np.cos(np.radians(aff.PRIOR_FREE_DEG))))
 
 
-def test_elongated_symmetric_head_comes_out_right_side_up():
-    """Its principal axes fit upside down and back to front almost as well as the right way; the
-    moving image has another contrast, a 10 degree tilt and a header 18 mm off."""
+def ambiguous_pair() -> tuple[Volume, Volume, Volume, Volume, np.ndarray]:
+    """The elongated head as FIXED, and MOVING in another contrast with a 10 degree tilt and a header
+    18 mm off: fixed, moving, their label maps and the true fixed-world -> moving-world matrix."""
     img, lab = head()
     shape = tuple(img.shape[1:])
     fixed_aff = make_affine(spacing=(SPACING,) * 3, angles=(0.0, 0.0, 0.0), origin=(-65.0, -50.0, -47.0))
@@ -109,6 +109,14 @@ def test_elongated_symmetric_head_comes_out_right_side_up():
     moving = Volume(other_contrast(resample_to_grid(fixed, mshape, through).data), mov_aff)
     mlab = Volume(resample_to_grid(flab, mshape, through, mode="nearest").data, mov_aff)
 
+    return fixed, moving, flab, mlab, truth
+
+
+def test_elongated_symmetric_head_comes_out_right_side_up():
+    """Its principal axes fit upside down and back to front almost as well as the right way; the
+    moving image has another contrast, a 10 degree tilt and a header 18 mm off."""
+    fixed, moving, flab, mlab, truth = ambiguous_pair()
+    img, shape, fixed_aff = fixed.data, fixed.shape, fixed.affine
     # the trap is real: with the foregrounds alone the flipped candidates are as good as the right one
     cands = aff.initial_candidates(fixed, moving, "moments")
     overlaps = []
@@ -240,3 +248,29 @@ def test_jacobian_det_by_cofactors_equals_linalg_det():
     ref = torch.linalg.det(grads + torch.eye(3))
     assert torch.allclose(jacobian_det(field), ref, atol=1e-5)
     assert torch.allclose(jacobian_det(torch.zeros(3, 4, 4, 4)), torch.ones(4, 4, 4))
+
+
+def test_the_short_affine_for_the_best_candidates_only_chooses_as_all_of_them():
+    """Candidates ranked by their translation search: the short affine of the best three gives the
+    same choice and the same matrices as running it for every candidate; the others keep their
+    search scores and are marked unrefined."""
+    fixed, moving, _, _, _ = ambiguous_pair()
+    wshape, waff = pipeline.working_grid(fixed, SPACING)
+    fixed_w = resample_to_grid(fixed, wshape, waff, padding="border")
+    fg = aff.foreground(fixed.data)
+    fg_w = resample_to_grid(Volume(fg[None].float(), fixed.affine), wshape, waff).data[0]
+    cands = aff.initial_candidates(fixed, moving, "moments")
+    every = aff.score_candidates(fixed_w, fg_w, moving, cands, refine=0)
+    best3 = aff.score_candidates(fixed_w, fg_w, moving, cands, refine=3)
+    assert [c["name"] for c in best3] == [n for n, _ in cands] and sum(c["refined"] for c in best3) == 3
+    assert all(c["refined"] for c in every)
+    order = sorted(range(len(cands)), key=lambda i: best3[i]["search_score"])
+    assert {i for i, c in enumerate(best3) if c["refined"]} == set(order[:3])
+    for a, b in zip(every, best3):
+        assert a["search_score"] == pytest.approx(b["search_score"], abs=1e-9)
+        if b["refined"]:
+            assert np.allclose(a["matrix"], b["matrix"], atol=1e-9) and a["score"] == pytest.approx(b["score"], abs=1e-9)
+        else:
+            assert b["score"] == b["search_score"]
+    choose = lambda rows: min((c for c in rows if c["refined"]), key=lambda c: c["score"])["name"]  # noqa: E731
+    assert choose(every) == choose(best3)

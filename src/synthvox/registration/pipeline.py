@@ -6,7 +6,8 @@ Stages (each timed in the report):
    FIXED's own spacing when coarser; capped at ``max_size`` voxels per axis, and fine enough for
    ``min_size`` voxels along the longest axis).
 2. **Initialisation** (``init``): named candidates (headers, centres of mass, principal axes), each
-   scored after a short coarse affine with a prior against rotations far from the headers'.
+   scored after a coarse translation search, the best three again after a short coarse affine, with a
+   prior against rotations far from the headers'.
 3. **Features** of FIXED on the working grid and of MOVING on a grid with the same axes covering all of
    MOVING: MIND-SSC, the network's, or both.
 4. **Affine** (optional): translation search then a coarse-to-fine Adam fit on the features.
@@ -61,7 +62,9 @@ class RegistrationConfig:
         affine_iters: Adam steps per affine level.
         search_mm: half-width of the affine stage's translation search.
         init_search_mm: half-width of the translation search that picks the initial transform.
-        init_iters: Adam steps of the short coarse affine that scores each initial candidate.
+        init_iters: Adam steps of the short coarse affine that scores the best initial candidates.
+        init_refine: how many of the candidates, ranked by their translation search, get that short
+            affine (0: all of them); only those can be chosen.
         rotation_prior: weight of the prior against rotations far from the headers' (initial scoring
             and affine stage; see :data:`synthvox.registration.affine.PRIOR_WEIGHT`).
         convex_grid_mm: control-point spacing of the discrete search.
@@ -88,6 +91,7 @@ class RegistrationConfig:
     search_mm: float = 16.0
     init_search_mm: float = 64.0
     init_iters: int = 30
+    init_refine: int = aff.REFINE
     rotation_prior: float = aff.PRIOR_WEIGHT
     convex_grid_mm: float = 8.0
     convex_range_mm: float = 24.0
@@ -372,8 +376,9 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
         world0, choice = candidates[0][1], "headers"
     else:
         scored = aff.score_candidates(fixed_w, fg_w, moving, candidates, search_mm=cfg.init_search_mm,
-                                      iters=cfg.init_iters, prior_weight=cfg.rotation_prior, workers=workers)
-        best = min(scored, key=lambda c: c["score"])
+                                      iters=cfg.init_iters, prior_weight=cfg.rotation_prior, workers=workers,
+                                      refine=cfg.init_refine)
+        best = min((c for c in scored if c["refined"]), key=lambda c: c["score"])
         world0, choice = best["matrix"], best["name"]
     if not aff.bounding_boxes_overlap(fixed.shape, fixed.affine, moving.shape, moving.affine, world0):
         raise InputError(f"the fixed and moving images do not overlap in world space after --init {init} (check their headers, or use --init com/moments)")
@@ -414,15 +419,18 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
         # half a coarsest cell more: no pooled fixed point starts on the moving edge
         weight_fit = weight_f * aff.interior(torch.ones_like(weight_f),
                                              aff.edge_margins(wshape, aff.FOV_MARGIN, max(cfg.affine_levels) // 2))
+        pooled: dict = {}  # the pooled moving features of each level, made once for the fit and the costs
         residual = aff.fit_affine(feat_f, waff, feat_m, eaff, weight_fixed=weight_fit, weight_moving=valid_e,
                                   levels=cfg.affine_levels, iters=cfg.affine_iters, search_mm=cfg.search_mm,
-                                  start_rotation=aff.rotation_part(world0), prior_weight=cfg.rotation_prior)
+                                  start_rotation=aff.rotation_part(world0), prior_weight=cfg.rotation_prior,
+                                  cache=pooled)
         # keep the start exactly when the fit did not improve on it (an image onto itself: the identity)
         finest = min(cfg.affine_levels)
         cost_fit = aff.affine_cost(feat_f, waff, feat_m, eaff, residual, weight_fixed=weight_fit,
-                                   weight_moving=valid_e, factor=finest)
+                                   weight_moving=valid_e, factor=finest, cache=pooled)
         cost_0 = aff.affine_cost(feat_f, waff, feat_m, eaff, np.eye(4), weight_fixed=weight_fit,
-                                 weight_moving=valid_e, factor=finest)
+                                 weight_moving=valid_e, factor=finest, cache=pooled)
+        del pooled
         if not aff.improves(cost_0 + aff.rotation_prior(world0, cfg.rotation_prior),
                             cost_fit + aff.rotation_prior(world0 @ residual, cfg.rotation_prior)):
             residual = np.eye(4)
@@ -518,7 +526,8 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
         "adam_steps": int(adam_stats["steps"]),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         "initial_candidates": [{"name": c["name"], "score": round(c["score"], 6), "cost": round(c["cost"], 6),
-                                "rotation_deg": round(c["rotation_deg"], 2)} for c in scored],
+                                "rotation_deg": round(c["rotation_deg"], 2), "search_score": round(c["search_score"], 6),
+                                "refined": bool(c["refined"])} for c in scored],
         "initial_choice": choice,
         "similarity": {k: round(v, 6) for k, v in sim.items()},
         "fallback": fallback,
