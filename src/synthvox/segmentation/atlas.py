@@ -123,15 +123,13 @@ def model_probabilities(model: Any, image: Volume, device: torch.device, tta: bo
     returned for one (loaded once for many images)."""
     from synthvox.segmentation.infer import sliding_window_probabilities, to_model_frame
     from synthvox.segmentation.modeldir import load_model_dir
-    from synthvox.volume import grid_to_grid, sample_at, voxel_grid
+    from synthvox.volume import resample_to_grid
 
     net, meta = model if isinstance(model, tuple) else load_model_dir(model, device)
     frame = to_model_frame(image, meta.spacing, meta.normalisation)
     prob = sliding_window_probabilities(net, frame.data.to(device), meta.patch_size, device, overlap=0.5, tta=tta)
-    m = torch.as_tensor(grid_to_grid(frame.affine, image.affine), dtype=torch.float64)
-    vox = (voxel_grid(image.shape, device=prob.device).to(torch.float64) @ m[:3, :3].T.to(prob.device)
-           + m[:3, 3].to(prob.device)).float()
-    return sample_at(prob, vox, mode="linear", padding="border").cpu(), [int(i) for i in meta.label_ids]
+    on_image = resample_to_grid(Volume(prob, frame.affine), image.shape, image.affine, padding="border")
+    return on_image.data.cpu(), [int(i) for i in meta.label_ids]
 
 
 @dataclass
