@@ -90,6 +90,26 @@ def make_loss(cfg: FinetuneConfig, has_background: bool) -> nn.Module:
                       include_background=bool(cfg.dice_background) or not has_background)
 
 
+def optimisation_step(net: SegmentationNet, opt: torch.optim.Optimizer, loss_fn: nn.Module, params: list[nn.Parameter],
+                      x: torch.Tensor, y: torch.Tensor, *, frozen_backbone: bool = False) -> float:
+    """One step on a batch (bf16 autocast on CUDA; a frozen backbone runs without gradients; a
+    non-finite loss is skipped); returns the loss. The loop and the budget's calibration both take it."""
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        if frozen_backbone:
+            with torch.no_grad():
+                feats = net.backbone(x)
+            logits = net.head(feats)
+        else:
+            logits = net(x)
+    loss = loss_fn(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    if torch.isfinite(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 12.0)
+        opt.step()
+    return float(loss.detach())
+
+
 #: Timed steps (the first one not counted) and checks of the calibration that fixes a minutes budget.
 CALIBRATION_STEPS = 4
 #: Held-out checks a minutes budget plans for.
@@ -108,7 +128,6 @@ def budget_config(cfg0: FinetuneConfig, subjects: Sequence[Subject], backbone: n
     timings.
     """
     import copy
-    import dataclasses
     import statistics
 
     t_start = time.perf_counter()
@@ -120,13 +139,12 @@ def budget_config(cfg0: FinetuneConfig, subjects: Sequence[Subject], backbone: n
     probe = cfg0.resolved()
     times = []
     net.train()
+    if cfg0.train == "head":
+        net.backbone.eval()
     for i in range(CALIBRATION_STEPS):
         t = time.perf_counter()
         x, y = draw_batch(subjects, probe, i, device)
-        loss = loss_fn(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimisation_step(net, opt, loss_fn, params, x, y, frozen_backbone=cfg0.train == "head")
         times.append(time.perf_counter() - t)
     t_step = statistics.median(times[1:])
     t = time.perf_counter()
@@ -400,7 +418,6 @@ def _finetune_into(
     net.train()
     if frozen_backbone:
         net.backbone.eval()
-    use_amp = device.type == "cuda"
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="finetune", dynamic_ncols=True)
     step = start
@@ -422,20 +439,7 @@ def _finetune_into(
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_factor"]
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                if frozen_backbone:
-                    with torch.no_grad():
-                        feats = net.backbone(x)
-                    logits = net.head(feats)
-                else:
-                    logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 12.0)
-                opt.step()
-            last_loss = float(loss.detach())
+            last_loss = optimisation_step(net, opt, loss_fn, params, x, y, frozen_backbone=frozen_backbone)
             step += 1
             bar.update(1)
             row: dict[str, Any] = {"step": step, "loss": f"{last_loss:.5f}", "lr": f"{lr:.3e}", "val_dice": "",
