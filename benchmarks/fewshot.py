@@ -178,17 +178,12 @@ def run_one(
             torch.cuda.synchronize()
         inf_s.append(time.perf_counter() - t)
         per_subject[s] = score(seg.data, ref.data, names)
-    mat = np.array([[per_subject[s][n] for n in names] for s in test], dtype=float)
-    per_structure = dict(zip(names, np.nanmean(mat, axis=0).tolist()))
     res = {
         "variant": variant,
         "init": "random" if init == "random" else str(args.weights),
         "trained": trained,
         "n_train": len(train),
-        "mean_dice": float(np.nanmean(mat)),
-        "mean_dice_per_subject": {s: float(np.nanmean(list(per_subject[s].values()))) for s in test},
-        "per_structure": per_structure,
-        "per_subject": per_subject,
+        **dice_summary(per_subject, names),
         "s_per_step": timing["s_per_step"],
         "steps_per_s": 1.0 / timing["s_per_step"] if timing["s_per_step"] > 0 else float("nan"),
         "train_s_total": wall,
@@ -202,15 +197,22 @@ def run_one(
     return res
 
 
+def dice_summary(per_subject: dict[str, dict[str, float]], names: list[str]) -> dict[str, Any]:
+    """Mean Dice overall, per test subject and per structure, from Dice per structure per subject."""
+    mat = np.array([[per_subject[s][n] for n in names] for s in per_subject], dtype=float)
+    return {
+        "mean_dice": float(np.nanmean(mat)),
+        "mean_dice_per_subject": {s: float(np.nanmean(list(per_subject[s].values()))) for s in per_subject},
+        "per_structure": dict(zip(names, np.nanmean(mat, axis=0).tolist())),
+        "per_subject": per_subject,
+    }
+
+
 def _scored(method: str, n_train: int, per_subject: dict[str, dict[str, float]], names: list[str],
             seconds: list[float], extra: dict[str, Any]) -> dict[str, Any]:
     """A result row of a training-free method (same keys as :func:`run_one`'s where they apply)."""
-    test = list(per_subject)
-    mat = np.array([[per_subject[s][n] for n in names] for s in test], dtype=float)
     res = {
-        "variant": method, "n_train": n_train, "mean_dice": float(np.nanmean(mat)),
-        "mean_dice_per_subject": {s: float(np.nanmean(list(per_subject[s].values()))) for s in test},
-        "per_structure": dict(zip(names, np.nanmean(mat, axis=0).tolist())), "per_subject": per_subject,
+        "variant": method, "n_train": n_train, **dice_summary(per_subject, names),
         "s_per_step": float("nan"), "train_s_total": 0.0, "inference_s_per_volume": float(np.mean(seconds)),
         **extra,
     }
