@@ -4,11 +4,12 @@ early stop and the data-term region do what they say."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from synthvox.registration import affine as aff
-from synthvox.registration import mind
+from synthvox.registration import mind, sampling
 from synthvox.registration.convex import box3, cost_volume, coupled_convex, displacement_offsets
 from synthvox.registration.instance import instance_optimise
 from synthvox.registration.warp import invert_field
@@ -183,10 +184,33 @@ def test_region_of_the_data_term():
     assert np.isfinite(c.numpy()).all()
 
 
-def test_register_gives_the_same_result_on_one_or_two_threads_and_restores_them():
-    """Independent tasks side by side on one intra-op thread each: the result does not depend on the
-    number of threads, and torch's setting is what it was afterwards."""
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_points_sampled_by_threads_equal_grid_sample_values_and_gradients(padding):
+    """The points split over threads are sampled exactly as by one ``grid_sample``, forward and
+    backward, whatever the number of workers (also when the chunks are uneven)."""
+    g = torch.Generator().manual_seed(0)
+    vol = torch.randn(5, 17, 13, 11, generator=g)
+    pos0 = torch.rand(3 * sampling.MIN_CHUNK + 7, 3, generator=g) * 2.4 - 1.2  # some outside the grid
+    weights = torch.randn(5, pos0.shape[0], generator=g)
+    ref_pos = pos0.clone().requires_grad_()
+    ref = F.grid_sample(vol[None], ref_pos.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode=padding,
+                        align_corners=True)[0, :, :, 0, 0]
+    (ref * weights).sum().backward()
+    for workers in (1, 2, 3):
+        pos = pos0.clone().requires_grad_()
+        out = sampling.sample_points(vol, pos, padding, workers)
+        (out * weights).sum().backward()
+        assert torch.equal(out, ref)
+        assert torch.equal(pos.grad, ref_pos.grad)
+
+
+def test_register_gives_the_same_result_on_one_or_two_threads_and_restores_them(monkeypatch):
+    """Independent tasks side by side on one intra-op thread each, and the sampled points of the fits
+    split between the threads: the result does not depend on the number of threads, and torch's
+    setting is what it was afterwards."""
     from test_registration import CFG, phantom, warped_pair
+
+    monkeypatch.setattr(sampling, "MIN_CHUNK", 64)  # a 32^3 phantom has too few points to split otherwise
 
     from synthvox.registration import register
     from synthvox.volume import Volume

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from synthvox.registration.convex import box3, pool, upsample_field
+from synthvox.registration.sampling import sample_points
 from synthvox.volume import normalise_coords, sample_at, voxel_grid
 
 
@@ -57,6 +58,7 @@ def instance_optimise(
     tol: float = 0.0,
     patience: int = 10,
     stats: dict | None = None,
+    workers: int = 1,
 ) -> torch.Tensor:
     """Refine a displacement field by Adam on feature SSD with diffusion regularisation.
 
@@ -80,6 +82,8 @@ def instance_optimise(
             less than ``tol`` (relative) from the ``patience`` steps before (0: always ``iters`` steps).
         patience: the window of the early stop.
         stats: when given, filled with ``steps`` (the steps taken) and ``loss`` (the last loss).
+        workers: threads sharing the sampling of the moving features
+            (:func:`synthvox.registration.sampling.sample_points`; the result does not depend on it).
 
     Returns:
         ``(3, X, Y, Z)`` displacement in voxels of the features' grid.
@@ -120,12 +124,10 @@ def instance_optimise(
             disp = box3(param, passes=3)
             d = disp.permute(1, 2, 3, 0)
             if keep is not None:
-                pos = normalise_coords(grid + d[keep], cshape).view(1, -1, 1, 1, 3)
-                sampled = F.grid_sample(mov[None], pos, mode="bilinear", padding_mode="border",
-                                        align_corners=True)[0, :, :, 0, 0]
+                sampled = sample_points(mov, normalise_coords(grid + d[keep], cshape), "border", workers)
             else:
-                pos = normalise_coords(grid + d, cshape)[None]
-                sampled = F.grid_sample(mov[None], pos, mode="bilinear", padding_mode="border", align_corners=True)[0]
+                pos = normalise_coords(grid + d, cshape).reshape(-1, 3)
+                sampled = sample_points(mov, pos, "border", workers).reshape(-1, *cshape)
             sq = (sampled[:n_ch] - ff).pow(2).sum(0)
             if weight_moving is not None or wf is not None:
                 w = torch.ones_like(sq)

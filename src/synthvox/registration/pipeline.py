@@ -97,7 +97,7 @@ class RegistrationConfig:
     convex_range_mm: float = 24.0
     adam_grid_mm: float = 4.0
     adam_iters: int = 80
-    adam_tol: float = 0.005
+    adam_tol: float = 0.01
     adam_patience: int = 10
     adam_margin_mm: float = 8.0
     lam: float = 1.25
@@ -387,9 +387,11 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
         fmask_w = fg_w > 0.5
     align = int(np.lcm.reduce([int(v) for v in cfg.affine_levels])) if cfg.affine_levels else 1
     eshape, eaff = aff.extended_grid(waff, moving, world0, max_size=max(cfg.max_size, 256), align=align)
-    moving_e = aff.resample_through(moving, world0, eshape, eaff, padding="border")
-    # where MOVING's features are its own (not padding): the weight of the moving side everywhere
-    valid_e = aff.fov_weight(moving, world0, eshape, eaff, aff.edge_margins(wshape, aff.FOV_MARGIN))
+    # MOVING through the start, and where its features are its own (not padding): the weight of the
+    # moving side everywhere
+    moving_e, valid_e = run_tasks([
+        lambda: aff.resample_through(moving, world0, eshape, eaff, padding="border"),
+        lambda: aff.fov_weight(moving, world0, eshape, eaff, aff.edge_margins(wshape, aff.FOV_MARGIN))], workers)
     if mmask_full is not None:
         mmask_e = aff.resample_through(Volume(mmask_full[None].float(), moving.affine), world0, eshape, eaff).data[0] > 0.5
         valid_e = valid_e * mmask_e.float()
@@ -423,13 +425,13 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
         residual = aff.fit_affine(feat_f, waff, feat_m, eaff, weight_fixed=weight_fit, weight_moving=valid_e,
                                   levels=cfg.affine_levels, iters=cfg.affine_iters, search_mm=cfg.search_mm,
                                   start_rotation=aff.rotation_part(world0), prior_weight=cfg.rotation_prior,
-                                  cache=pooled)
+                                  cache=pooled, workers=workers)
         # keep the start exactly when the fit did not improve on it (an image onto itself: the identity)
         finest = min(cfg.affine_levels)
         cost_fit = aff.affine_cost(feat_f, waff, feat_m, eaff, residual, weight_fixed=weight_fit,
-                                   weight_moving=valid_e, factor=finest, cache=pooled)
+                                   weight_moving=valid_e, factor=finest, cache=pooled, workers=workers)
         cost_0 = aff.affine_cost(feat_f, waff, feat_m, eaff, np.eye(4), weight_fixed=weight_fit,
-                                 weight_moving=valid_e, factor=finest, cache=pooled)
+                                 weight_moving=valid_e, factor=finest, cache=pooled, workers=workers)
         del pooled
         if not aff.improves(cost_0 + aff.rotation_prior(world0, cfg.rotation_prior),
                             cost_fit + aff.rotation_prior(world0 @ residual, cfg.rotation_prior)):
@@ -467,7 +469,7 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
             disp_w = instance_optimise(feat_f, feat_mw, disp_w, stride=stride, iters=cfg.adam_iters, lam=cfg.lam,
                                        lr=cfg.adam_lr, weight_fixed=fmask_w, weight_moving=mmask_w,
                                        fold_weight=cfg.fold_weight, region=region, tol=cfg.adam_tol, patience=cfg.adam_patience,
-                                       stats=adam_stats)
+                                       stats=adam_stats, workers=workers)
         times["adam"] = time.perf_counter() - t
         progress.stage("adam", times["adam"], f"{adam_stats['steps']} steps on a {stride * s:g} mm grid")
         del feat_mw
@@ -495,19 +497,20 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
 
     # 6. composition and outputs
     t = time.perf_counter()
+    def forward_outputs() -> tuple[Any, ...]:
+        """The whole map, the deformable stage alone (applied before the affine), and what the whole map gives."""
+        disp = compose_displacement(fixed.shape, fixed.affine, world, disp_w, waff)
+        deform = (compose_displacement(fixed.shape, fixed.affine, np.eye(4), disp_w, waff) if disp_w is not None
+                  else torch.zeros((3, *fixed.shape), device=dev))
+        moved = apply_displacement(moving, disp, fixed.affine)
+        moved_labels = (apply_displacement(Volume(moving_labels.data.to(dev), moving_labels.affine), disp,
+                                           fixed.affine, labels=True) if moving_labels is not None else None)
+        return disp, deform, moved, moved_labels, folding_percent(disp, affine=fixed.affine)
+
     with torch.no_grad():
-        # the whole map, the deformable stage alone (applied before the affine) and the inverse map on
-        # MOVING's grid, side by side; then what the whole map gives
-        disp, deform, inverse = run_tasks([
-            lambda: compose_displacement(fixed.shape, fixed.affine, world, disp_w, waff),
-            lambda: (compose_displacement(fixed.shape, fixed.affine, np.eye(4), disp_w, waff) if disp_w is not None
-                     else torch.zeros((3, *fixed.shape), device=dev)),
-            lambda: inverse_displacement(moving.shape, moving.affine, world, disp_w, waff)], workers)
-        moved, moved_labels, fold = run_tasks([
-            lambda: apply_displacement(moving, disp, fixed.affine),
-            lambda: (apply_displacement(Volume(moving_labels.data.to(dev), moving_labels.affine), disp, fixed.affine,
-                                        labels=True) if moving_labels is not None else None),
-            lambda: folding_percent(disp, affine=fixed.affine)], workers)
+        # the inverse map on MOVING's grid (the longest task) beside all the others
+        (disp, deform, moved, moved_labels, fold), inverse = run_tasks([
+            forward_outputs, lambda: inverse_displacement(moving.shape, moving.affine, world, disp_w, waff)], workers)
     times["compose"] = time.perf_counter() - t
     progress.stage("compose", times["compose"], f"folding {fold:.3f}%")
     times["total"] = time.perf_counter() - t_start
