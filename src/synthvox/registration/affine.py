@@ -460,8 +460,9 @@ def _cached(cache: dict | None, key: tuple, make: Callable[[], Any]) -> Any:
 
 
 def _pool_moving(feat_moving: torch.Tensor, weight_moving: torch.Tensor, factor: int) -> torch.Tensor:
-    """MOVING's features and (last channel) weight, pooled by ``factor``."""
-    return pool(torch.cat([feat_moving.float(), weight_moving[None].float()], dim=0), factor)
+    """MOVING's features and (last channel) weight, pooled by ``factor`` (each pooled, then joined: no
+    copy of the full-resolution features)."""
+    return torch.cat([pool(feat_moving.float(), factor), pool(weight_moving[None].float(), factor)], dim=0)
 
 
 def _level_points(feat_fixed: torch.Tensor, fixed_affine: np.ndarray, weight_fixed: torch.Tensor, factor: int,

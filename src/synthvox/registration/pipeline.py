@@ -76,6 +76,8 @@ class RegistrationConfig:
         adam_patience: the window of that early stop.
         adam_margin_mm: the instance optimisation's data term is evaluated within this distance of
             FIXED's foreground (or mask) only (negative: everywhere); the field is regularised everywhere.
+        adam_subsample: each Adam step evaluates the data term on every n-th of those points, the
+            next step on the next share (see :func:`synthvox.registration.instance.instance_optimise`).
         lam: diffusion regularisation weight.
         adam_lr: Adam learning rate of the instance optimisation.
         fold_weight: weight of the penalty on Jacobian determinants near or below zero in the Adam
@@ -100,6 +102,7 @@ class RegistrationConfig:
     adam_tol: float = 0.01
     adam_patience: int = 10
     adam_margin_mm: float = 8.0
+    adam_subsample: int = 2
     lam: float = 1.25
     adam_lr: float = 1.0
     fold_weight: float = 50.0
@@ -206,10 +209,10 @@ def _similarity(feat_f: torch.Tensor, weight_f: torch.Tensor, feat_m: torch.Tens
             lin = torch.as_tensor(np.asarray(working_affine)[:3, :3], device=feat_f.device)
             x = x + disp_w.permute(1, 2, 3, 0).double() @ lin.T
         vox = transform_points(x, np.linalg.inv(moving_affine) @ np.asarray(residual)).float()
-        mv = sample_at(torch.cat([feat_m, valid_m[None].float()], dim=0), vox, padding="zeros")
+        mv = sample_at(feat_m, vox, padding="zeros")  # features and cover apart: no copy of MOVING's features
         w = weight_f.float()
-        ww = w * mv[-1]
-        sq = (mv[:-1] - feat_f).pow(2).sum(0)
+        ww = w * sample_at(valid_m[None].float(), vox, padding="zeros")[0]
+        sq = (mv - feat_f).pow(2).sum(0)
         return float(((ww * sq).sum() + ((w - ww) * 2.0).sum()) / w.sum().clamp_min(1e-6))
 
 
@@ -469,7 +472,8 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
             disp_w = instance_optimise(feat_f, feat_mw, disp_w, stride=stride, iters=cfg.adam_iters, lam=cfg.lam,
                                        lr=cfg.adam_lr, weight_fixed=fmask_w, weight_moving=mmask_w,
                                        fold_weight=cfg.fold_weight, region=region, tol=cfg.adam_tol, patience=cfg.adam_patience,
-                                       stats=adam_stats, workers=workers)
+                                       stats=adam_stats, workers=workers,
+                                       subsample=cfg.adam_subsample)
         times["adam"] = time.perf_counter() - t
         progress.stage("adam", times["adam"], f"{adam_stats['steps']} steps on a {stride * s:g} mm grid")
         del feat_mw
