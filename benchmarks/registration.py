@@ -18,7 +18,9 @@ Methods (``--methods``):
   centre-of-mass initialisation, affine then SyN, Mattes mutual information in both stages),
   labels moved with ``genericLabel`` (the ``bench`` extra; skipped with a reason when not installed);
 - ``mind``, ``net``, ``both``: ``synthvox.registration.register`` with those features (``net`` and
-  ``both`` need ``--weights`` or shipped default weights; skipped with a reason otherwise).
+  ``both`` need ``--weights`` or shipped default weights; skipped with a reason otherwise);
+- ``METHOD@MM`` for any synthvox method (``affine``, ``mind``, ``net``, ``both``): the same on a working
+  grid of MM mm instead of the default (``mind@2.5``), to measure the speed/accuracy trade-off side by side.
 
 Every (method, dataset) runs in its own child process (this script with ``--worker``), so the peak
 resident memory reported is that process's own ``ru_maxrss`` (imports, data and the method
@@ -41,6 +43,7 @@ Writes ``registration.json``, ``registration.md``, ``registration_dice.png`` (Di
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -59,6 +62,8 @@ import common  # noqa: E402
 
 NAME = "registration"
 METHODS = ("headers", "affine", "ants", "mind", "net", "both")
+#: the methods that run synthvox; each also as ``METHOD@MM``, on that working spacing instead of the default
+SYNTHVOX_METHODS = ("affine", "mind", "net", "both")
 DATASETS = ("nichart", "spine", "ctmr")
 DATASET_TITLES = {
     "nichart": "nichart_dev: T1 -> FLAIR, inter-subject (14 coarse DLMUSE structures)",
@@ -133,10 +138,27 @@ def _score(moved_labels: Any, fixed_labels: Any, spacing: np.ndarray, groups: di
             "hd95": hd, "mean_hd95": float(np.mean(hv)) if hv else float("nan")}
 
 
+def split_method(method: str) -> tuple[str, float | None]:
+    """``"mind@2.5"`` -> ``("mind", 2.5)``: a synthvox method on another working spacing (mm)."""
+    base, at, spacing = method.partition("@")
+    if not at:
+        return method, None
+    try:
+        value = float(spacing)
+    except ValueError:
+        value = float("nan")
+    if base not in SYNTHVOX_METHODS or not value > 0:
+        raise ValueError(f"bad method {method!r}: a spacing goes with {', '.join(SYNTHVOX_METHODS)}, e.g. mind@2.5")
+    return base, value
+
+
 def _run_synthvox(method: str, pair: dict[str, Any], data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from synthvox.registration import RegistrationConfig, register
 
+    method, spacing = split_method(method)
     cfg = RegistrationConfig(**QUICK_CONFIG) if args.quick else RegistrationConfig()
+    if spacing is not None:
+        cfg = dataclasses.replace(cfg, spacing=spacing)
     features = "mind" if method == "affine" else method
     t = time.perf_counter()
     res = register(data["fixed"], data["moving"], features=features, weights=args.weights, device=args.device,
@@ -304,7 +326,7 @@ def skip_reason(method: str, weights: str | None) -> str | None:
     """Why a method cannot run here (``None`` when it can)."""
     if method == "ants" and importlib.util.find_spec("ants") is None:
         return "antspyx is not installed (pip install 'synthvox[bench]')"
-    if method in ("net", "both") and weights is None:
+    if split_method(method)[0] in ("net", "both") and weights is None:
         return "no network weights: no default weights ship with this version and --weights was not given"
     return None
 
@@ -519,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="explicit nichart pair MOVING:FIXED, e.g. Subj5:Subj8 (repeatable; overrides --pairs)")
     ap.add_argument("--consecutive", action="store_true",
                     help="the 11 consecutive nichart pairs of issue 11 (Subj i -> Subj i+1, the last onto the first)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of {', '.join(METHODS)}; synthvox's also as METHOD@MM (working spacing), e.g. mind@2.5")
     ap.add_argument("--datasets", default=None, help=f"comma list of {', '.join(DATASETS)} (default all; --quick: nichart)")
     ap.add_argument("--weights", default=None, help="model directory for net/both (default: the shipped weights)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (synthvox methods; ANTs always runs on the CPU)")
@@ -550,8 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     datasets = [d for d in (args.datasets or ("nichart" if args.quick else ",".join(DATASETS))).split(",") if d]
     for m in methods:
-        if m not in METHODS:
-            ap.error(f"unknown method {m!r}: use {', '.join(METHODS)}")
+        try:
+            base = split_method(m)[0]
+        except ValueError as e:
+            ap.error(str(e))
+        if base not in METHODS:
+            ap.error(f"unknown method {m!r}: use {', '.join(METHODS)} (synthvox's also as METHOD@MM, e.g. mind@2.5)")
     for d in datasets:
         if d not in DATASETS:
             ap.error(f"unknown dataset {d!r}: use {', '.join(DATASETS)}")
@@ -563,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out if args.out is not None else common.RESULTS
     payload: dict[str, Any] = {**common.header(NAME, args.device), "threads": args.threads, "device": args.device,
                                "quick": bool(args.quick), "pairs": args.pairs, "pair_list": args.pair,
-                               "weights": args.weights if any(m in ("net", "both") for m in run) else None,
+                               "weights": args.weights if any(split_method(m)[0] in ("net", "both") for m in run) else None,
                                "methods": run, "skipped": skipped, "datasets": datasets,
                                "synthvox_config": QUICK_CONFIG if args.quick else "RegistrationConfig() defaults",
                                "ants": None, "results": {}}

@@ -32,6 +32,17 @@ def test_nichart_pairs_are_deterministic_inter_subject_pairs():
     assert sorted(a for a, _ in p) == sorted(b for _, b in p) == sorted(common.SUBJECTS)
 
 
+def test_a_synthvox_method_may_name_its_working_spacing():
+    assert registration.split_method("mind") == ("mind", None)
+    assert registration.split_method("mind@2.5") == ("mind", 2.5)
+    assert registration.split_method("both@3") == ("both", 3.0)
+    for bad in ("ants@2", "headers@2", "mind@", "mind@fast", "mind@-1", "mind@0", "mind@nan"):
+        with pytest.raises(ValueError, match="spacing goes with"):
+            registration.split_method(bad)
+    with pytest.raises(SystemExit):  # the command line refuses it before any work
+        registration.main(["--methods", "mind@fast", "--datasets", "nichart"])
+
+
 def test_group_index_recodes_groups_in_order():
     lab = np.array([0, 4, 11, 35, 1, 200, 7])
     out = registration.group_index(lab, {"a": [4, 11], "b": [35], "c": [200]})

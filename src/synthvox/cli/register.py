@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         no_deformable: bool = typer.Option(False, "--no-deformable", help="Stop after the affine stage."),
         fixed_mask: Path = typer.Option(None, "--fixed-mask", help="Region of FIXED to match."),
         moving_mask: Path = typer.Option(None, "--moving-mask", help="Region of MOVING to match."),
-        spacing: float = typer.Option(2.0, "--spacing", help="Working spacing in mm (FIXED's when coarser)."),
+        spacing: float = typer.Option(None, "--spacing", help="Working spacing in mm (default 2.5; FIXED's when coarser). 2 is a little more accurate on brains and takes 1.6x as long."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr (warnings still)."),
         settings: list[str] = typer.Option([], "--set", help="Solver setting KEY=VALUE of RegistrationConfig, e.g. adam_iters=80 (repeatable)."),
         device: str = DeviceOption,
@@ -73,8 +73,10 @@ def register(app: typer.Typer) -> None:
         from synthvox.registration.pipeline import register as run_registration
 
         dev = resolve_device(device)
-        check_number("--spacing", spacing, 0.0, low_open=True)
-        config = apply_overrides(RegistrationConfig(spacing=spacing), settings, "--set")
+        if spacing is not None:
+            check_number("--spacing", spacing, 0.0, low_open=True)
+        config = apply_overrides(RegistrationConfig() if spacing is None else RegistrationConfig(spacing=spacing),
+                                 settings, "--set")
         features = resolve_features(features, weights)
         check_out_dir(out, force, output_names(moving_labels is not None))
         names = _label_names(label_names)

@@ -54,7 +54,9 @@ class RegistrationConfig:
     """Settings of the solver (distances in mm, converted to working-grid voxels).
 
     Attributes:
-        spacing: working spacing; FIXED's finest spacing is used instead when coarser.
+        spacing: working spacing; FIXED's finest spacing is used instead when coarser. 2.5 mm: on the 11
+            consecutive brain pairs of benchmarks/registration.py mean Dice 0.727 in 0.45x the time of
+            ANTs SyN, against 0.732 in 0.73x on 2 mm (the same run, 2 threads).
         max_size: largest number of working voxels along an axis (the spacing grows to fit).
         min_size: fewest working voxels along the longest axis (the spacing shrinks to fit, down to
             FIXED's own): a small field of view (a spinal cord, 77 mm) is not registered on 20 voxels.
@@ -85,7 +87,7 @@ class RegistrationConfig:
         inverse_consistent: make the coarse stage inverse consistent.
     """
 
-    spacing: float = 2.0
+    spacing: float = 2.5
     max_size: int = 192
     min_size: int = 64
     affine_levels: tuple[int, ...] = (4, 2)
