@@ -101,7 +101,7 @@ class RegistrationConfig:
     convex_range_mm: float = 24.0
     adam_grid_mm: float = 4.0
     adam_iters: int = 80
-    adam_tol: float = 0.01
+    adam_tol: float = 0.03
     adam_patience: int = 10
     adam_margin_mm: float = 8.0
     adam_subsample: int = 2
