@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "reflect": ("reference padding (model.padding=reflect)", ["model.padding=reflect"]),
     "lr2e-4": ("reference learning rate (optim.lr=2e-4)", ["optim.lr=2e-4"]),
     "small": ("half the channels, ~1.5 M parameters (model.variant=small), about the same CPU time", ["model.variant=small"]),
+    "batch2": ("two pairs per step (batch_pairs=2), half the steps: about the same CPU time", ["batch_pairs=2"]),
     "balanced+fullres+2mm": ("the three that first looked promising, together",
                              ["loss.sampling=balanced", "loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}",
                               "data.synth={labels.fov_mm: 128}"]),
@@ -47,7 +48,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                     ["loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}", "data.synth={labels.fov_mm: 128}"]),
 }
 #: Steps multiplier that gives a variant the same CPU time as the default network (measured per step).
-STEP_FACTOR = {"small": 1.7}
+STEP_FACTOR = {"small": 1.7, "batch2": 0.5}
 
 
 def train(name: str, steps: int, work: Path) -> dict[str, Any]:
@@ -95,7 +96,7 @@ def markdown(rows: list[dict[str, Any]], steps: int) -> str:
                      m["nichart"]["mind"]["interior"], m.get("spine", {}).get("mind", {}).get("knn"),
                      m.get("ctmr", {}).get("mind", {}).get("knn"), rows[0]["mind_score"]])
     return (f"Recipe ablation: each variant trained from scratch on one CPU thread for {steps} steps at 64³ "
-            "(the default network; `small` gets the same CPU time), then probed (`features.py --quick`).\n\n"
+            "(the default network; `small` and `batch2` get the same CPU time), then probed (`features.py --quick`).\n\n"
             + common.md_table(head, body))
 
 
