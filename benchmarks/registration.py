@@ -562,8 +562,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads < 1:
         ap.error("--threads must be >= 1")
-    if not common.require_shared_data():
-        return 2
     if args.consecutive:
         subj = common.SUBJECTS
         args.pair = [f"{subj[i]}:{subj[(i + 1) % len(subj)]}" for i in range(len(subj))]
@@ -582,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in datasets:
         if d not in DATASETS:
             ap.error(f"unknown dataset {d!r}: use {', '.join(DATASETS)}")
+    if not common.require_shared_data():  # after the options: a mistake is named even without the data
+        return 2
     args.weights = resolve_weights(args.weights)
     skipped = {m: r for m in methods if (r := skip_reason(m, args.weights))}
     for m, why in skipped.items():

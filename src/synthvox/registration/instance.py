@@ -127,14 +127,14 @@ def instance_optimise(
         for step in range(iters):
             opt.zero_grad(set_to_none=True)
             disp = box3(param, passes=3)
-            kept, ff, wf, at_rest = draws[step % len(draws)]
+            kept, ff_k, wf_k, at_rest = draws[step % len(draws)]
             at = disp.reshape(3, -1).index_select(1, kept).T
             sampled = sample_points(mov, normalise_coords(at_rest + at, cshape), "border", workers)
-            sq = (sampled[:n_ch] - ff).pow(2).sum(0)
-            if weight_moving is not None or wf is not None:
+            sq = (sampled[:n_ch] - ff_k).pow(2).sum(0)
+            if weight_moving is not None or wf_k is not None:
                 w = torch.ones_like(sq)
-                if wf is not None:
-                    w = w * wf
+                if wf_k is not None:
+                    w = w * wf_k
                 if weight_moving is not None:
                     w = w * sampled[n_ch]
                 data = share * (w * sq).sum() / w.sum().clamp_min(1.0)

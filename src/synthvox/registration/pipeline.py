@@ -6,14 +6,14 @@ Stages (each timed in the report):
    FIXED's own spacing when coarser; capped at ``max_size`` voxels per axis, and fine enough for
    ``min_size`` voxels along the longest axis).
 2. **Initialisation** (``init``): named candidates (headers, centres of mass, principal axes), each
-   scored after a coarse translation search, the best three again after a short coarse affine, with a
-   prior against rotations far from the headers'.
+   scored after a coarse translation search, the best ``init_refine`` (two) again after a short coarse
+   affine, with a prior against rotations far from the headers'.
 3. **Features** of FIXED on the working grid and of MOVING on a grid with the same axes covering all of
    MOVING: MIND-SSC, the network's, or both.
 4. **Affine** (optional): translation search then a coarse-to-fine Adam fit on the features.
 5. **Deformable** (optional): ConvexAdam's coupled convex search then Adam instance optimisation
-   with diffusion regularisation and a folding penalty (on a 4 mm grid, its data term near FIXED's
-   foreground, stopped when its loss stops falling).
+   with diffusion regularisation and a folding penalty (on a grid of about ``adam_grid_mm``, its data
+   term near FIXED's foreground on half the points per step, stopped when its loss stops falling).
 6. **Check**: the result's feature match against the chosen start's and the headers'; a worse result
    is replaced by the better start, with a warning.
 7. **Composition** into one displacement field on FIXED's grid (ITK/ANTs convention), the deformable
