@@ -108,6 +108,26 @@ def test_atlases_registered_onto_a_deformed_target_beat_no_registration():
     assert all(0 < a["mean_weight"] <= 1 for a in res.report["atlases"])
 
 
+def test_atlases_are_registered_on_the_atlas_spacing_unless_a_config_is_given(monkeypatch):
+    import synthvox.registration as reg
+    from synthvox.segmentation import atlas as atlas_mod
+
+    used = []
+    real = reg.register
+
+    def spy(*args, **kwargs):
+        used.append(kwargs["config"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "register", spy)
+    img = phantom(32)
+    atlases = [Atlas(Volume(img, np.eye(4)), Volume(labels_of(img), np.eye(4)))]
+    segment_with_atlases(Volume(img, np.eye(4)), atlases, fusion="majority")
+    segment_with_atlases(Volume(img, np.eye(4)), atlases, fusion="majority", config=CFG)
+    assert used[0].spacing == atlas_mod.ATLAS_SPACING != reg.RegistrationConfig().spacing
+    assert used[1] is CFG
+
+
 def test_bad_atlases_and_settings_are_refused():
     img = phantom(24)
     aff = np.eye(4)

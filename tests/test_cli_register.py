@@ -58,6 +58,9 @@ def test_register_writes_outputs_and_refuses_overwrite(tmp_path):
     assert rep["initial_choice"] in [c["name"] for c in rep["initial_candidates"]]
     assert rep["folding_percent"] < 1.0
     assert set(rep["dice"]) == {"3", "43"}
+    from synthvox.registration import RegistrationConfig
+
+    assert rep["config"]["spacing"] == RegistrationConfig().spacing  # no --spacing: the solver's default
     assert rep["mean_dice"] > 0.7
     assert rep["seed"] == 1 and "total" in rep["seconds"]
     warp = nib.load(str(out / "warp.nii.gz"))
@@ -108,6 +111,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
                 "--weights", str(tmp_path / "no_such_model")])
     assert "no_such_model" in msg
     assert "unknown --features" in _err(["register", str(p["fixed"]), str(p["moving"]), "--out", out, "--features", "sift"])
+    for bad in ("nan", "inf", "0", "-1"):
+        assert "--spacing" in _err(["register", str(p["fixed"]), str(p["moving"]), "--out", out, "--spacing", bad])
     assert not (tmp_path / "o" / "moved.nii.gz").exists()
     assert "warp" in _err(["apply", str(p["moving"]), "--warp", str(p["fixed"]), "--out", str(tmp_path / "x.nii.gz")])
     # a non-NIfTI output name is refused before the warp is read or applied

@@ -170,6 +170,18 @@ def test_early_stop_takes_fewer_steps_and_ends_near_the_full_run():
     assert abs(float(b[inner][0].mean()) - 1.5) < 0.3
 
 
+def test_data_term_on_alternating_halves_ends_near_the_whole_one():
+    """``subsample=2``: each step sees every second point, the next step the others; the field ends
+    close to the one fitted on all points every step, and recovers the shift."""
+    ff, fm = _pair()
+    a = instance_optimise(ff, fm, stride=2, iters=60)
+    b = instance_optimise(ff, fm, stride=2, iters=60, subsample=2)
+    assert not torch.equal(a, b)  # the halves were used
+    inner = (slice(None), *(slice(8, -8),) * 3)
+    assert float((a[inner] - b[inner]).abs().mean()) < 0.25
+    assert abs(float(b[inner][0].mean()) - 1.5) < 0.3
+
+
 def test_region_of_the_data_term():
     ff, fm = _pair()
     every = torch.ones(32, 32, 32, dtype=torch.bool)
