@@ -104,12 +104,15 @@ def jacobian_determinant(disp: torch.Tensor, affine: np.ndarray | None = None,
     else:
         sp = [1.0, 1.0, 1.0] if spacing is None else [float(s) for s in spacing]
         lin = torch.diag(torch.tensor(sp, dtype=torch.float64, device=d.device))
-    # grads[i][j] = d(d_i) / d(v_j) along array axis j (voxel units)
-    grads = torch.stack(
-        [torch.stack(torch.gradient(d[i], dim=(0, 1, 2)), dim=-1) for i in range(3)], dim=-2
-    )  # (X, Y, Z, 3, 3)
-    jac = torch.eye(3, dtype=torch.float64, device=d.device) + grads @ torch.linalg.inv(lin)
-    return torch.linalg.det(jac)
+    inv = torch.linalg.inv(lin).tolist()
+    # g[i][j] = d(d_i) / d(v_j) along array axis j (voxel units); jac = I + g lin^-1, entry by entry
+    g = [torch.gradient(d[i], dim=(0, 1, 2)) for i in range(3)]
+    jac = [[sum(g[i][j] * inv[j][k] for j in range(3) if inv[j][k] != 0.0) + (1.0 if i == k else 0.0)
+            for k in range(3)] for i in range(3)]
+    # the 3x3 determinant written out (a batched linalg.det is several times slower)
+    return (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+            - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+            + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0]))
 
 
 def folding_percent(disp: torch.Tensor, affine: np.ndarray | None = None,

@@ -113,6 +113,22 @@ def voxel_grid(shape: tuple[int, int, int], device: torch.device | str = "cpu") 
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
+def affine_points(shape: tuple[int, int, int], matrix: np.ndarray, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``matrix`` (4x4) applied to the voxel indices of a grid: ``(X, Y, Z, 3)`` in ``dtype``.
+
+    The same as ``voxel_grid(shape) @ matrix[:3, :3].T + matrix[:3, 3]``, but each component is a sum of
+    three 1D ramps (evaluated in float64, then cast): no index grid and no matrix product over the grid.
+    """
+    m = np.asarray(matrix, np.float64)
+    idx = [torch.arange(int(n), device=device, dtype=torch.float64) for n in shape]
+    out = torch.empty((*(int(n) for n in shape), 3), device=device, dtype=dtype)
+    for k in range(3):
+        out[..., k] = ((float(m[k, 0]) * idx[0] + float(m[k, 3]))[:, None, None]
+                       + (float(m[k, 1]) * idx[1])[None, :, None] + (float(m[k, 2]) * idx[2])[None, None, :])
+    return out
+
+
 def normalise_coords(vox: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Voxel index coordinates ``(..., 3)`` in (x, y, z) array order to ``grid_sample``'s [-1, 1].
 
@@ -173,13 +189,11 @@ def resample_to_grid(
 
     Works for any (oblique, anisotropic, flipped) pair of affines. ``mode="nearest"`` keeps label ids.
     """
-    m = torch.as_tensor(grid_to_grid(vol.affine, affine), dtype=torch.float64)
-    if np.allclose(m.numpy(), np.eye(4), atol=1e-6) and tuple(shape) == vol.shape:
+    m = grid_to_grid(vol.affine, affine)
+    if np.allclose(m, np.eye(4), atol=1e-6) and tuple(shape) == vol.shape:
         return Volume(vol.data.clone(), np.asarray(affine, np.float64).copy())
-    device = vol.data.device
-    grid = voxel_grid(tuple(shape), device=device).to(torch.float64)
-    vox = grid @ m[:3, :3].T.to(device) + m[:3, 3].to(device)
-    out = sample_at(vol.data, vox.to(torch.float32), mode=mode, padding=padding)
+    vox = affine_points(tuple(shape), m, device=vol.data.device)
+    out = sample_at(vol.data, vox, mode=mode, padding=padding)
     return Volume(out, np.asarray(affine, np.float64).copy())
 
 

@@ -103,7 +103,8 @@ def total_std(features: torch.Tensor, mask: torch.Tensor | None = None) -> float
 def combine(sets: dict[str, torch.Tensor], scales: dict[str, float]) -> torch.Tensor:
     """Concatenate feature sets, each divided by its scale and weighted so the sum has unit variance."""
     w = (1.0 / len(sets)) ** 0.5
-    return torch.cat([sets[k] * (w / scales[k]) for k in sorted(sets)], dim=0).contiguous()
+    parts = [sets[k] * (w / scales[k]) for k in sorted(sets)]
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def feature_scales(sets: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, float]:

@@ -44,6 +44,7 @@ from synthvox.registration.warp import (
     apply_displacement,
     compose_displacement,
     inverse_displacement,
+    then_affine,
     warp_to_itk_volume,
 )
 from synthvox.volume import Volume, grid_for_spacing, resample_to_grid, same_grid, spacing_of
@@ -505,9 +506,9 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
     t = time.perf_counter()
     def forward_outputs() -> tuple[Any, ...]:
         """The whole map, the deformable stage alone (applied before the affine), and what the whole map gives."""
-        disp = compose_displacement(fixed.shape, fixed.affine, world, disp_w, waff)
         deform = (compose_displacement(fixed.shape, fixed.affine, np.eye(4), disp_w, waff) if disp_w is not None
                   else torch.zeros((3, *fixed.shape), device=dev))
+        disp = then_affine(deform, fixed.shape, fixed.affine, world)
         moved = apply_displacement(moving, disp, fixed.affine)
         moved_labels = (apply_displacement(Volume(moving_labels.data.to(dev), moving_labels.affine), disp,
                                            fixed.affine, labels=True) if moving_labels is not None else None)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from synthvox.errors import InputError
-from synthvox.volume import Volume, sample_at, voxel_grid
+from synthvox.volume import Volume, affine_points, sample_at, voxel_grid
 
 #: Multiplying a RAS vector by this gives the LPS vector (and back).
 RAS_TO_LPS = (-1.0, -1.0, 1.0)
@@ -26,9 +26,7 @@ RAS_TO_LPS = (-1.0, -1.0, 1.0)
 
 def world_points(shape: tuple[int, int, int], affine: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """World (RAS, mm) coordinates of every voxel of a grid, ``(X, Y, Z, 3)`` float64."""
-    a = torch.as_tensor(np.asarray(affine, np.float64), device=device)
-    grid = voxel_grid(shape, device=device).to(torch.float64)
-    return grid @ a[:3, :3].T + a[:3, 3]
+    return affine_points(shape, affine, device=device, dtype=torch.float64)
 
 
 def transform_points(points: torch.Tensor, matrix: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -36,6 +34,12 @@ def transform_points(points: torch.Tensor, matrix: np.ndarray | torch.Tensor) ->
     m = torch.as_tensor(np.asarray(matrix, np.float64) if not isinstance(matrix, torch.Tensor) else matrix,
                         device=points.device).to(points.dtype)
     return points @ m[:3, :3].T + m[:3, 3]
+
+
+def _plus_linear(points: torch.Tensor, linear: np.ndarray, field: torch.Tensor) -> torch.Tensor:
+    """``points`` ``(X, Y, Z, 3)`` plus ``linear @ field`` for a ``(3, X, Y, Z)`` field, as ``(3, X, Y, Z)``."""
+    lin = torch.as_tensor(np.asarray(linear, np.float64), dtype=field.dtype, device=field.device)
+    return (torch.einsum("ij,jxyz->ixyz", lin, field) + points.permute(3, 0, 1, 2)).contiguous()
 
 
 def compose_displacement(
@@ -55,21 +59,33 @@ def compose_displacement(
         working_affine: the working grid's affine (needed with ``disp_vox``).
 
     Returns:
-        ``(3, X, Y, Z)`` float32 displacement ``d`` with ``x -> x + d(x)`` landing in MOVING's RAS space.
+        ``(3, X, Y, Z)`` float32 displacement ``d`` with ``x -> x + d(x)`` landing in MOVING's RAS space:
+        ``d(x) = T(x + W U(W^-1 x)) - x`` (``W``: the working grid's affine, ``U``: ``disp_vox``
+        interpolated linearly), evaluated from the voxel indices of the grid in float32 (the affine
+        parts are products of the 4x4 matrices, in float64).
     """
-    device = disp_vox.device if disp_vox is not None else "cpu"
-    x = world_points(shape, affine, device=device)
-    y = x
-    if disp_vox is not None:
-        if working_affine is None:
-            raise ValueError("compose_displacement needs working_affine with disp_vox")
-        wa = np.asarray(working_affine, np.float64)
-        v = transform_points(x, np.linalg.inv(wa))
-        u = sample_at(disp_vox.float(), v.float(), mode="linear", padding="border")  # (3, X, Y, Z)
-        lin = torch.as_tensor(wa[:3, :3], device=device)
-        y = x + u.permute(1, 2, 3, 0).to(torch.float64) @ lin.T
-    y = transform_points(y, world_affine)
-    return (y - x).permute(3, 0, 1, 2).float().contiguous()
+    if disp_vox is None:
+        return then_affine(None, shape, affine, world_affine)
+    if working_affine is None:
+        raise ValueError("compose_displacement needs working_affine with disp_vox")
+    a = np.asarray(affine, np.float64)
+    wa = np.asarray(working_affine, np.float64)
+    v = affine_points(shape, np.linalg.inv(wa) @ a, device=disp_vox.device)
+    u = sample_at(disp_vox.float(), v, mode="linear", padding="border")  # (3, X, Y, Z) working voxels
+    deform = torch.einsum("ij,jxyz->ixyz", torch.as_tensor(wa[:3, :3], dtype=u.dtype, device=u.device), u)
+    return then_affine(deform, shape, affine, world_affine)
+
+
+def then_affine(disp_ras: torch.Tensor | None, shape: tuple[int, int, int], affine: np.ndarray,
+                world_affine: np.ndarray) -> torch.Tensor:
+    """The displacement of ``x -> T(x + d(x))`` on a grid, for a RAS displacement ``d`` (``None``: zero)
+    on it and the 4x4 world matrix ``T``: ``T A v - A v + T_lin d`` at voxel ``v`` (float32)."""
+    a = np.asarray(affine, np.float64)
+    t = np.asarray(world_affine, np.float64)
+    part = affine_points(shape, t @ a - a, device=disp_ras.device if disp_ras is not None else "cpu")
+    if disp_ras is None:
+        return part.permute(3, 0, 1, 2).contiguous()
+    return _plus_linear(part, t[:3, :3], disp_ras.float())
 
 
 def invert_field(disp_vox: torch.Tensor, iters: int = 30, tol: float = 1e-3) -> torch.Tensor:
@@ -111,23 +127,22 @@ def inverse_displacement(
         ``(3, X, Y, Z)`` float32 displacement ``e`` with ``y -> y + e(y)`` landing in FIXED's RAS space.
     """
     device = disp_vox.device if disp_vox is not None else "cpu"
-    y = world_points(shape, affine, device=device)
-    x = transform_points(y, np.linalg.inv(np.asarray(world_affine, np.float64)))
-    if disp_vox is not None:
-        if working_affine is None:
-            raise ValueError("inverse_displacement needs working_affine with disp_vox")
-        wa = np.asarray(working_affine, np.float64)
-        # on every second working voxel (the field is smooth at that scale: the deformable stage's
-        # grids are two or more working voxels apart), then interpolated like the forward field
-        sub = 2 if min(disp_vox.shape[1:]) >= 8 else 1
-        wa_sub = wa @ np.diag([sub, sub, sub, 1.0])
-        step = float(np.abs(np.linalg.det(wa_sub[:3, :3]))) ** (1.0 / 3.0)
-        w = invert_field(disp_vox[:, ::sub, ::sub, ::sub] / sub, iters=iters, tol=tol_mm / max(step, 1e-12))
-        v = sample_at(w, transform_points(x, np.linalg.inv(wa_sub)).float(), mode="linear", padding="border")
-        wa = wa_sub
-        lin = torch.as_tensor(wa[:3, :3], device=device)
-        x = x + v.permute(1, 2, 3, 0).to(torch.float64) @ lin.T
-    return (x - y).permute(3, 0, 1, 2).float().contiguous()
+    a = np.asarray(affine, np.float64)
+    inv_t = np.linalg.inv(np.asarray(world_affine, np.float64))
+    part = affine_points(shape, inv_t @ a - a, device=device)  # T^-1 y - y on the grid's voxel indices
+    if disp_vox is None:
+        return part.permute(3, 0, 1, 2).contiguous()
+    if working_affine is None:
+        raise ValueError("inverse_displacement needs working_affine with disp_vox")
+    wa = np.asarray(working_affine, np.float64)
+    # on every second working voxel (the field is smooth at that scale: the deformable stage's
+    # grids are two or more working voxels apart), then interpolated like the forward field
+    sub = 2 if min(disp_vox.shape[1:]) >= 8 else 1
+    wa_sub = wa @ np.diag([sub, sub, sub, 1.0])
+    step = float(np.abs(np.linalg.det(wa_sub[:3, :3]))) ** (1.0 / 3.0)
+    w = invert_field(disp_vox[:, ::sub, ::sub, ::sub] / sub, iters=iters, tol=tol_mm / max(step, 1e-12))
+    z = affine_points(shape, np.linalg.inv(wa_sub) @ inv_t @ a, device=device)
+    return _plus_linear(part, wa_sub[:3, :3], sample_at(w, z, mode="linear", padding="border"))
 
 
 def ras_to_itk(disp_ras: torch.Tensor) -> torch.Tensor:
@@ -170,9 +185,10 @@ def apply_displacement(
     """
     shape = tuple(int(s) for s in disp_ras.shape[1:])
     device = image.data.device
-    x = world_points(shape, affine, device=device)  # type: ignore[arg-type]
-    y = x + disp_ras.to(device).permute(1, 2, 3, 0).to(torch.float64)
-    vox = transform_points(y, np.linalg.inv(image.affine))
+    to_image = np.linalg.inv(np.asarray(image.affine, np.float64))
+    # voxel positions in the image: its inverse affine applied to x + d(x), from the grid's indices
+    vox = _plus_linear(affine_points(shape, to_image @ np.asarray(affine, np.float64), device=device),  # type: ignore[arg-type]
+                       to_image[:3, :3], disp_ras.to(device).float()).permute(1, 2, 3, 0)
     data = image.data
     if not labels and not torch.is_floating_point(data):
         data = data.float()
@@ -200,8 +216,7 @@ def apply_warp(image: Volume, warp: Volume, *, labels: bool = False, reference: 
     if reference is not None and not (
         reference.shape == warp.shape and np.allclose(reference.affine, warp.affine, atol=1e-4)
     ):
-        x = world_points(reference.shape, reference.affine, device=disp.device)
-        vox = transform_points(x, np.linalg.inv(warp.affine))
-        disp = sample_at(disp, vox.float(), mode="linear", padding="border")
+        vox = affine_points(reference.shape, np.linalg.inv(warp.affine) @ np.asarray(reference.affine), device=disp.device)
+        disp = sample_at(disp, vox, mode="linear", padding="border")
         affine = reference.affine
     return apply_displacement(image, disp, affine, labels=labels)

@@ -19,7 +19,7 @@ from torch import nn
 
 from synthvox.errors import InputError
 from synthvox.segmentation.modeldir import SegmentationMeta, SegmentationNet, load_model_dir
-from synthvox.volume import Volume, grid_to_grid, resample_to_spacing, sample_at, to_canonical, voxel_grid
+from synthvox.volume import Volume, affine_points, grid_to_grid, resample_to_spacing, sample_at, to_canonical
 
 
 def check_image(image: Volume, what: str = "image") -> None:
@@ -143,21 +143,19 @@ def probabilities_to_labels_on_grid(
     Works slab by slab along the last axis, so memory stays ``O(C * slab)`` however large the output.
     Returns an ``int64`` tensor ``(1, X, Y, Z)`` of label ids.
     """
-    m = torch.as_tensor(grid_to_grid(prob_affine, affine), dtype=torch.float64)
+    m = grid_to_grid(prob_affine, affine)
     ids = torch.as_tensor(list(label_ids), dtype=torch.int64)
-    same = tuple(prob.shape[1:]) == tuple(shape) and np.allclose(m.numpy(), np.eye(4), atol=1e-6)
+    same = tuple(prob.shape[1:]) == tuple(shape) and np.allclose(m, np.eye(4), atol=1e-6)
     if same:
         return ids.to(prob.device)[prob.argmax(0)][None].cpu()
     out = torch.empty((1, *shape), dtype=torch.int64)
     nz = max(1, slab_voxels // max(1, shape[0] * shape[1]))
     dev = prob.device
-    mat = m[:3, :3].T.to(dev)
-    off = m[:3, 3].to(dev)
     for z0 in range(0, shape[2], nz):
         z1 = min(shape[2], z0 + nz)
-        grid = voxel_grid((shape[0], shape[1], z1 - z0), device=dev).to(torch.float64)
-        grid[..., 2] += z0
-        vox = (grid @ mat + off).to(torch.float32)
+        slab = np.eye(4)
+        slab[2, 3] = z0
+        vox = affine_points((shape[0], shape[1], z1 - z0), m @ slab, device=dev)
         p = sample_at(prob, vox, mode="linear", padding="border")
         out[0, :, :, z0:z1] = ids.to(dev)[p.argmax(0)].cpu()
     return out
