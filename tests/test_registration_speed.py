@@ -93,8 +93,8 @@ def test_separable_interior_equals_the_3d_erosion():
 
 
 def test_fov_weight_from_positions_equals_resampling_ones():
-    """The cover computed from the sample positions is the one of an all-ones MOVING sampled with
-    zero padding, for oblique transforms that cut MOVING's field of view on every side."""
+    """The eroded cover computed from the sample positions is the erosion of an all-ones MOVING sampled
+    with zero padding, for oblique transforms that cut MOVING's field of view on every side."""
     from synthvox.volume import Volume
 
     rng = np.random.default_rng(7)
@@ -112,9 +112,15 @@ def test_fov_weight_from_positions_equals_resampling_ones():
         world[:3, 3] = centre - world[:3, :3] @ centre + rng.normal(size=3) * 5
         ones = Volume(torch.ones((1, *moving.shape)), moving.affine)
         cover = aff.resample_through(ones, world, (45, 50, 40), grid).data[0]
-        expected = aff.interior((cover > 0.999).float(), 2)
-        got = aff.fov_weight(moving, world, (45, 50, 40), grid, 2)
-        assert 0 < float(expected.sum()) < expected.numel() and torch.equal(got, expected)
+        for margin in (2, [3, 1, 2]):
+            expected = aff.interior((cover > 0.999).float(), margin)
+            got = aff.fov_weight(moving, world, (45, 50, 40), grid, margin)
+            assert 0 < float(expected.sum()) < expected.numel() and torch.equal(got, expected)
+
+
+def test_inner_box_is_the_interior_of_an_all_ones_grid():
+    for shape, margin in (((20, 24, 18), 2), ((20, 24, 18), [3, 1, 2]), ((5, 6, 30), [3, 3, 3])):
+        assert torch.equal(aff.inner_box(shape, margin), aff.interior(torch.ones(shape), margin))
 
 
 def test_channels_last_cost_volume_and_convex_match_the_direct_formula():

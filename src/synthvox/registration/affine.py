@@ -191,27 +191,47 @@ def interior(mask: torch.Tensor, margin: int | list[int]) -> torch.Tensor:
     return torch.minimum(m, eroded)
 
 
+def inner_box(shape: tuple[int, ...], margin: int | list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """``interior`` of an all-ones grid: ``(X, Y, Z)`` ones except within ``margin`` voxels (per axis,
+    or the same for all) of the border, made from three 1D masks."""
+    ms = [int(margin)] * 3 if isinstance(margin, int) else [int(v) for v in margin]
+    out = torch.ones(tuple(int(n) for n in shape), device=device)
+    for k, (n, v) in enumerate(zip(shape, ms)):
+        i = torch.arange(int(n), device=device)
+        view = [1, 1, 1]
+        view[k] = int(n)
+        out.mul_(((i >= v) & (i <= int(n) - 1 - v)).float().view(view))
+    return out
+
+
 def fov_weight(moving: Volume, world: np.ndarray, shape: tuple[int, int, int], affine: np.ndarray,
                margin: int | list[int]) -> torch.Tensor:
-    """Where MOVING's field of view covers a grid (through ``world``), ``margin`` voxels inside its edge.
+    """Where MOVING's field of view covers a grid (through ``world``), ``margin`` voxels inside its edge
+    (and inside the grid's own border): 0 or 1 per voxel.
 
-    The cover is what linear sampling of an all-ones MOVING with zero padding gives, computed from the
-    sample positions alone: per axis ``clip(min(x + 1, n - x), 0, 1)`` at voxel position ``x`` of an
-    axis of ``n`` voxels, multiplied over the axes."""
+    Covered means what linear sampling of an all-ones MOVING with zero padding gives at least 0.999
+    for: the sample position ``p`` is within ``[-0.001, n - 0.999]`` along every axis of MOVING (``n``
+    voxels). That set is convex and the positions are affine in the grid's indices, so the erosion by a
+    box of ``margin`` voxels (what :func:`interior` does) is the same interval shrunk along MOVING's
+    axis ``k`` by the box's reach ``sum_j |dp_k / dv_j| margin_j``: three comparisons of separable
+    positions, no resampling and no max-pooling.
+    """
     device = moving.data.device
+    ms = [int(margin)] * 3 if isinstance(margin, int) else [int(v) for v in margin]
     if min(moving.shape) < 2:  # grid_sample's convention for a single voxel: sample it everywhere
         ones = Volume(torch.ones((1, *moving.shape), device=device), moving.affine)
         cover = resample_through(ones, world, shape, affine).data[0]
-    else:
-        m = torch.as_tensor(np.linalg.inv(moving.affine) @ np.asarray(world) @ np.asarray(affine), device=device)
-        cover = torch.ones(shape, device=device)
-        for k, n in enumerate(moving.shape):
-            # the axis-k position of every voxel: separable in the grid's three index axes
-            idx = [torch.arange(v, device=device, dtype=torch.float64) for v in shape]
-            pos = (m[k, 0] * idx[0][:, None, None] + m[k, 1] * idx[1][None, :, None]
-                   + m[k, 2] * idx[2][None, None, :] + m[k, 3]).float()
-            cover.mul_(torch.minimum(pos + 1.0, float(n) - pos).clamp_(0.0, 1.0))
-    return interior((cover > 0.999).float(), margin)
+        return interior((cover > 0.999).float(), ms)
+    m = np.linalg.inv(moving.affine) @ np.asarray(world) @ np.asarray(affine)
+    out = inner_box(shape, ms, device=device)
+    idx = [torch.arange(v, device=device, dtype=torch.float64) for v in shape]
+    for k, n in enumerate(moving.shape):
+        reach = float(sum(abs(m[k, j]) * ms[j] for j in range(3)))
+        # MOVING's axis-k position of every voxel: separable in the grid's three index axes
+        pos = (float(m[k, 0]) * idx[0][:, None, None] + float(m[k, 1]) * idx[1][None, :, None]
+               + float(m[k, 2]) * idx[2][None, None, :] + float(m[k, 3]))
+        out.mul_(((pos - reach > -0.001) & (pos + reach < float(n) - 0.999)).float())
+    return out
 
 
 def bounding_boxes_overlap(fixed_shape: tuple[int, int, int], fixed_affine: np.ndarray,
@@ -406,7 +426,7 @@ def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, ca
     ff = mind_ssc(robust_unit_range(fc.data))
     scale = total_std(ff, wc > 0.5)
     ff = ff / scale
-    wc = interior(torch.ones_like(wc), edge_margins(cshape, FOV_MARGIN, 2)) * wc
+    wc = inner_box(cshape, edge_margins(cshape, FOV_MARGIN, 2), device=wc.device) * wc
 
     def moving_features(frame: np.ndarray) -> dict:
         """MOVING's features on a grid with the coarse grid's axes, through ``frame``."""

@@ -421,12 +421,12 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
     # 4. affine
     t = time.perf_counter()
     weight_f = fmask_w.float() if fmask_w is not None else box3((fg_w > 0.5).float()[None], passes=2)[0].gt(0).float()
-    weight_f = weight_f * aff.interior(torch.ones_like(weight_f), aff.edge_margins(wshape, aff.FOV_MARGIN, 1))
+    weight_f = weight_f * aff.inner_box(wshape, aff.edge_margins(wshape, aff.FOV_MARGIN, 1), device=dev)
     residual = np.eye(4)
     if affine:
         # half a coarsest cell more: no pooled fixed point starts on the moving edge
-        weight_fit = weight_f * aff.interior(torch.ones_like(weight_f),
-                                             aff.edge_margins(wshape, aff.FOV_MARGIN, max(cfg.affine_levels) // 2))
+        weight_fit = weight_f * aff.inner_box(wshape, aff.edge_margins(wshape, aff.FOV_MARGIN, max(cfg.affine_levels) // 2),
+                                              device=dev)
         pooled: dict = {}  # the pooled moving features of each level, made once for the fit and the costs
         residual = aff.fit_affine(feat_f, waff, feat_m, eaff, weight_fixed=weight_fit, weight_moving=valid_e,
                                   levels=cfg.affine_levels, iters=cfg.affine_iters, search_mm=cfg.search_mm,
