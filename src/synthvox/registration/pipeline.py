@@ -56,8 +56,8 @@ class RegistrationConfig:
 
     Attributes:
         spacing: working spacing; FIXED's finest spacing is used instead when coarser. 2.5 mm: on the 11
-            consecutive brain pairs of benchmarks/registration.py mean Dice 0.730 in 0.54x the time of
-            ANTs SyN, and 0.730 in 0.69x on 2 mm (the same run, 2 threads).
+            consecutive brain pairs of benchmarks/registration.py mean Dice 0.730 in 0.43x the time of
+            ANTs SyN, and 0.730 in 0.63x on 2 mm (the same run, 2 threads).
         max_size: largest number of working voxels along an axis (the spacing grows to fit).
         min_size: fewest working voxels along the longest axis (the spacing shrinks to fit, down to
             FIXED's own): a small field of view (a spinal cord, 77 mm) is not registered on 20 voxels.
