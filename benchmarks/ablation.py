@@ -7,6 +7,7 @@ network gets the steps that cost about the same CPU time), then exported and mea
 measured recipe is the ``cpu`` preset. Each variant's result is kept in ``--work`` so that an interrupted ablation resumes.
 
     OMP_NUM_THREADS=1 nice python benchmarks/ablation.py [--steps 150] [--only NAME ...]
+    OMP_NUM_THREADS=1 nice python benchmarks/ablation.py --steps 120 --reprobe   # the trained variants, probed again
 
 Writes ``ablation.json`` and ``ablation.md`` into ``--out`` (default benchmarks/results).
 """
@@ -83,17 +84,17 @@ def probe(name: str, work: Path) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]], steps: int) -> str:
     head = ["variant", "change", "steps", "CPU s", "loss first→last", "nichart knn", "boundary", "interior",
-            "spine knn", "ctmr knn", "score"]
+            "inter", "spine knn", "ctmr knn", "score"]
     body = []
     for r in rows:
         pr = r["probe"]
         body.append([r["name"], r["change"], r["steps"], f"{r['cpu_s']:.0f}", f"{r['first_loss']:.2f}→{r['last_loss']:.2f}",
-                     pr["nichart"]["knn"], pr["nichart"]["boundary"], pr["nichart"]["interior"],
+                     pr["nichart"]["knn"], pr["nichart"]["boundary"], pr["nichart"]["interior"], pr["nichart"].get("inter"),
                      pr.get("spine", {}).get("knn"), pr.get("ctmr", {}).get("knn"), r["score"]])
     if rows:
         m = rows[0]["reference"]
         body.append(["MIND-SSC", "(no training)", "–", "–", "–", m["nichart"]["mind"]["knn"], m["nichart"]["mind"]["boundary"],
-                     m["nichart"]["mind"]["interior"], m.get("spine", {}).get("mind", {}).get("knn"),
+                     m["nichart"]["mind"]["interior"], m["nichart"]["mind"].get("inter"), m.get("spine", {}).get("mind", {}).get("knn"),
                      m.get("ctmr", {}).get("mind", {}).get("knn"), rows[0]["mind_score"]])
     return (f"Recipe ablation: each variant trained from scratch on one CPU thread for {steps} steps at 64³ "
             "(the default network; `small` and `batch2` get the same CPU time), then probed (`features.py --quick`).\n\n"
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help=f"variants to run (default all: {', '.join(VARIANTS)})")
     ap.add_argument("--work", type=Path, default=Path("/tmp/synthvox_ablation"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reprobe", action="store_true",
+                    help="probe the variants already trained in --work again (after the probe changed), without training")
     args = ap.parse_args(argv)
     names = args.only or list(VARIANTS)
     for n in names:
@@ -116,8 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         done = args.work / n / "result.json"
         if done.is_file() and json.loads(done.read_text()).get("steps") == int(round(args.steps * STEP_FACTOR.get(n, 1.0))):
-            rows.append(json.loads(done.read_text()))
+            r = json.loads(done.read_text())
+            if args.reprobe:
+                r.update(probe(n, args.work))
+                done.write_text(json.dumps(r, indent=1))
+            rows.append(r)
             continue
+        if args.reprobe:
+            ap.error(f"--reprobe: variant {n!r} has no trained result of {args.steps} steps in {args.work}")
         r = train(n, args.steps, args.work)
         r.update(probe(n, args.work))
         done.write_text(json.dumps(r, indent=1))

@@ -33,7 +33,7 @@ import common  # noqa: E402
 import features  # noqa: E402
 
 NAME = "checkpoints"
-METRICS = ("score", "knn", "boundary", "interior")
+METRICS = ("score", "knn", "boundary", "interior", "inter")
 
 
 def step_of(model_dir: Path) -> int:
@@ -120,7 +120,7 @@ def evaluate(models: list[Path], logs: list[Path], quick: bool, reg_pairs: int, 
     for lab, md in zip(labels, models):
         st = step_of(md)
         row = {"model": str(md), "label": lab, "step": st, "cpu_hours": hours_at(st, hours), "score": probe["score"][lab],
-               **{k: nich[lab][k] for k in ("knn", "boundary", "interior")}}
+               **{k: nich[lab].get(k) for k in METRICS[1:]}}
         for ds in probe["results"]:
             if ds != "nichart":
                 row[f"{ds}_knn"] = probe["results"][ds]["mean"][lab]["knn"]
@@ -144,7 +144,7 @@ def markdown(p: dict[str, Any]) -> str:
              "thread; on a busy machine more than its CPU time).", ""]
     extra = [k for k in p["rows"][0] if k.endswith("_knn") or k.startswith("reg_")] if p["rows"] else []
     cols = ["step", "hours", *METRICS, *extra]
-    rows = [[r["step"], None if r["cpu_hours"] is None else f"{r['cpu_hours']:.2f}", *[r[m] for m in METRICS],
+    rows = [[r["step"], None if r["cpu_hours"] is None else f"{r['cpu_hours']:.2f}", *[r.get(m) for m in METRICS],
              *[r.get(k) for k in extra]] for r in p["rows"]]
     for name, ref in p["reference"].items():
         rows.append([name, "–", *[ref.get(m) for m in METRICS], *[ref.get("reg") if k == "reg_net" and name == "mind" else None for k in extra]])
@@ -175,7 +175,7 @@ def plot(p: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, xkey, xlabel in ((axes[0], "step", "training step"), (axes[1], "cpu_hours", "hours of one training thread")):
         pts = [r for r in rows if r.get(xkey) is not None]
-        for m, colour in zip(METRICS, ("k", "tab:blue", "tab:orange", "tab:green")):
+        for m, colour in zip(METRICS, ("k", "tab:blue", "tab:orange", "tab:green", "tab:red")):
             ax.plot([r[xkey] for r in pts], [r[m] for r in pts], "o-", color=colour, label=f"net {m}")
             ax.axhline(p["reference"]["mind"][m], color=colour, ls="--", lw=0.8)
         ax.set_xlabel(xlabel)

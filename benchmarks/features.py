@@ -20,12 +20,17 @@ Measures, each a number that can go either way:
   for voxels at least 3 voxels inside a structure, the best match (smallest feature distance) of the
   FLAIR feature among the T1 features within +-3 voxels; the share that lands within one voxel of
   the truth (chance 27/343 = 0.08). This is what registration needs;
+* ``inter``: inter-subject alignment, what registration between people needs first: the T1 of one
+  subject put on the FLAIR of the next (cyclically among the probe's subjects) by synthvox's
+  initialisation and affine stage on these features (no deformable stage), mean Dice of the 14
+  structures (MIND-SSC and the networks; not intensity). Same-subject matching does not predict it:
+  weights that match better within a subject have landed the affine stage tens of Dice points lower;
 * ``reg``: registration Dice on inter-subject nichart pairs with ``--features mind``, ``net`` and
   ``both`` (``benchmarks/registration.py``).
 
-``score`` (what decides which checkpoint is better): the mean of nichart ``knn``, ``boundary`` and
-``interior``, the three numbers that move with feature quality on brains; the other figures are
-reported beside it.
+``score`` (what decides which checkpoint is better): the mean of nichart ``knn``, ``boundary``,
+``interior`` and ``inter`` (the first three for intensity), the numbers that move with feature
+quality on brains; the other figures are reported beside it.
 
     python benchmarks/features.py [--weights shipped|DIR ...] [--quick] [--reg-pairs 2] [--out DIR]
 
@@ -108,6 +113,29 @@ def load_dataset(name: str, subjects: list[str]) -> list[dict[str, Any]]:
     else:
         raise ValueError(f"unknown dataset {name!r}")
     return cases
+
+
+def inter_subject_affine(subjects: list[str], kinds: list[tuple[str, Any, str]]) -> list[dict[str, Any]]:
+    """Mean Dice of the 14 structures after synthvox's initialisation and affine stage on each feature
+    set (``mind`` and ``net`` kinds), T1 of the previous subject (cyclically) onto each subject's FLAIR.
+    No pairs with fewer than two subjects."""
+    from synthvox import io
+    from synthvox.metrics import dice_per_label
+    from synthvox.registration import register
+
+    groups = common.dlmuse_groups()
+    out: list[dict[str, Any]] = []
+    for i, b in enumerate(subjects if len(subjects) > 1 else []):
+        pa, pb = common.nichart_paths(subjects[i - 1]), common.nichart_paths(b)
+        fixed, moving = io.load(pb["flair"]), io.load(pa["t1"])
+        labels, ref = io.load_labels(pa["dlmuse"]), io.load_labels(pb["flair_dlmuse"]).data[0]
+        row: dict[str, Any] = {"pair": f"{subjects[i - 1]}->{b}"}
+        for name, model, kind in kinds:
+            if kind in ("mind", "net"):
+                res = register(fixed, moving, features=kind, weights=model, deformable=False, moving_labels=labels)
+                row[name] = _nanmean(list(dice_per_label(res.moved_labels.data[0], ref, groups).values()))
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -240,8 +268,12 @@ def _nanmean(vals: list[float]) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
+#: the nichart figures whose mean is the probe's ``score``
+SCORE_KEYS = ("knn", "boundary", "interior", "inter")
+
+
 def score(rows: dict[str, dict[str, float]]) -> float:
-    vals = [rows[k] for k in ("knn", "boundary", "interior") if k in rows]
+    vals = [rows[k] for k in SCORE_KEYS if k in rows and rows[k] == rows[k]]
     return float(np.mean(vals)) if vals else float("nan")
 
 
@@ -267,6 +299,12 @@ def run(weights: list[str], datasets: list[str], subjects: list[str], n_knn: int
             per_case.append(probe_case(case, feats, n_knn, n_local, seed))
         mean = {name: {k: _nanmean([c[name][k] for c in per_case]) for k in per_case[0][name]} for name, _, _ in kinds}
         payload["results"][ds] = {"mean": mean, "cases": per_case}
+        if ds == "nichart":
+            pairs = inter_subject_affine(subjects, kinds)
+            for name, _, _ in kinds:
+                if pairs and name in pairs[0]:
+                    mean[name]["inter"] = _nanmean([p[name] for p in pairs])
+            payload["results"][ds]["pairs"] = pairs
         payload["seconds"][ds] = time.perf_counter() - t
     if "nichart" in datasets:
         payload["score"] = {name: score(payload["results"]["nichart"]["mean"][name]) for name, _, _ in kinds}
@@ -283,16 +321,18 @@ def markdown(p: dict[str, Any]) -> str:
              f"nichart subjects {', '.join(p['subjects'])}; {p['n_knn']} voxels per structure for k-NN, "
              f"{p['n_local']} per region for local matching; {p['seconds']['total']:.0f} s)", ""]
     names = list(next(iter(p["results"].values()))["mean"])
+    # every measure of a dataset, in order of first appearance (``inter`` has no intensity row)
+    keys = {ds: list(dict.fromkeys(k for row in r["mean"].values() for k in row)) for ds, r in p["results"].items()}
     cols = ["features"]
-    for ds, r in p["results"].items():
-        cols += [f"{ds} {k}" for k in next(iter(r["mean"].values()))]
+    for ds in p["results"]:
+        cols += [f"{ds} {k}" for k in keys[ds]]
     if "score" in p:
         cols.append("score")
     rows = []
     for n in names:
         row: list[Any] = [n]
-        for r in p["results"].values():
-            row += list(r["mean"][n].values())
+        for ds, r in p["results"].items():
+            row += [r["mean"][n].get(k) for k in keys[ds]]
         if "score" in p:
             row.append(p["score"][n])
         rows.append(row)
