@@ -209,9 +209,9 @@ def fov_weight(moving: Volume, world: np.ndarray, shape: tuple[int, int, int], a
     """Where MOVING's field of view covers a grid (through ``world``), ``margin`` voxels inside its edge
     (and inside the grid's own border): 0 or 1 per voxel.
 
-    Covered means what linear sampling of an all-ones MOVING with zero padding gives at least 0.999
-    for: the sample position ``p`` is within ``[-0.001, n - 0.999]`` along every axis of MOVING (``n``
-    voxels). That set is convex and the positions are affine in the grid's indices, so the erosion by a
+    Covered: along every axis of MOVING (``n`` voxels) the sample position ``p`` lies within
+    ``[-0.001, n - 0.999]``, where linear sampling of an all-ones MOVING with zero padding gives more
+    than 0.999 along that axis. That set is convex and the positions are affine in the grid's indices, so the erosion by a
     box of ``margin`` voxels (what :func:`interior` does) is the same interval shrunk along MOVING's
     axis ``k`` by the box's reach ``sum_j |dp_k / dv_j| margin_j``: three comparisons of separable
     positions, no resampling and no max-pooling.
