@@ -47,9 +47,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                               "data.synth={labels.fov_mm: 128}"]),
     "fullres+2mm": ("full-resolution layer weights and 2 mm, uniform voxels",
                     ["loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}", "data.synth={labels.fov_mm: 128}"]),
+    "fullres+reflect": ("full-resolution layer weights and reflect padding",
+                        ["loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}", "model.padding=reflect"]),
+    "small+fullres": ("the small network with the full-resolution layer weights, about the same CPU time",
+                      ["model.variant=small", "loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}"]),
 }
 #: Steps multiplier that gives a variant the same CPU time as the default network (measured per step).
-STEP_FACTOR = {"small": 1.7, "batch2": 0.5}
+STEP_FACTOR = {"small": 1.7, "batch2": 0.5, "small+fullres": 1.7}
 
 
 def train(name: str, steps: int, work: Path) -> dict[str, Any]:
