@@ -6,7 +6,7 @@
 #
 # 1. installs the carried wheels (nibabel, monai, ...; scripts/gpu_wheels.sh downloads them into .whl/),
 # 2. puts training/carry.safetensors (if present) into the run folder as its newest checkpoint,
-# 3. trains the default config for BUDGET seconds (SIGTERM at the end makes pretrain checkpoint and exit),
+# 3. trains the `gpu` preset (the ablation's recipe at 128^3) for BUDGET seconds (SIGTERM at the end makes pretrain checkpoint and exit),
 # 4. writes into $OUT: the new carry-over file (split in < 16 MiB parts), the half-precision model
 #    directory, log.csv and a summary with steps/s and samples seen.
 #
@@ -17,7 +17,7 @@ set -uo pipefail
 BUDGET=${1:-420}
 shift || true
 OVERRIDES=("$@")
-CONFIG=${SYNTHVOX_CONFIG:-default}
+CONFIG=${SYNTHVOX_CONFIG:-gpu}
 DEVICE=${SYNTHVOX_DEVICE:-cuda}
 OUT=${OUT:?OUT must name the folder to bring back}
 RUN=${RUN:-/tmp/synthvox_run}

@@ -143,6 +143,9 @@ def test_engine_and_recipe_settings_are_checked_when_resolved(overrides, tmp_pat
 def test_engine_settings_round_trip_and_old_dotted_form() -> None:
     cfg = resolve_config("cpu")
     assert cfg.data.synth.labels.fov_mm == 144.0 and cfg.loss.layer_weights["out"] == 3.0 and cfg.loss.sampling == "uniform"
+    assert cfg.model.padding == "reflect"
+    gpu = resolve_config("gpu")  # the same recipe at the method's size
+    assert gpu.loss == cfg.loss and gpu.model == cfg.model and gpu.data.size == resolve_config("default").data.size
     assert config_from_dict(to_dict(cfg)) == cfg
     old = {"data": {"size": [64, 64, 64], "use_bank": True, "synth": {"labels.fov_mm": 100}}}  # checkpoints before the typed form
     assert config_from_dict(old).data.synth.labels.fov_mm == 100.0
