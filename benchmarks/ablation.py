@@ -51,9 +51,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                         ["loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}", "model.padding=reflect"]),
     "small+fullres": ("the small network with the full-resolution layer weights, about the same CPU time",
                       ["model.variant=small", "loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}"]),
+    "small+fullres+reflect": ("the small network, full-resolution layer weights and reflect padding, about the same CPU time",
+                              ["model.variant=small", "loss.layer_weights={enc3: 0.5, bottleneck: 0.5, dec1: 2, out: 3}",
+                               "model.padding=reflect"]),
 }
 #: Steps multiplier that gives a variant the same CPU time as the default network (measured per step).
-STEP_FACTOR = {"small": 1.7, "batch2": 0.5, "small+fullres": 1.7}
+STEP_FACTOR = {"small": 1.7, "batch2": 0.5, "small+fullres": 1.7, "small+fullres+reflect": 1.7}
 
 
 def train(name: str, steps: int, work: Path) -> dict[str, Any]:
