@@ -3,7 +3,8 @@
 #
 #   nohup bash scripts/cpu_accumulate.sh 7200 > /tmp/accumulate.log 2>&1 &
 #
-# 1. puts training/carry.safetensors into the run folder (RUN, default training/runs/cpu) as its
+# 1. puts training/carry.safetensors into the run folder (RUN, default training/runs/cpu_reflect: one
+#    folder per recipe, this one for the `cpu` preset since it took reflect padding) as its
 #    newest checkpoint, unless the folder already holds a newer one (then the run simply continues),
 # 2. trains the `cpu` preset (the winning recipe of benchmarks/README.md's ablation) for BUDGET
 #    seconds on one thread at low priority; SIGTERM at the end makes pretrain checkpoint and exit,
@@ -11,12 +12,13 @@
 #    RUN/model (float16),
 # 4. runs the feature probe (benchmarks/features.py) on RUN/model beside the shipped weights and
 #    MIND-SSC, into RUN/probe/.
-# Keep the result only when the probe and its registration rows say it is better (DEVELOPERS.md).
+# Keep the result only when the probe's score, its `inter` figure and its registration rows say it is
+# better (DEVELOPERS.md).
 set -uo pipefail
 BUDGET=${1:-3600}
 shift || true
 cd "$(dirname "$0")/.."
-RUN=${RUN:-training/runs/cpu}
+RUN=${RUN:-training/runs/cpu_reflect}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824
 mkdir -p "$RUN"
 if [ -f training/carry.safetensors ]; then
