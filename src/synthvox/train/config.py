@@ -159,7 +159,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 64^3, the loss weighted towards the full-resolution layers, reflect padding, voxels drawn
     # uniformly. The recipe ablation in benchmarks/README.md chose it: the layer weights lifted label
     # transfer and local matching, reflect padding (the reference's) the inter-subject affine Dice
-    # (0.47 -> 0.65 on top of the layer weights), at a probe score within noise of the best; per-label
+    # (0.47 -> 0.65 on top of the layer weights; not for the small network), at a probe score within
+    # noise of the best, one seed per variant; per-label
     # drawing wrecked the inter-subject alignment and the 2 mm scale did not add to it.
     "cpu": {
         "data.size": [64, 64, 64],
