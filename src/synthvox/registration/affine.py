@@ -31,7 +31,7 @@ from synthvox.registration.convex import box3, pool
 from synthvox.registration.parallel import run_tasks
 from synthvox.registration.sampling import sample_points
 from synthvox.registration.warp import transform_points, world_points
-from synthvox.volume import Volume, normalise_coords, resample_to_grid, spacing_of
+from synthvox.volume import Volume, affine_points, normalise_coords, resample_to_grid, spacing_of
 
 INIT_METHODS = ("none", "com", "moments")
 
@@ -224,13 +224,10 @@ def fov_weight(moving: Volume, world: np.ndarray, shape: tuple[int, int, int], a
         return interior((cover > 0.999).float(), ms)
     m = np.linalg.inv(moving.affine) @ np.asarray(world) @ np.asarray(affine)
     out = inner_box(shape, ms, device=device)
-    idx = [torch.arange(v, device=device, dtype=torch.float64) for v in shape]
+    pos = affine_points(shape, m, device=device, dtype=torch.float64)  # MOVING's voxel position of every voxel
     for k, n in enumerate(moving.shape):
         reach = float(sum(abs(m[k, j]) * ms[j] for j in range(3)))
-        # MOVING's axis-k position of every voxel: separable in the grid's three index axes
-        pos = (float(m[k, 0]) * idx[0][:, None, None] + float(m[k, 1]) * idx[1][None, :, None]
-               + float(m[k, 2]) * idx[2][None, None, :] + float(m[k, 3]))
-        out.mul_(((pos - reach > -0.001) & (pos + reach < float(n) - 0.999)).float())
+        out.mul_(((pos[..., k] - reach > -0.001) & (pos[..., k] + reach < float(n) - 0.999)).float())
     return out
 
 

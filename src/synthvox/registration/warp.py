@@ -126,12 +126,9 @@ def inverse_displacement(
     Returns:
         ``(3, X, Y, Z)`` float32 displacement ``e`` with ``y -> y + e(y)`` landing in FIXED's RAS space.
     """
-    device = disp_vox.device if disp_vox is not None else "cpu"
-    a = np.asarray(affine, np.float64)
     inv_t = np.linalg.inv(np.asarray(world_affine, np.float64))
-    part = affine_points(shape, inv_t @ a - a, device=device)  # T^-1 y - y on the grid's voxel indices
     if disp_vox is None:
-        return part.permute(3, 0, 1, 2).contiguous()
+        return then_affine(None, shape, affine, inv_t)
     if working_affine is None:
         raise ValueError("inverse_displacement needs working_affine with disp_vox")
     wa = np.asarray(working_affine, np.float64)
@@ -141,7 +138,9 @@ def inverse_displacement(
     wa_sub = wa @ np.diag([sub, sub, sub, 1.0])
     step = float(np.abs(np.linalg.det(wa_sub[:3, :3]))) ** (1.0 / 3.0)
     w = invert_field(disp_vox[:, ::sub, ::sub, ::sub] / sub, iters=iters, tol=tol_mm / max(step, 1e-12))
-    z = affine_points(shape, np.linalg.inv(wa_sub) @ inv_t @ a, device=device)
+    a = np.asarray(affine, np.float64)
+    z = affine_points(shape, np.linalg.inv(wa_sub) @ inv_t @ a, device=disp_vox.device)
+    part = affine_points(shape, inv_t @ a - a, device=disp_vox.device)  # T^-1 y - y on the grid's voxel indices
     return _plus_linear(part, wa_sub[:3, :3], sample_at(w, z, mode="linear", padding="border"))
 
 
