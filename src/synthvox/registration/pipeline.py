@@ -37,7 +37,12 @@ from synthvox.errors import InputError
 from synthvox.metrics import dice_per_label, folding_percent
 from synthvox.registration import affine as aff
 from synthvox.registration.convex import box3, convex_stage
-from synthvox.registration.features import FEATURE_KINDS, FeatureExtractor, combine, feature_scales
+from synthvox.registration.features import (
+    FeatureExtractor,
+    combine,
+    feature_model,
+    feature_scales,
+)
 from synthvox.registration.instance import instance_optimise
 from synthvox.registration.parallel import run_tasks, single_op_threads
 from synthvox.registration.warp import (
@@ -257,21 +262,6 @@ def _weights_info(features: str, weights: Any, model: Any) -> dict[str, Any] | N
     return {"path": None, "file": None, "sha256": h.hexdigest(), "of": "float32 parameters in memory"}
 
 
-def _resolve_model(features: str, weights: Any, device: torch.device) -> Any:
-    if features not in FEATURE_KINDS:
-        raise InputError(f"unknown --features {features!r}: use one of {', '.join(FEATURE_KINDS)}")
-    if features == "mind":
-        return None
-    if weights is not None and not isinstance(weights, (str, Path)):
-        return weights.to(device).eval()
-    from synthvox.models import default_weights_path, load_model
-
-    path = weights if weights is not None else default_weights_path()
-    if path is None:
-        raise InputError(f"--features {features} needs network weights, and no default weights ship yet: pass --weights MODEL_DIR or use --features mind")
-    return load_model(path, device).eval()
-
-
 def register(
     fixed: Volume,
     moving: Volume,
@@ -356,7 +346,7 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
     times: dict[str, float] = {}
     progress = _Progress(log)
     t_start = time.perf_counter()
-    model = _resolve_model(features, weights, dev)
+    model = feature_model(features, weights, dev)
     fixed = Volume(fixed.data.float().to(dev), fixed.affine)
     moving = Volume(moving.data.float().to(dev), moving.affine)
     times["load_model"] = time.perf_counter() - t_start

@@ -293,8 +293,7 @@ def segment_with_atlases(
         InputError: no atlases, an atlas label map off its image's grid or with one label only, an
             unknown fusion method, or anything :func:`~synthvox.registration.register` refuses.
     """
-    from synthvox.registration.features import FeatureExtractor
-    from synthvox.registration.pipeline import _resolve_model
+    from synthvox.registration.features import FeatureExtractor, feature_model
 
     check_fusion(fusion, beta)
     label_ids = check_atlases(atlases)
@@ -311,7 +310,7 @@ def segment_with_atlases(
         times["model"] = time.perf_counter() - t
         say(f"model      {times['model']:6.1f} s  probabilities of {len(probs[1])} labels")
 
-    net = _resolve_model(features, weights, dev)
+    net = feature_model(features, weights, dev)
     extractor = FeatureExtractor(kind=features, model=net, device=dev) if fusion == "weighted" else None
     target = prepare_target(image, extractor, dev)
     registered = []
