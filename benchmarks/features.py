@@ -142,12 +142,17 @@ def inter_subject_affine(subjects: list[str], kinds: list[tuple[str, Any, str]])
 
 
 def features_of(kind: str, image: Any, model: Any) -> torch.Tensor:
-    """``(C, X, Y, Z)`` features of one image as registration computes them (``intensity``, ``mind`` or ``net``)."""
+    """``(C, X, Y, Z)`` features of one image as registration computes them (``intensity``, ``mind`` or
+    ``net``; the network sees the image at the spacing its card gives, as in registration)."""
+    from synthvox.models.card import network_spacing
     from synthvox.registration.features import FeatureExtractor, robust_unit_range
+    from synthvox.volume import spacing_of
 
     if kind == "intensity":
         return robust_unit_range(image.data[:1].float())
-    ex = FeatureExtractor(kind=kind, model=model, device=torch.device("cpu"))
+    net_mm = network_spacing(model) if kind == "net" else None
+    zoom = float(spacing_of(image.affine)[0]) / net_mm if net_mm else 1.0
+    ex = FeatureExtractor(kind=kind, model=model, device=torch.device("cpu"), net_zoom=zoom)
     return ex.raw(image.data[:1].float(), "fixed")[kind]
 
 

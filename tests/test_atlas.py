@@ -147,3 +147,17 @@ def test_bad_atlases_and_settings_are_refused():
         segment_with_atlases(Volume(img, aff), [good], beta=0)
     with pytest.raises(InputError, match="single-channel"):
         segment_with_atlases(Volume(img.repeat(2, 1, 1, 1), aff), [good])
+
+
+def test_weighted_fusion_on_network_features_sees_the_target_at_the_network_spacing():
+    """--features net with weighted fusion: the fusion's features, like registration's, come from the
+    network run at its card's spacing (here 2 mm on a 1 x 1 x 2 mm target: zoom 0.5, 0.5, 1)."""
+    from test_registration import _Recorder
+
+    img = phantom(32)
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    rec = _Recorder({"data": {"size": [32, 32, 32], "synth": {"labels": {"fov_mm": 64.0}}}})
+    atlases = [Atlas(Volume(img, aff), Volume(labels_of(img), aff), name="a")]
+    res = segment_with_atlases(Volume(img, aff), atlases, features="net", weights=rec, fusion="weighted", config=CFG)
+    assert res.labels.shape == img.shape[1:]
+    assert (17, 17, 32) in rec.shapes  # the fusion weights: 32 x 32 x 32 voxels at 1 x 1 x 2 mm, seen at 2 mm

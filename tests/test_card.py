@@ -53,3 +53,33 @@ def test_shipped_weights_record_their_choice() -> None:
     assert rec is not None and rec["features_auto"] in ("mind", "net", "both")
     assert rec["features_auto"] == max(("mind", "net", "both"), key=lambda k: rec["mean_dice"]["nichart"][k])
     assert auto_features() == rec["features_auto"]
+
+
+def _card_dir(tmp_path, card: dict):
+    md = save_model(build_model("tiny"), tmp_path / "m")
+    cfg = json.loads((md / "config.json").read_text())
+    cfg.setdefault("extra", {})["model_card"] = card
+    (md / "config.json").write_text(json.dumps(cfg))
+    return md
+
+
+def test_the_network_sees_images_at_the_scale_it_was_trained_at(tmp_path) -> None:
+    from synthvox.models import load_model
+    from synthvox.models.card import network_spacing, training_spacing
+
+    assert training_spacing({"data": {"size": [64, 64, 64], "synth": {"labels": {"fov_mm": 144.0}}}}) == 2.25
+    assert training_spacing({"data": {"size": [32, 48, 40], "synth": {"labels": {"fov_mm": 96.0}}}}) == 2.0
+    assert training_spacing({"data": {"size": [64, 64, 64], "synth": {}}}) == 2.25  # the engine's default field of view
+    for card in ({}, {"data": {}}, {"data": {"size": "x"}}, {"data": {"size": [0, 0, 0]}},
+                 {"data": {"size": [64] * 3, "synth": {"labels": {"fov_mm": -1}}}}):
+        assert training_spacing(card) is None
+    trained = {"data": {"size": [32, 32, 32], "synth": {"labels": {"fov_mm": 64.0}}}}
+    md = _card_dir(tmp_path, trained)
+    assert network_spacing(md) == 2.0 and network_spacing(str(md)) == 2.0
+    assert network_spacing(load_model(md)) == 2.0  # the card travels with the loaded network
+    assert network_spacing(build_model("tiny")) is None  # a network built in memory: no card, no rescaling
+    # a measured choice in the registration record wins over the training scale
+    md2 = _card_dir(tmp_path / "b", {**trained, "registration": {"features_auto": "both", "net_spacing": 1.5}})
+    assert network_spacing(md2) == 1.5
+    md3 = _card_dir(tmp_path / "c", {**trained, "registration": {"net_spacing": "fine"}})
+    assert network_spacing(md3) == 2.0  # an unreadable choice falls back to the training scale

@@ -197,3 +197,63 @@ def test_bad_inputs():
         register(Volume(img, aff), Volume(img, aff), features="sift")
     with pytest.raises(InputError, match="init"):
         register(Volume(img, aff), Volume(img, aff), init="magic")
+
+
+class _Recorder(torch.nn.Module):
+    """A tiny network that records the spatial shape of every input it is given."""
+
+    def __init__(self, card: dict | None = None) -> None:
+        super().__init__()
+        from synthvox.models import build_model
+
+        self.net = build_model("tiny", seed=0)
+        self.shapes: list[tuple[int, ...]] = []
+        if card is not None:
+            self.model_card = card
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape[2:]))
+        return self.net(x)
+
+
+def test_the_network_sees_both_images_at_its_own_spacing():
+    """--features net: the network runs at the spacing its card gives (or net_spacing), its features
+    come back on the working grid."""
+    from synthvox.registration.features import FeatureExtractor
+
+    img = phantom(32)
+    moving, _ = warped_pair(img)
+    aff = np.eye(4)
+    card = {"data": {"size": [32, 32, 32], "synth": {"labels": {"fov_mm": 64.0}}}}  # trained at 2 mm
+    rec = _Recorder(card)
+    res = register(Volume(img, aff), Volume(moving, aff), features="net", weights=rec, config=CFG, init="none",
+                   affine=False)
+    assert res.report["network_spacing_mm"] == 2.0 and res.report["working_spacing_mm"] == 1.0
+    assert rec.shapes and all(max(s) < 32 for s in rec.shapes)  # 1 mm working grid seen at 2 mm
+    rec.shapes.clear()
+    res = register(Volume(img, aff), Volume(moving, aff), features="both", weights=rec, init="none", affine=False,
+                   config=RegistrationConfig(spacing=1.0, adam_grid_mm=2.0, net_spacing=0.5))
+    assert res.report["network_spacing_mm"] == 0.5
+    assert rec.shapes and all(min(s) > 40 for s in rec.shapes)
+    assert torch.isfinite(res.displacement).all()
+    plain = _Recorder()  # no card: the working grid as it is
+    res = register(Volume(img, aff), Volume(moving, aff), features="net", weights=plain, config=CFG, init="none",
+                   affine=False)
+    assert res.report["network_spacing_mm"] is None and (32, 32, 32) in plain.shapes
+    # the features of a zoomed network lie on the image's grid, and zoom 1 is the plain network
+    ex = FeatureExtractor(kind="net", model=plain.net)
+    f1 = ex.raw(img, "fixed")["net"]
+    f2 = FeatureExtractor(kind="net", model=plain.net, net_zoom=1.6).raw(img, "fixed")["net"]
+    assert f1.shape == f2.shape and f1.shape[1:] == (32, 32, 32)
+    assert not torch.allclose(f1, f2)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="net_spacing"):
+            register(Volume(img, aff), Volume(moving, aff), features="net", weights=rec, init="none", affine=False,
+                     config=RegistrationConfig(spacing=1.0, net_spacing=bad))
+        with pytest.raises(InputError, match="zoom"):
+            FeatureExtractor(kind="net", model=plain.net, net_zoom=bad)
+    # one zoom per axis: an anisotropic grid seen isotropically
+    f3 = FeatureExtractor(kind="net", model=plain.net, net_zoom=(1.0, 1.0, 2.0)).raw(img, "fixed")["net"]
+    assert f3.shape == f1.shape
+    with pytest.raises(InputError, match="zoom"):
+        FeatureExtractor(kind="net", model=plain.net, net_zoom=(1.0, 2.0))

@@ -1,14 +1,20 @@
-"""What a weights directory's model card says about registration: which features ``--features auto`` uses.
+"""What a weights directory's model card says about registration: which features ``--features auto``
+uses, and at which spacing the network sees the images.
 
 The decision is measured, not assumed: ``scripts/weights.py decide MODEL_DIR REGISTRATION_JSON`` reads
 the output of ``benchmarks/registration.py`` run with those weights, picks the feature kind with the
 highest mean Dice on the brain pairs (nichart), and records the choice with every figure behind it in
 the card (``config.json`` -> ``extra.model_card.registration``). Weights without such a record get
 MIND-SSC, the choice that needs no trust in the network.
+
+The network's features depend on the scale it was trained at (the synthetic label maps span the
+engine's field of view on ``data.size`` voxels); registration computes them at that spacing and
+resamples them onto its working grid (:func:`network_spacing`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,15 +25,62 @@ KINDS = ("mind", "net", "both")
 DECIDING_DATASET = "nichart"
 
 
-def registration_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``registration`` record of a model directory's card, or None when it has none."""
+def model_card(path: str | os.PathLike) -> dict[str, Any]:
+    """The model card of a model directory (``config.json`` -> ``extra.model_card``; empty when absent)."""
     from synthvox.models.checkpoint import read_model_config
 
     _, cfg = read_model_config(path)
     extra = cfg.get("extra") if isinstance(cfg.get("extra"), dict) else {}
-    card = extra.get("model_card") if isinstance(extra.get("model_card"), dict) else {}
-    rec = card.get("registration")
+    card = extra.get("model_card")
+    return card if isinstance(card, dict) else {}
+
+
+def registration_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``registration`` record of a model directory's card, or None when it has none."""
+    rec = model_card(path).get("registration")
     return rec if isinstance(rec, dict) else None
+
+
+def training_spacing(card: dict[str, Any]) -> float | None:
+    """The voxel size in mm a card's network was trained at: the label maps' field of view (the
+    engine's default when the card records no engine settings) over the longest training size; None
+    when the card has no training size."""
+    from synthvox.synth.labels import LabelConfig
+
+    data = card.get("data") if isinstance(card.get("data"), dict) else {}
+    synth = data.get("synth") if isinstance(data.get("synth"), dict) else {}
+    labels = synth.get("labels") if isinstance(synth.get("labels"), dict) else {}
+    fov, size = labels.get("fov_mm", LabelConfig.fov_mm), data.get("size")
+    try:
+        mm = float(fov) / max(int(v) for v in size)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return mm if mm > 0 and math.isfinite(mm) else None
+
+
+def network_spacing(weights: Any = None) -> float | None:
+    """The spacing in mm at which registration lets a network see the images.
+
+    What the weights' registration record chose (``net_spacing``, measured), else the voxel size they
+    were trained at; ``None`` (the working grid as it is) when the card records neither, or for a
+    network that was not loaded from a directory. ``weights``: a model directory, a network (its
+    ``model_card`` attribute, set by :func:`synthvox.models.load_model`), or None for the shipped weights.
+    """
+    from synthvox.models.checkpoint import default_weights_path
+
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        card = getattr(weights, "model_card", None)
+        card = card if isinstance(card, dict) else {}
+    else:
+        path = Path(weights) if weights is not None else default_weights_path()
+        if path is None:
+            return None
+        card = model_card(path)
+    rec = card.get("registration") if isinstance(card.get("registration"), dict) else {}
+    chosen = rec.get("net_spacing")
+    if isinstance(chosen, (int, float)) and not isinstance(chosen, bool) and chosen > 0 and math.isfinite(chosen):
+        return float(chosen)
+    return training_spacing(card)
 
 
 def auto_features(weights: Any = None) -> str:

@@ -144,7 +144,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> U
         device: where to put the network.
 
     Returns:
-        The UNet in eval mode, float32, on ``device``.
+        The UNet in eval mode, float32, on ``device``; its ``model_card`` attribute holds the card of
+        ``config.json`` (empty when absent), so that what it says travels with the network.
 
     Raises:
         InputError: missing, truncated or corrupt files, or weights that do not fit the config.
@@ -177,6 +178,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> U
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())
         raise InputError(f"weights in {weights} do not match its {CONFIG_NAME}: {msg[:300]}") from None
+    extra = cfg.get("extra") if isinstance(cfg.get("extra"), dict) else {}
+    net.model_card = extra.get("model_card") if isinstance(extra.get("model_card"), dict) else {}
     return net.to(device).eval()
 
 

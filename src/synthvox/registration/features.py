@@ -8,11 +8,13 @@ that scale and need no change between feature kinds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from synthvox.errors import InputError
 from synthvox.registration.mind import mind_ssc
@@ -67,6 +69,10 @@ class FeatureExtractor:
         mind_radius: MIND patch radius.
         mind_dilation: MIND neighbourhood distance.
         patch: sliding-window patch size for the network.
+        net_zoom: the network sees each image resampled by this factor, one or one per axis (the
+            images' spacing over the spacing the network works at, see
+            :func:`synthvox.models.card.network_spacing`); its features are resampled back onto the
+            image's grid.
     """
 
     kind: str = "mind"
@@ -78,12 +84,17 @@ class FeatureExtractor:
     mind_radius: int = 1
     mind_dilation: int = 2
     patch: int = 128
+    net_zoom: float | tuple[float, float, float] = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in FEATURE_KINDS:
             raise InputError(f"unknown feature kind {self.kind!r}: use one of {', '.join(FEATURE_KINDS)}")
         if self.kind in ("net", "both") and self.model is None:
             raise InputError(f"--features {self.kind} needs network weights")
+        zoom = (self.net_zoom,) * 3 if isinstance(self.net_zoom, (int, float)) else tuple(self.net_zoom)
+        if len(zoom) != 3 or not all(z > 0 and math.isfinite(z) for z in zoom):
+            raise InputError(f"the network's zoom must be one or three positive numbers, got {self.net_zoom}")
+        self.net_zoom = tuple(float(z) for z in zoom)
 
     def _mind(self, image: torch.Tensor) -> torch.Tensor:
         x = robust_unit_range(image.to(self.device))
@@ -93,8 +104,14 @@ class FeatureExtractor:
         from synthvox.models.features import extract_features, normalise_intensity
 
         x = normalise_intensity(image.float().cpu(), modality=modality, ct_window=self.ct_window)
+        shape = list(x.shape[1:])
+        size = [max(8, round((n - 1) * z) + 1) for n, z in zip(shape, self.net_zoom)]  # the same end points
+        if size != shape:
+            x = F.interpolate(x[None], size=size, mode="trilinear", align_corners=True)[0]
         with torch.no_grad():
             f = extract_features(self.model, x, self.device, patch=self.patch, overlap=0.25)
+            if size != shape:
+                f = F.interpolate(f[None], size=shape, mode="trilinear", align_corners=True)[0]
         return f.to(self.device).float()
 
     def raw(self, image: torch.Tensor, which: str) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ Stages (each timed in the report):
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ import torch
 
 from synthvox.errors import InputError
 from synthvox.metrics import dice_per_label, folding_percent
+from synthvox.models.card import network_spacing
 from synthvox.registration import affine as aff
 from synthvox.registration.convex import box3, convex_stage
 from synthvox.registration.features import (
@@ -91,6 +93,9 @@ class RegistrationConfig:
         fold_weight: weight of the penalty on Jacobian determinants near or below zero in the Adam
             stage (see :func:`synthvox.registration.instance.folding_penalty`).
         inverse_consistent: make the coarse stage inverse consistent.
+        net_spacing: the spacing in mm at which the network sees both images (``net`` and ``both``);
+            its features are resampled onto the working grid. None: what the weights' card says (see
+            :func:`synthvox.models.card.network_spacing`: the voxel size they were trained at).
     """
 
     spacing: float = 2.5
@@ -115,6 +120,7 @@ class RegistrationConfig:
     adam_lr: float = 1.0
     fold_weight: float = 50.0
     inverse_consistent: bool = True
+    net_spacing: float | None = None
 
 
 @dataclass
@@ -397,8 +403,12 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
 
     # 3. features
     t = time.perf_counter()
+    net_mm = (cfg.net_spacing if cfg.net_spacing is not None else network_spacing(model)) if model is not None else None
+    if net_mm is not None and not (net_mm > 0 and math.isfinite(net_mm)):
+        raise InputError(f"net_spacing must be a positive number of mm, got {net_mm}")
     extractor = FeatureExtractor(kind=features, model=model, device=dev, modality_fixed=modality_fixed,
-                                 modality_moving=modality_moving, ct_window=ct_window)
+                                 modality_moving=modality_moving, ct_window=ct_window,
+                                 net_zoom=s / net_mm if net_mm else 1.0)
     raw_f, raw_m = run_tasks([lambda: extractor.raw(fixed_w.data, "fixed"),
                               lambda: extractor.raw(moving_e.data, "moving")], workers)
     scales = feature_scales(raw_f, fg_w > 0.5)
@@ -406,7 +416,8 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
     feat_m = combine(raw_m, scales)
     del raw_f, raw_m
     times["features"] = time.perf_counter() - t
-    progress.stage("features", times["features"], f"{features} on {'x'.join(map(str, wshape))} at {s:g} mm")
+    progress.stage("features", times["features"], f"{features} on {'x'.join(map(str, wshape))} at {s:g} mm"
+                   + (f" (the network at {net_mm:g} mm)" if net_mm else ""))
 
     # 4. affine
     t = time.perf_counter()
@@ -520,6 +531,7 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
         "seed": int(seed),
         "working_spacing_mm": s,
         "working_shape": list(wshape),
+        "network_spacing_mm": net_mm,
         "world_affine": np.asarray(world).round(6).tolist(),
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "folding_percent": fold,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from synthvox.errors import InputError
-from synthvox.volume import Volume, same_grid
+from synthvox.volume import Volume, same_grid, spacing_of
 
 FUSION_METHODS = ("majority", "weighted")
 #: Default width of the weighting kernel (in units of the mean feature difference, see module docs).
@@ -293,6 +293,7 @@ def segment_with_atlases(
         InputError: no atlases, an atlas label map off its image's grid or with one label only, an
             unknown fusion method, or anything :func:`~synthvox.registration.register` refuses.
     """
+    from synthvox.models.card import network_spacing
     from synthvox.registration.features import FeatureExtractor, feature_model
 
     check_fusion(fusion, beta)
@@ -311,7 +312,11 @@ def segment_with_atlases(
         say(f"model      {times['model']:6.1f} s  probabilities of {len(probs[1])} labels")
 
     net = feature_model(features, weights, dev)
-    extractor = FeatureExtractor(kind=features, model=net, device=dev) if fusion == "weighted" else None
+    extractor = None
+    if fusion == "weighted":  # the network sees the target's own grid at its spacing, as registration does
+        net_mm = network_spacing(net) if net is not None else None
+        zoom = tuple(float(v) / net_mm for v in spacing_of(image.affine)) if net_mm else 1.0
+        extractor = FeatureExtractor(kind=features, model=net, device=dev, net_zoom=zoom)
     target = prepare_target(image, extractor, dev)
     registered = []
     for i, a in enumerate(atlases):
