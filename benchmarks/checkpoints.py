@@ -80,16 +80,21 @@ def export_checkpoints(run: Path, dst: Path, every: int = 1) -> list[Path]:
     import torch
 
     from synthvox.models import save_model
-    from synthvox.train.checkpointing import checkpoint_network, list_checkpoints, load_checkpoint
+    from synthvox.train.checkpointing import (
+        checkpoint_card,
+        checkpoint_network,
+        list_checkpoints,
+        load_checkpoint,
+    )
 
     ckpts = list_checkpoints(run / "checkpoints")
     chosen = [c for i, c in enumerate(ckpts) if i % every == 0 or i == len(ckpts) - 1]
     out = []
     for step, path in chosen:
-        net = checkpoint_network(*load_checkpoint(path))
+        tensors, state = load_checkpoint(path)
         md = dst / f"step_{step:08d}"
-        with torch.no_grad():
-            save_model(net, md, extra={"model_card": {"training_steps": int(step)}})
+        with torch.no_grad():  # the full card: registration and the probe read the training scale from it
+            save_model(checkpoint_network(tensors, state), md, extra={"model_card": checkpoint_card(state)})
         out.append(md)
     return out
 

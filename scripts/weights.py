@@ -52,30 +52,12 @@ def install(carry: Path, run: Path) -> Path:
     return dst
 
 
-def model_card(state: dict[str, Any], hardware: str | None = None) -> dict[str, Any]:
-    """What the shipped model directory records about its training."""
-    cfg = state.get("config", {})
-    return {
-        "training_steps": int(state["step"]),
-        "samples_seen": int(state.get("samples_seen", 0)),
-        "skipped_steps": int(state.get("skipped", 0)),
-        "batch_pairs": cfg.get("batch_pairs"),
-        "data": cfg.get("data"),
-        "loss": cfg.get("loss"),
-        "optim": cfg.get("optim"),
-        "seed": cfg.get("seed"),
-        "torch": state.get("torch"),
-        "time": state.get("time"),
-        "hardware": hardware,
-    }
-
-
 def export(run: Path, carry: Path | None, model: Path | None, hardware: str | None) -> None:
     """Newest intact checkpoint of ``run`` -> carry-over file and/or half-precision model directory."""
     import torch
 
     from synthvox.models import save_model
-    from synthvox.train.checkpointing import checkpoint_network, load_latest, strip_optimizer
+    from synthvox.train.checkpointing import checkpoint_card, checkpoint_network, load_latest, strip_optimizer
 
     latest = load_latest(run / "checkpoints")
     if latest is None:
@@ -92,7 +74,7 @@ def export(run: Path, carry: Path | None, model: Path | None, hardware: str | No
     if model is not None:
         net = checkpoint_network(tensors, state)
         with torch.no_grad():
-            save_model(net, model, extra={"model_card": model_card(state, hardware)}, half=True)
+            save_model(net, model, extra={"model_card": checkpoint_card(state, hardware)}, half=True)
         size = sum(f.stat().st_size for f in model.iterdir()) / 2**20
         print(f"model directory (float16): {model} ({size:.1f} MiB)")
 
@@ -124,16 +106,16 @@ def join(first_part: Path, dst: Path) -> Path:
 
 
 def info(path: Path) -> None:
-    if path.is_dir():
-        from synthvox.train.checkpointing import load_latest
+    from synthvox.train.checkpointing import checkpoint_card, load_latest
 
+    if path.is_dir():
         latest = load_latest(path / "checkpoints")
         if latest is None:
             sys.exit(f"error: no checkpoint in {path / 'checkpoints'}")
         path, _, state = latest
     else:
         _, state = _state(path)
-    print(json.dumps({"file": str(path), **model_card(state)}, indent=1, default=str))
+    print(json.dumps({"file": str(path), **checkpoint_card(state)}, indent=1, default=str))
 
 
 def decide(model: Path, registration_json: Path) -> None:

@@ -77,3 +77,29 @@ def test_features_cli(tmp_path) -> None:
     assert res.exit_code == 2 and "not found" in res.output
     res = _run("features", str(tmp_path / "img.nii.gz"), "--out", str(tmp_path / "f3.nii.gz"), "--weights", "random", "--ct-window", "a,b")
     assert res.exit_code == 2 and "--ct-window" in res.output
+
+
+def test_the_trained_network_carries_its_training_scale(tiny_run, tmp_path) -> None:
+    """The run's model directory, a checkpoint exported by benchmarks/checkpoints.py and one exported by
+    scripts/weights.py all record the scale registration lets the network see images at."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from synthvox.models.card import model_card, network_spacing
+
+    root = Path(__file__).resolve().parents[1]
+    voxel_mm = 144.0 / 32  # the tiny preset: 32^3 label maps over the engine's 144 mm
+    assert network_spacing(tiny_run / "model") == voxel_mm
+    assert model_card(tiny_run / "model")["training_steps"] >= 3
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import checkpoints
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    exported = checkpoints.export_checkpoints(tiny_run, tmp_path / "each")
+    assert exported and all(network_spacing(md) == voxel_mm for md in exported)
+    res = subprocess.run([sys.executable, str(root / "scripts" / "weights.py"), "export", str(tiny_run), "--model",
+                          str(tmp_path / "m")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert network_spacing(tmp_path / "m") == voxel_mm

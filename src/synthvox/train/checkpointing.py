@@ -248,3 +248,22 @@ def checkpoint_network(tensors: dict[str, torch.Tensor], state: dict[str, Any]) 
     net = UNet(**model_kwargs(from_dict(ModelConfig, state["config"]["model"])))
     net.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     return net
+
+
+def checkpoint_card(state: dict[str, Any], hardware: str | None = None) -> dict[str, Any]:
+    """The model card of a pretraining checkpoint's network: steps, samples, the data, loss and optim
+    settings (registration reads its training scale from ``data``), torch version, time, hardware."""
+    cfg = state.get("config", {})
+    return {
+        "training_steps": int(state["step"]),
+        "samples_seen": int(state.get("samples_seen", 0)),
+        "skipped_steps": int(state.get("skipped", 0)),
+        "batch_pairs": cfg.get("batch_pairs"),
+        "data": cfg.get("data"),
+        "loss": cfg.get("loss"),
+        "optim": cfg.get("optim"),
+        "seed": cfg.get("seed"),
+        "torch": state.get("torch"),
+        "time": state.get("time"),
+        "hardware": hardware,
+    }

@@ -46,6 +46,7 @@ from synthvox.models.registry import build_model
 from synthvox.models.unet import UNet
 from synthvox.train import rundir
 from synthvox.train.checkpointing import (
+    checkpoint_card,
     checkpoint_name,
     list_checkpoints,
     load_latest,
@@ -493,13 +494,10 @@ def pretrain(
                     out / "model",
                     extra={
                         "trained_by": "synthvox pretrain",
-                        "steps": step,
-                        "samples_seen": samples,
-                        "skipped_steps": skipped,
                         "world_size": info.world_size,
                         "variant": cfg.model.variant,
                         "config": to_dict(cfg),
-                        "date": time.strftime("%Y-%m-%d"),
+                        "model_card": checkpoint_card(state_dict_json(), str(device)),
                     },
                 )
             barrier(info)
