@@ -157,6 +157,10 @@ def _run_synthvox(method: str, pair: dict[str, Any], data: dict[str, Any], args:
 
     method, spacing = split_method(method)
     cfg = RegistrationConfig(**QUICK_CONFIG) if args.quick else RegistrationConfig()
+    if args.set:
+        from synthvox.config import apply_overrides
+
+        cfg = apply_overrides(cfg, args.set, "--set")
     if spacing is not None:
         cfg = dataclasses.replace(cfg, spacing=spacing)
     features = "mind" if method == "affine" else method
@@ -348,6 +352,7 @@ def run_worker(method: str, dataset: str, args: argparse.Namespace, tmp: Path) -
            "--worker-out", str(out), "--pairs", str(args.pairs), "--device", args.device,
            "--threads", str(args.threads), "--seed", str(args.seed)]
     cmd += [x for p in (args.pair or []) for x in ("--pair", p)]
+    cmd += [x for kv in args.set for x in ("--set", kv)]
     if args.weights:
         cmd += ["--weights", args.weights]
     if args.quick:
@@ -545,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma list of {', '.join(METHODS)}; synthvox's also as METHOD@MM (working spacing), e.g. mind@2.5")
     ap.add_argument("--datasets", default=None, help=f"comma list of {', '.join(DATASETS)} (default all; --quick: nichart)")
     ap.add_argument("--weights", default=None, help="model directory for net/both (default: the shipped weights)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a RegistrationConfig setting for every synthvox method, e.g. net_spacing=2 (repeatable)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (synthvox methods; ANTs always runs on the CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch and ITK threads per process (default 1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -580,6 +587,15 @@ def main(argv: list[str] | None = None) -> int:
     for d in datasets:
         if d not in DATASETS:
             ap.error(f"unknown dataset {d!r}: use {', '.join(DATASETS)}")
+    if args.set:
+        from synthvox.config import apply_overrides
+        from synthvox.errors import InputError
+        from synthvox.registration import RegistrationConfig
+
+        try:
+            apply_overrides(RegistrationConfig(), args.set, "--set")
+        except InputError as e:
+            ap.error(str(e))
     if not common.require_shared_data():  # after the options: a mistake is named even without the data
         return 2
     args.weights = resolve_weights(args.weights)
@@ -592,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                                "quick": bool(args.quick), "pairs": args.pairs, "pair_list": args.pair,
                                "weights": args.weights if any(split_method(m)[0] in ("net", "both") for m in run) else None,
                                "methods": run, "skipped": skipped, "datasets": datasets,
-                               "synthvox_config": QUICK_CONFIG if args.quick else "RegistrationConfig() defaults",
+                               "synthvox_config": {**(QUICK_CONFIG if args.quick else {}), "set": args.set}
+                               if (args.quick or args.set) else "RegistrationConfig() defaults",
                                "ants": None, "results": {}}
     payload["machine"]["torch_threads"] = args.threads
     if "ants" in run:

@@ -248,8 +248,7 @@ def test_the_network_sees_both_images_at_its_own_spacing():
     assert not torch.allclose(f1, f2)
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(InputError, match="net_spacing"):
-            register(Volume(img, aff), Volume(moving, aff), features="net", weights=rec, init="none", affine=False,
-                     config=RegistrationConfig(spacing=1.0, net_spacing=bad))
+            RegistrationConfig(spacing=1.0, net_spacing=bad)
         with pytest.raises(InputError, match="zoom"):
             FeatureExtractor(kind="net", model=plain.net, net_zoom=bad)
     # one zoom per axis: an anisotropic grid seen isotropically

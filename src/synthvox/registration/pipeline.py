@@ -122,6 +122,10 @@ class RegistrationConfig:
     inverse_consistent: bool = True
     net_spacing: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.net_spacing is not None and not (self.net_spacing > 0 and math.isfinite(self.net_spacing)):
+            raise InputError(f"net_spacing must be a positive number of mm, got {self.net_spacing}")
+
 
 @dataclass
 class RegistrationResult:
@@ -404,8 +408,6 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
     # 3. features
     t = time.perf_counter()
     net_mm = (cfg.net_spacing if cfg.net_spacing is not None else network_spacing(model)) if model is not None else None
-    if net_mm is not None and not (net_mm > 0 and math.isfinite(net_mm)):
-        raise InputError(f"net_spacing must be a positive number of mm, got {net_mm}")
     extractor = FeatureExtractor(kind=features, model=model, device=dev, modality_fixed=modality_fixed,
                                  modality_moving=modality_moving, ct_window=ct_window,
                                  net_zoom=s / net_mm if net_mm else 1.0)
