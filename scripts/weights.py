@@ -7,7 +7,7 @@ Three steps, each one command::
 
     # after training: the run's newest checkpoint -> a new carry-over file (network + projection heads
     # in float32, step count, samples seen, config; no optimizer state) and a half-precision model dir
-    python scripts/weights.py export RUN --carry training/carry.safetensors --model src/synthvox/data/weights/default
+    python scripts/weights.py export RUN [--step N] --carry training/carry.safetensors --model src/synthvox/data/weights/default
 
     # describe a carry-over file or a run (step, samples seen, config)
     python scripts/weights.py info training/carry.safetensors
@@ -52,18 +52,36 @@ def install(carry: Path, run: Path) -> Path:
     return dst
 
 
-def export(run: Path, carry: Path | None, model: Path | None, hardware: str | None) -> None:
-    """Newest intact checkpoint of ``run`` -> carry-over file and/or half-precision model directory."""
+def export(run: Path, carry: Path | None, model: Path | None, hardware: str | None, step: int | None = None) -> None:
+    """Newest intact checkpoint of ``run`` (or the one of ``step``) -> carry-over file and/or half-precision model directory."""
     import torch
 
+    from synthvox.errors import InputError
     from synthvox.models import save_model
-    from synthvox.train.checkpointing import checkpoint_card, checkpoint_network, load_latest, strip_optimizer
+    from synthvox.train.checkpointing import (
+        checkpoint_card,
+        checkpoint_network,
+        list_checkpoints,
+        load_checkpoint,
+        load_latest,
+        strip_optimizer,
+    )
 
-    latest = load_latest(run / "checkpoints")
-    if latest is None:
-        sys.exit(f"error: no checkpoint in {run / 'checkpoints'}")
-    path, tensors, state = latest
-    print(f"newest checkpoint: {path.name} (step {state['step']}, {state.get('samples_seen')} samples)")
+    if step is None:
+        latest = load_latest(run / "checkpoints")
+        if latest is None:
+            sys.exit(f"error: no checkpoint in {run / 'checkpoints'}")
+        path, tensors, state = latest
+    else:
+        found = dict(list_checkpoints(run / "checkpoints"))
+        if step not in found:
+            sys.exit(f"error: no checkpoint of step {step} in {run / 'checkpoints'} (it has {', '.join(map(str, found)) or 'none'})")
+        path = found[step]
+        try:
+            tensors, state = load_checkpoint(path)
+        except InputError as exc:
+            sys.exit(f"error: {exc}")
+    print(f"{'newest ' if step is None else ''}checkpoint: {path.name} (step {state['step']}, {state.get('samples_seen')} samples)")
     if carry is not None:
         carry.parent.mkdir(parents=True, exist_ok=True)
         tmp = carry.with_name(carry.name + ".tmp")
@@ -147,6 +165,7 @@ def main() -> None:
     b.add_argument("--carry", type=Path)
     b.add_argument("--model", type=Path)
     b.add_argument("--hardware", default=None)
+    b.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
     c = sub.add_parser("split")
     c.add_argument("path", type=Path)
     d = sub.add_parser("join")
@@ -161,7 +180,7 @@ def main() -> None:
     if args.cmd == "install":
         install(args.carry, args.run)
     elif args.cmd == "export":
-        export(args.run, args.carry, args.model, args.hardware)
+        export(args.run, args.carry, args.model, args.hardware, args.step)
     elif args.cmd == "split":
         split(args.path)
     elif args.cmd == "join":

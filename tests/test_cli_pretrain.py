@@ -103,3 +103,13 @@ def test_the_trained_network_carries_its_training_scale(tiny_run, tmp_path) -> N
                           str(tmp_path / "m")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert network_spacing(tmp_path / "m") == voxel_mm
+    # a chosen checkpoint, not the newest; a step the run does not have is a one-line error
+    oldest = list_checkpoints(tiny_run / "checkpoints")[0][0]
+    res = subprocess.run([sys.executable, str(root / "scripts" / "weights.py"), "export", str(tiny_run), "--step",
+                          str(oldest), "--model", str(tmp_path / "m2")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert model_card(tmp_path / "m2")["training_steps"] == oldest
+    res = subprocess.run([sys.executable, str(root / "scripts" / "weights.py"), "export", str(tiny_run), "--step", "70",
+                          "--model", str(tmp_path / "m7")], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.startswith("error: no checkpoint of step 70") and res.stderr.count("\n") == 1
+    assert not (tmp_path / "m7").exists()
