@@ -256,3 +256,8 @@ def test_the_network_sees_both_images_at_its_own_spacing():
     assert f3.shape == f1.shape
     with pytest.raises(InputError, match="zoom"):
         FeatureExtractor(kind="net", model=plain.net, net_zoom=(1.0, 2.0))
+    # an axis that is not zoomed keeps its size, however thin: the network sees the plain image
+    thin = img[:, :, :, :6].contiguous()
+    plain.shapes.clear()
+    f4 = FeatureExtractor(kind="net", model=plain, net_zoom=(2.0, 1.0, 1.0)).raw(thin, "fixed")["net"]
+    assert f4.shape[1:] == (32, 32, 6) and plain.shapes == [(63, 32, 6)]

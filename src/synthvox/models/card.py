@@ -25,14 +25,18 @@ KINDS = ("mind", "net", "both")
 DECIDING_DATASET = "nichart"
 
 
-def model_card(path: str | os.PathLike) -> dict[str, Any]:
-    """The model card of a model directory (``config.json`` -> ``extra.model_card``; empty when absent)."""
-    from synthvox.models.checkpoint import read_model_config
-
-    _, cfg = read_model_config(path)
-    extra = cfg.get("extra") if isinstance(cfg.get("extra"), dict) else {}
+def card_in(config: dict[str, Any]) -> dict[str, Any]:
+    """The model card in a model directory's parsed ``config.json`` (``extra.model_card``; empty when absent)."""
+    extra = config.get("extra") if isinstance(config.get("extra"), dict) else {}
     card = extra.get("model_card")
     return card if isinstance(card, dict) else {}
+
+
+def model_card(path: str | os.PathLike) -> dict[str, Any]:
+    """The model card of a model directory (see :func:`card_in`)."""
+    from synthvox.models.checkpoint import read_model_config
+
+    return card_in(read_model_config(path)[1])
 
 
 def registration_record(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -178,8 +178,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> U
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())
         raise InputError(f"weights in {weights} do not match its {CONFIG_NAME}: {msg[:300]}") from None
-    extra = cfg.get("extra") if isinstance(cfg.get("extra"), dict) else {}
-    net.model_card = extra.get("model_card") if isinstance(extra.get("model_card"), dict) else {}
+    from synthvox.models.card import card_in
+
+    net.model_card = card_in(cfg)
     return net.to(device).eval()
 
 

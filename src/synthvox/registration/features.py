@@ -105,7 +105,8 @@ class FeatureExtractor:
 
         x = normalise_intensity(image.float().cpu(), modality=modality, ct_window=self.ct_window)
         shape = list(x.shape[1:])
-        size = [max(8, round((n - 1) * z) + 1) for n, z in zip(shape, self.net_zoom)]  # the same end points
+        # the same end points; an axis that is not zoomed keeps its size, however small
+        size = [n if z == 1.0 else max(8, round((n - 1) * z) + 1) for n, z in zip(shape, self.net_zoom)]
         if size != shape:
             x = F.interpolate(x[None], size=size, mode="trilinear", align_corners=True)[0]
         with torch.no_grad():
