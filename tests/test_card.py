@@ -83,3 +83,22 @@ def test_the_network_sees_images_at_the_scale_it_was_trained_at(tmp_path) -> Non
     assert network_spacing(md2) == 1.5
     md3 = _card_dir(tmp_path / "c", {**trained, "registration": {"net_spacing": "fine"}})
     assert network_spacing(md3) == 2.0  # an unreadable choice falls back to the training scale
+
+
+def test_the_card_records_the_network_settings_the_benchmark_measured(tmp_path) -> None:
+    from synthvox.models.card import DEFAULT_NET_SHARE, network_share
+
+    res = {**_result(0.70, 0.62, 0.72), "synthvox_config": {"set": ["net_spacing=2", "net_share=0.15"]}}
+    rec = decide(res)
+    assert rec["net_spacing"] == 2.0 and rec["net_share"] == 0.15 and rec["features_auto"] == "both"
+    md = _card_dir(tmp_path / "a", {"registration": rec})
+    assert network_share(md) == 0.15
+    assert network_share(_card_dir(tmp_path / "b", {})) == DEFAULT_NET_SHARE  # nothing measured: one half
+    for bad in (0, 1, 1.5, -0.2, "half", True):  # an unreadable or impossible share is not used
+        assert network_share(_card_dir(tmp_path / f"c{bad}", {"registration": {"net_share": bad}})) == DEFAULT_NET_SHARE
+    assert network_share(build_model("tiny")) == DEFAULT_NET_SHARE
+    # figures measured with a setting a card cannot carry, or quick ones, decide nothing
+    for config in ({"set": ["spacing=2"]}, {"set": ["net_share=half"]}, {"spacing": 3.0, "set": []}):
+        with pytest.raises(ValueError):
+            decide({**_result(0.70, 0.62, 0.72), "synthvox_config": config})
+    assert "net_share" not in decide({**_result(0.7, 0.6, 0.72), "synthvox_config": "RegistrationConfig() defaults"})

@@ -48,7 +48,8 @@ def _pair(tmp_path):
     return paths
 
 
-@pytest.mark.parametrize("setting", ["bogus=1", "adam_iters=abc", "adam_iters", "net_spacing=0", "net_spacing=-2.5"])
+@pytest.mark.parametrize("setting", ["bogus=1", "adam_iters=abc", "adam_iters", "net_spacing=0", "net_spacing=-2.5",
+                                     "net_share=0", "net_share=1", "net_share=half"])
 def test_register_set_is_checked_before_any_work(tmp_path, setting) -> None:
     fixed, moving = _pair(tmp_path)
     out = tmp_path / "out"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,39 @@ def test_net_features_on_contrast_inverted_copy():
     epe = endpoint_error(res.displacement, u, fg)
     assert epe < 1.0, f"mean endpoint error {epe:.2f} voxels with net features"
     assert res.report["folding_percent"] < 1.0
+
+
+def test_both_gives_the_network_the_share_its_card_or_the_config_says():
+    """--features both: the network's share of the feature variance comes from net_share, else the
+    weights' card, else one half; it changes the registration, and a share outside (0, 1) is refused."""
+    from synthvox.registration.features import combine
+
+    img = phantom(32)
+    moving, _ = warped_pair(img)
+    aff = np.eye(4)
+    fixed, mov = Volume(img, aff), Volume(moving, aff)
+    shares = {}
+    for name, weights, cfg in (("card", _Recorder({"registration": {"net_share": 0.2}}), CFG),
+                               ("config", _Recorder({"registration": {"net_share": 0.2}}), replace(CFG, net_share=0.9)),
+                               ("none", _Recorder(), CFG)):
+        res = register(fixed, mov, features="both", weights=weights, config=cfg, init="none", affine=False)
+        shares[name] = (res.report["network_share"], res.displacement)
+    assert [shares[k][0] for k in ("card", "config", "none")] == [0.2, 0.9, 0.5]
+    assert not torch.allclose(shares["card"][1], shares["config"][1])
+    res = register(fixed, mov, features="net", weights=_Recorder(), config=CFG, init="none", affine=False)
+    assert res.report["network_share"] is None
+    for bad in (0.0, 1.0, -0.5, 2.0, float("nan")):
+        with pytest.raises(InputError, match="net_share"):
+            RegistrationConfig(net_share=bad)
+    # the shares split the unit variance of the combined features
+    g = torch.Generator().manual_seed(0)
+    sets = {"mind": 3.0 * torch.randn(12, 8, 8, 8, generator=g), "net": 0.5 * torch.randn(16, 8, 8, 8, generator=g)}
+    scales = {k: float(v.reshape(v.shape[0], -1).var(dim=1).sum()) ** 0.5 for k, v in sets.items()}
+    both = combine(sets, scales, {"net": 0.2, "mind": 0.8})
+    var = both.reshape(both.shape[0], -1).var(dim=1)
+    assert abs(float(var[:12].sum()) - 0.8) < 1e-4 and abs(float(var[12:].sum()) - 0.2) < 1e-4
+    equal = combine(sets, scales)
+    assert abs(float(equal.reshape(28, -1).var(dim=1)[:12].sum()) - 0.5) < 1e-4
 
 
 def test_different_grids_and_orientations_line_up_in_world():

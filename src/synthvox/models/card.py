@@ -1,11 +1,12 @@
 """What a weights directory's model card says about registration: which features ``--features auto``
-uses, and at which spacing the network sees the images.
+uses, at which spacing the network sees the images, and its share of the features with ``both``.
 
 The decision is measured, not assumed: ``scripts/weights.py decide MODEL_DIR REGISTRATION_JSON`` reads
 the output of ``benchmarks/registration.py`` run with those weights, picks the feature kind with the
 highest mean Dice on the brain pairs (nichart), and records the choice with every figure behind it in
-the card (``config.json`` -> ``extra.model_card.registration``). Weights without such a record get
-MIND-SSC, the choice that needs no trust in the network.
+the card (``config.json`` -> ``extra.model_card.registration``), with the network settings the benchmark
+ran with (``--set net_spacing=MM``, ``--set net_share=S``), which registration then uses for these
+weights. Weights without such a record get MIND-SSC, the choice that needs no trust in the network.
 
 The network's features depend on the scale it was trained at (the synthetic label maps span the
 engine's field of view on ``data.size`` voxels); registration computes them at that spacing and
@@ -23,6 +24,8 @@ from typing import Any
 KINDS = ("mind", "net", "both")
 #: The benchmark dataset that decides.
 DECIDING_DATASET = "nichart"
+#: Registration settings a card records when the benchmark measured them (``--set KEY=VALUE``).
+CARD_SETTINGS = ("net_spacing", "net_share")
 
 
 def card_in(config: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +65,32 @@ def training_spacing(card: dict[str, Any]) -> float | None:
     return mm if mm > 0 and math.isfinite(mm) else None
 
 
+#: The network's share of the feature variance with ``--features both`` when a card records none.
+DEFAULT_NET_SHARE = 0.5
+
+
+def _card_of(weights: Any) -> dict[str, Any]:
+    """The card of a model directory, of a loaded network (its ``model_card`` attribute), or of the
+    shipped weights (None); empty when there is none."""
+    from synthvox.models.checkpoint import default_weights_path
+
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        card = getattr(weights, "model_card", None)
+        return card if isinstance(card, dict) else {}
+    path = Path(weights) if weights is not None else default_weights_path()
+    return model_card(path) if path is not None else {}
+
+
+def _recorded(card: dict[str, Any], key: str, upper: float = math.inf) -> float | None:
+    """A number the card's registration record chose for ``key``, in (0, ``upper``); None when it
+    records none or an unreadable one."""
+    rec = card.get("registration") if isinstance(card.get("registration"), dict) else {}
+    v = rec.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < upper and math.isfinite(v):
+        return float(v)
+    return None
+
+
 def network_spacing(weights: Any = None) -> float | None:
     """The spacing in mm at which registration lets a network see the images.
 
@@ -70,21 +99,17 @@ def network_spacing(weights: Any = None) -> float | None:
     network that was not loaded from a directory. ``weights``: a model directory, a network (its
     ``model_card`` attribute, set by :func:`synthvox.models.load_model`), or None for the shipped weights.
     """
-    from synthvox.models.checkpoint import default_weights_path
+    card = _card_of(weights)
+    chosen = _recorded(card, "net_spacing")
+    return chosen if chosen is not None else training_spacing(card)
 
-    if weights is not None and not isinstance(weights, (str, os.PathLike)):
-        card = getattr(weights, "model_card", None)
-        card = card if isinstance(card, dict) else {}
-    else:
-        path = Path(weights) if weights is not None else default_weights_path()
-        if path is None:
-            return None
-        card = model_card(path)
-    rec = card.get("registration") if isinstance(card.get("registration"), dict) else {}
-    chosen = rec.get("net_spacing")
-    if isinstance(chosen, (int, float)) and not isinstance(chosen, bool) and chosen > 0 and math.isfinite(chosen):
-        return float(chosen)
-    return training_spacing(card)
+
+def network_share(weights: Any = None) -> float:
+    """The network's share of the total feature variance with ``--features both`` (MIND-SSC gets the
+    rest): what the weights' registration record chose (``net_share``, measured), else
+    :data:`DEFAULT_NET_SHARE`. ``weights`` as for :func:`network_spacing`."""
+    chosen = _recorded(_card_of(weights), "net_share", upper=1.0)
+    return chosen if chosen is not None else DEFAULT_NET_SHARE
 
 
 def auto_features(weights: Any = None) -> str:
@@ -104,6 +129,31 @@ def auto_features(weights: Any = None) -> str:
     return choice if choice in KINDS else "mind"
 
 
+def measured_settings(results: dict[str, Any]) -> dict[str, float]:
+    """The :data:`CARD_SETTINGS` a ``benchmarks/registration.py`` result was measured with (its ``--set``).
+
+    Raises:
+        ValueError: it was measured with another setting changed, which a card cannot carry (its
+            figures would not be those of the defaults), or with a value that is not a number.
+    """
+    config = results.get("synthvox_config")
+    pairs = config.get("set", []) if isinstance(config, dict) else []
+    if isinstance(config, dict) and set(config) - {"set"}:
+        raise ValueError("the registration result was measured with the quick settings: decide on a full run")
+    out: dict[str, float] = {}
+    for kv in pairs:
+        key, _, value = str(kv).partition("=")
+        key = key.strip()
+        if key not in CARD_SETTINGS:
+            raise ValueError(f"the registration result was measured with --set {kv}, which a model card cannot "
+                             f"record (only {', '.join(CARD_SETTINGS)})")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--set {kv} in the registration result is not a number") from None
+    return out
+
+
 def decide(results: dict[str, Any]) -> dict[str, Any]:
     """The record to store from a ``benchmarks/registration.py`` result (its parsed ``registration.json``).
 
@@ -118,6 +168,7 @@ def decide(results: dict[str, Any]) -> dict[str, Any]:
     figures = {ds: {m: round(float(r["summary"]["mean_dice"]), 4) for m, r in per.items() if "summary" in r}
                for ds, per in results.get("results", {}).items()}
     return {
+        **measured_settings(results),
         "features_auto": max(KINDS, key=lambda k: means[k]),
         "decided_on": f"{DECIDING_DATASET} mean Dice, highest of {', '.join(KINDS)}",
         "mean_dice": figures,

@@ -138,10 +138,14 @@ def total_std(features: torch.Tensor, mask: torch.Tensor | None = None) -> float
     return v**0.5 if v > 0 else 1.0
 
 
-def combine(sets: dict[str, torch.Tensor], scales: dict[str, float]) -> torch.Tensor:
-    """Concatenate feature sets, each divided by its scale and weighted so the sum has unit variance."""
-    w = (1.0 / len(sets)) ** 0.5
-    parts = [sets[k] * (w / scales[k]) for k in sorted(sets)]
+def combine(sets: dict[str, torch.Tensor], scales: dict[str, float],
+            shares: dict[str, float] | None = None) -> torch.Tensor:
+    """Concatenate feature sets, each divided by its scale and weighted so the sum has unit variance.
+
+    ``shares``: each set's share of that variance (summing to one); equal shares when None.
+    """
+    shares = shares or {k: 1.0 / len(sets) for k in sets}
+    parts = [sets[k] * (shares[k] ** 0.5 / scales[k]) for k in sorted(sets)]
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
 
 

@@ -36,7 +36,7 @@ import torch
 
 from synthvox.errors import InputError
 from synthvox.metrics import dice_per_label, folding_percent
-from synthvox.models.card import network_spacing
+from synthvox.models.card import network_share, network_spacing
 from synthvox.registration import affine as aff
 from synthvox.registration.convex import box3, convex_stage
 from synthvox.registration.features import (
@@ -96,6 +96,9 @@ class RegistrationConfig:
         net_spacing: the spacing in mm at which the network sees both images (``net`` and ``both``);
             its features are resampled onto the working grid. None: what the weights' card says (see
             :func:`synthvox.models.card.network_spacing`: the voxel size they were trained at).
+        net_share: with ``both``, the network's share of the total feature variance (MIND-SSC gets the
+            rest), in (0, 1). None: what the weights' card says (:func:`synthvox.models.card.network_share`:
+            a measured choice, else one half).
     """
 
     spacing: float = 2.5
@@ -121,10 +124,13 @@ class RegistrationConfig:
     fold_weight: float = 50.0
     inverse_consistent: bool = True
     net_spacing: float | None = None
+    net_share: float | None = None
 
     def __post_init__(self) -> None:
         if self.net_spacing is not None and not (self.net_spacing > 0 and math.isfinite(self.net_spacing)):
             raise InputError(f"net_spacing must be a positive number of mm, got {self.net_spacing}")
+        if self.net_share is not None and not 0 < self.net_share < 1:
+            raise InputError(f"net_share must be between 0 and 1 (exclusive), got {self.net_share}")
 
 
 @dataclass
@@ -414,12 +420,15 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
     raw_f, raw_m = run_tasks([lambda: extractor.raw(fixed_w.data, "fixed"),
                               lambda: extractor.raw(moving_e.data, "moving")], workers)
     scales = feature_scales(raw_f, fg_w > 0.5)
-    feat_f = combine(raw_f, scales)
-    feat_m = combine(raw_m, scales)
+    net_share = (cfg.net_share if cfg.net_share is not None else network_share(model)) if features == "both" else None
+    shares = {"net": net_share, "mind": 1.0 - net_share} if net_share is not None else None
+    feat_f = combine(raw_f, scales, shares)
+    feat_m = combine(raw_m, scales, shares)
     del raw_f, raw_m
     times["features"] = time.perf_counter() - t
     progress.stage("features", times["features"], f"{features} on {'x'.join(map(str, wshape))} at {s:g} mm"
-                   + (f" (the network at {net_mm:g} mm)" if net_mm else ""))
+                   + (f" (the network at {net_mm:g} mm)" if net_mm else "")
+                   + (f", the network's share {net_share:g}" if net_share is not None else ""))
 
     # 4. affine
     t = time.perf_counter()
@@ -534,6 +543,7 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
         "working_spacing_mm": s,
         "working_shape": list(wshape),
         "network_spacing_mm": net_mm,
+        "network_share": net_share,
         "world_affine": np.asarray(world).round(6).tolist(),
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "folding_percent": fold,

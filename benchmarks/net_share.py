@@ -1,0 +1,185 @@
+"""The network's share of the features with ``--features both``, and the spacing it sees: a sweep on
+nichart pairs, beside MIND-SSC and the network alone in the same run.
+
+For each nichart pair (T1 of subject A onto the FLAIR of subject B, scored on the 14 coarse DLMUSE
+structures as in ``registration.py``), ``synthvox.registration.register`` runs with ``mind``, with
+``net`` and with ``both`` at every ``--shares`` value (``RegistrationConfig.net_share``), at every
+``--spacings`` value of the network (``RegistrationConfig.net_spacing``; ``card``: what the weights'
+card says). A pair's feature sets are computed once per network spacing and reused by every share
+(a cache around ``FeatureExtractor.raw`` keyed by the image's bytes): the registrations are the
+same as separate ``registration.py --set net_share=S`` runs, in a third of the time.
+
+Choose the share on pairs other than those that judge it: the default pairs are Subj i -> Subj i+3
+(``registration.py``'s default), while the figures recorded in the model card come from
+``registration.py --consecutive`` (Subj i -> Subj i+1).
+
+Writes ``net_share.json`` and ``net_share.md`` into ``--out`` (default benchmarks/results).
+
+    python benchmarks/net_share.py --pairs 11 --shares 0.15,0.3,0.5 --spacings card,2
+    python benchmarks/net_share.py --quick --weights MODEL_DIR --out /tmp/share   # one pair, short solver
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from registration import QUICK_CONFIG, dataset_pairs  # noqa: E402
+
+NAME = "net_share"
+
+
+def parse_list(text: str, what: str, allow_card: bool = False) -> list[float | None]:
+    """``"0.15,0.3"`` -> ``[0.15, 0.3]`` (``card`` -> None where allowed); SystemExit on a bad value."""
+    out: list[float | None] = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if allow_card and item == "card":
+            out.append(None)
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise SystemExit(f"error: bad {what} {item!r}") from None
+    if not out:
+        raise SystemExit(f"error: no {what} given")
+    return out
+
+
+class FeatureCache:
+    """Wraps ``FeatureExtractor.raw`` so that the network's and MIND's features of the same image at
+    the same zoom are computed once, for ``net`` and ``both`` alike."""
+
+    def __init__(self) -> None:
+        from synthvox.registration.features import FeatureExtractor
+
+        self.cls, self.original, self.store = FeatureExtractor, FeatureExtractor.raw, {}
+        self.hits = 0
+        cache = self
+
+        def raw(extractor: Any, image: Any, which: str) -> Any:
+            if extractor.kind == "mind":  # no network: nothing worth keeping
+                return cache.original(extractor, image, which)
+            key = (hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest(), extractor.net_zoom, which)
+            if key in cache.store:
+                cache.hits += 1
+            else:
+                cache.store[key] = cache.original(dataclasses.replace(extractor, kind="both"), image, which)
+            wanted = ("mind", "net") if extractor.kind == "both" else ("net",)
+            return {k: cache.store[key][k] for k in wanted}
+
+        self.raw = raw
+
+    def __enter__(self) -> FeatureCache:
+        self.cls.raw = self.raw
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cls.raw = self.original
+        self.store.clear()
+
+
+def runs(shares: list[float], spacings: list[float | None]) -> list[tuple[str, float | None, float | None]]:
+    """(features, share, network spacing) of every registration of one pair, MIND first."""
+    out: list[tuple[str, float | None, float | None]] = [("mind", None, None)]
+    for sp in spacings:
+        out.append(("net", None, sp))
+        out += [("both", sh, sp) for sh in shares]
+    return out
+
+
+def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from synthvox import io
+    from synthvox.metrics import dice_per_label
+    from synthvox.registration import RegistrationConfig, register
+
+    pairs = dataset_pairs("nichart", args.pairs, args.pair)
+    base = QUICK_CONFIG if args.quick else {}
+    rows: list[dict[str, Any]] = []
+    for pair in pairs:
+        fixed, moving = io.load(pair["fixed"]), io.load(pair["moving"])
+        labels, ref = io.load_labels(pair["moving_labels"]), io.load_labels(pair["fixed_labels"]).data[0].numpy()
+        with FeatureCache():
+            for kind, share, spacing in runs(args.shares, args.spacings):
+                cfg = RegistrationConfig(**base, net_spacing=spacing, net_share=share)
+                t = time.perf_counter()
+                res = register(fixed, moving, features=kind, weights=args.weights, moving_labels=labels, config=cfg)
+                dice = dice_per_label(res.moved_labels.data[0].numpy(), ref, pair["groups"])
+                row = {"pair": pair["name"], "features": kind, "net_share": res.report["network_share"],
+                       "net_spacing_mm": res.report["network_spacing_mm"],
+                       "mean_dice": float(np.nanmean(list(dice.values()))), "seconds": time.perf_counter() - t}
+                rows.append(row)
+                print(f"[{pair['name']}] {kind} share {row['net_share']} at {row['net_spacing_mm']} mm: "
+                      f"Dice {row['mean_dice']:.3f}", flush=True)
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean Dice per (features, share, spacing), in the order first seen."""
+    groups: dict[tuple[Any, ...], list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r["features"], r["net_share"], r["net_spacing_mm"])].append(r["mean_dice"])
+    return [{"features": k[0], "net_share": k[1], "net_spacing_mm": k[2], "mean_dice": float(np.mean(v)),
+             "pairs": len(v), "per_pair": v} for k, v in groups.items()]
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    mind = next((s["mean_dice"] for s in payload["summary"] if s["features"] == "mind"), float("nan"))
+    table = common.md_table(
+        ["features", "net share", "network at (mm)", "mean Dice", "against mind", "per pair"],
+        [[s["features"], s["net_share"], s["net_spacing_mm"], s["mean_dice"], s["mean_dice"] - mind,
+          " ".join(f"{v:.3f}" for v in s["per_pair"])] for s in payload["summary"]])
+    return (f"Measured {payload['date']}, commit `{payload['commit']}`, {common.machine_line(payload['machine'])}.\n"
+            f"Weights: `{payload['weights']}`. Pairs: {', '.join(payload['pair_names'])}.\n"
+            f"{'Quick solver settings. ' if payload['quick'] else ''}Mean Dice over the 14 structures.\n\n{table}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=11, help="nichart pairs Subj i -> Subj i+3 (default 11; --quick: 1)")
+    ap.add_argument("--pair", action="append", default=None, metavar="A:B", help="explicit pairs (repeatable)")
+    ap.add_argument("--shares", default="0.15,0.3,0.5", help="the network's shares with both (default 0.15,0.3,0.5)")
+    ap.add_argument("--spacings", default="card", help="network spacings in mm, or card (default card)")
+    ap.add_argument("--weights", default=None, help="model directory (default: the shipped weights)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="one pair, the short solver settings of registration.py")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    args.shares = parse_list(args.shares, "share")
+    args.spacings = parse_list(args.spacings, "spacing", allow_card=True)
+    if any(not 0 < s < 1 for s in args.shares):
+        raise SystemExit("error: a share is between 0 and 1 (exclusive)")
+    if any(s is not None and not s > 0 for s in args.spacings):
+        raise SystemExit("error: a spacing is a positive number of mm")
+    if args.quick and args.pair is None:
+        args.pairs = 1
+    if not common.require_shared_data():
+        return 2
+    import torch
+
+    from synthvox.models import default_weights_path
+
+    torch.set_num_threads(args.threads)
+    args.weights = args.weights or (str(default_weights_path()) if default_weights_path() else None)
+    if args.weights is None:
+        raise SystemExit("error: no weights: pass --weights MODEL_DIR")
+    rows = sweep(args)
+    payload = {**common.header(NAME), "weights": args.weights, "quick": bool(args.quick),
+               "pair_names": list(dict.fromkeys(r["pair"] for r in rows)), "rows": rows, "summary": summary(rows)}
+    js, md = common.write_results(NAME, payload, markdown(payload), args.out)
+    print(markdown(payload))
+    print(f"wrote {js}, {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The sweep of the network's share with --features both, in its quick mode (one pair, short solver)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import net_share  # noqa: E402
+
+
+def test_the_sweep_lists_mind_net_and_every_share_at_every_spacing():
+    assert net_share.runs([0.2, 0.4], [None, 2.0]) == [
+        ("mind", None, None), ("net", None, None), ("both", 0.2, None), ("both", 0.4, None),
+        ("net", None, 2.0), ("both", 0.2, 2.0), ("both", 0.4, 2.0)]
+    assert net_share.parse_list("card, 2", "spacing", allow_card=True) == [None, 2.0]
+    for argv in (["--shares", "0"], ["--shares", "1.5"], ["--shares", "half"], ["--spacings", "-1"],
+                 ["--spacings", "card"] + ["--shares", ""]):
+        with pytest.raises(SystemExit):
+            net_share.main(argv)
+
+
+@pytest.mark.skipif(not common.has_shared_data(), reason=f"nichart_dev not found under {common.eval_dir()}")
+def test_quick_sweep_computes_each_network_feature_set_once(tmp_path):
+    from synthvox.models import save_model
+    from synthvox.models.registry import build_model
+    from synthvox.registration.features import FeatureExtractor
+
+    weights = save_model(build_model("tiny", seed=0), tmp_path / "tiny")
+    calls: list[str] = []
+    original = FeatureExtractor._net
+
+    def counting(self, image, modality):
+        calls.append(modality)
+        return original(self, image, modality)
+
+    FeatureExtractor._net = counting
+    try:
+        assert net_share.main(["--quick", "--weights", str(weights), "--shares", "0.3,0.6", "--out", str(tmp_path)]) == 0
+    finally:
+        FeatureExtractor._net = original
+    assert "raw" in vars(FeatureExtractor) and FeatureExtractor.raw.__qualname__ == "FeatureExtractor.raw"  # unwrapped again
+    payload = json.loads((tmp_path / "net_share.json").read_text())
+    kinds = [(r["features"], r["net_share"]) for r in payload["rows"]]
+    assert kinds == [("mind", None), ("net", None), ("both", 0.3), ("both", 0.6)]
+    assert len(calls) == 2  # the fixed and the moving image, once for net and both shares
+    assert all(0 <= r["mean_dice"] <= 1 for r in payload["rows"])
+    md = (tmp_path / "net_share.md").read_text()
+    assert "against mind" in md and "0.6" in md
