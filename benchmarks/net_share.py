@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = sweep(args)
     payload = {**common.header(NAME), "weights": args.weights, "quick": bool(args.quick),
                "pair_names": list(dict.fromkeys(r["pair"] for r in rows)), "rows": rows, "summary": summary(rows)}
-    js, md = common.write_results(NAME, payload, markdown(payload), args.out)
-    print(markdown(payload))
-    print(f"wrote {js}, {md}")
+    text = markdown(payload)
+    js, md = common.write_results(NAME, payload, text, args.out)
+    print(f"{text}\nwrote {js}, {md}")
     return 0
 
 
