@@ -44,6 +44,25 @@ def test_any_input_size_keeps_shape() -> None:
     assert torch.allclose(layers["out"][:, :, :37, :41, :29], y, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", ["instance", "none"])
+def test_prenorm_taps_are_each_levels_last_convolution(norm: str) -> None:
+    """``prenorm``: the level's last convolution before normalisation and activation; the network's
+    output is unchanged (an in-place activation does not reach back into the tap)."""
+    net = UNet(base_channels=4, levels=2, out_channels=4, norm=norm).eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    names = net.layer_names()
+    with torch.no_grad():
+        block, pre = net.forward_layers(x, names), net.forward_layers(x, names, prenorm=True)
+        enc0 = net.encoders[0]
+        expected = enc0[1][0](enc0[0](net.stem(x)))
+    assert torch.allclose(pre["enc0"], expected)
+    assert float(pre["enc0"].min()) < 0 <= float(block["enc0"].min())  # before the ReLU: negatives remain
+    for name in names:
+        assert pre[name].shape == block[name].shape
+        assert torch.allclose(pre[name], block[name]) == (name == "out")
+    assert torch.allclose(pre["out"], net(x), atol=1e-6)
+
+
 def test_initialisation_is_seeded_without_touching_global_rng() -> None:
     state = torch.random.get_rng_state()
     a, b, c = build_model("tiny", seed=3), build_model("tiny", seed=3), build_model("tiny", seed=4)

@@ -124,7 +124,8 @@ def test_unknown_preset_and_engine_key() -> None:
     [["data.synth.labels.fov_mm=-3"], ["data.synth.labels.bogus=1"], ["data.synth.labels.n_templates=[5,1]"],
      ["data.synth.labels.size=32"], ["data.synth.use_bank=false"], ["data.synth.appearance.nope=1"],
      ["data.synth.cube_size=2"], ["data.synth.labels.affine.bogus=1"], ["loss.sampling=stratified"],
-     ["loss.head=big"], ["loss.layer_weights={enc9: 1}"], ["loss.layer_weights={out: -1}"], ["model.padding=circular"]],
+     ["loss.head=big"], ["loss.layer_weights={enc9: 1}"], ["loss.layer_weights={out: -1}"], ["model.padding=circular"],
+     ["loss.taps=after"]],
 )
 def test_engine_and_recipe_settings_are_checked_when_resolved(overrides, tmp_path) -> None:
     """The engine's settings are a typed part of the config: a wrong one fails before a run folder exists."""
@@ -266,14 +267,17 @@ def _transfer_accuracy(net: torch.nn.Module, src: BlobPairs, indices, n_ref: int
     return sum(acc) / len(acc)
 
 
-def test_training_makes_same_structure_features_closer_across_views(tmp_path) -> None:
+@pytest.mark.parametrize("taps,gain", [("block", 0.15), ("prenorm", 0.02)])
+def test_training_makes_same_structure_features_closer_across_views(tmp_path, taps, gain) -> None:
+    """With the loss on each level's output, or on its last convolution before normalisation (which
+    learns more slowly here: measured 0.31 -> 0.35 in these 100 steps)."""
     src = BlobPairs((16, 16, 16))
-    cfg = tiny_cfg("steps=100", "data.size=16", "ckpt_every=100")
+    cfg = tiny_cfg("steps=100", "data.size=16", "ckpt_every=100", f"loss.taps={taps}")
     held_out = range(10_000, 10_006)
     before = _transfer_accuracy(build_module(cfg, torch.device("cpu")).net, src, held_out)
     res = pretrain(cfg, tmp_path / "r", "cpu", source=src)
     after = _transfer_accuracy(load_model(res.model_dir), src, held_out)
-    assert after > before + 0.15, (before, after)
+    assert after > before + gain, (before, after)
 
 
 # ---------------------------------------------------------------------------------------------- signals

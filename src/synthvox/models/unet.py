@@ -141,25 +141,39 @@ class UNet(nn.Module):
             pads += [0, t - s]
         return F.pad(x, pads, mode="replicate")
 
-    def _run(self, x: torch.Tensor, wanted: frozenset[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    @staticmethod
+    def _level(block: nn.Module, h: torch.Tensor, name: str, wanted: frozenset[str], prenorm: bool,
+               taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One UNet level; records its output (or, with ``prenorm``, its last convolution's output
+        before normalisation and activation) as ``taps[name]`` when wanted."""
+        if not (prenorm and name in wanted):
+            h = block(h)
+            if name in wanted:
+                taps[name] = h
+            return h
+        *first, last = block  # ConvBlocks: convolution, normalisation, activation
+        for b in first:
+            h = b(h)
+        conv, norm, act = last
+        pre = conv(h)
+        taps[name] = pre
+        h = norm(pre)
+        return act(h.clone() if h is pre else h)  # an in-place activation must not change the tap
+
+    def _run(self, x: torch.Tensor, wanted: frozenset[str],
+             prenorm: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         taps: dict[str, torch.Tensor] = {}
         h = self.stem(x)
         skips = []
         for i, enc in enumerate(self.encoders):
-            h = enc(h)
-            if f"enc{i}" in wanted:
-                taps[f"enc{i}"] = h
+            h = self._level(enc, h, f"enc{i}", wanted, prenorm, taps)
             skips.append(h)
             h = F.max_pool3d(h, 2)
-        h = self.bottleneck(h)
-        if "bottleneck" in wanted:
-            taps["bottleneck"] = h
+        h = self._level(self.bottleneck, h, "bottleneck", wanted, prenorm, taps)
         for j, dec in enumerate(self.decoders):
             i = self.levels - 1 - j
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-            h = dec(torch.cat([skips[i], h], dim=1))
-            if f"dec{i}" in wanted:
-                taps[f"dec{i}"] = h
+            h = self._level(dec, torch.cat([skips[i], h], dim=1), f"dec{i}", wanted, prenorm, taps)
         out = self.head(h)
         if "out" in wanted:
             taps["out"] = out
@@ -173,11 +187,13 @@ class UNet(nn.Module):
         out, _ = self._run(self._pad(x), frozenset())
         return out[:, :, : shape[0], : shape[1], : shape[2]]
 
-    def forward_layers(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward_layers(self, x: torch.Tensor, names: Sequence[str], prenorm: bool = False) -> dict[str, torch.Tensor]:
         """Run the network and return the named intermediate layers.
 
         The layers are computed on the padded input (see :meth:`padded_shape`): layer ``name`` has
-        spatial shape ``padded_shape(x) // layer_scale(name)`` and is not cropped.
+        spatial shape ``padded_shape(x) // layer_scale(name)`` and is not cropped. ``prenorm``: each
+        level's last convolution before its normalisation and activation (where the reference code
+        puts its loss) instead of the level's output; ``out`` is a plain convolution either way.
 
         Raises:
             ValueError: an unknown layer name.
@@ -185,7 +201,7 @@ class UNet(nn.Module):
         unknown = [n for n in names if n not in self.layer_names()]
         if unknown:
             raise ValueError(f"unknown UNet layer(s) {unknown}: choose from {self.layer_names()}")
-        _, taps = self._run(self._pad(x), frozenset(names))
+        _, taps = self._run(self._pad(x), frozenset(names), prenorm)
         return {n: taps[n] for n in names}
 
 

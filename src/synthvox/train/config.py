@@ -66,6 +66,8 @@ class LossConfig:
         sampling: ``uniform`` or ``balanced`` (every label an equal share of the sampled voxels).
         layer_weights: layer name -> weight (layers not named weigh 1; normalised to sum to one).
         head: projection head design, ``mlp`` or ``mlp3bn``.
+        taps: where the loss reads each layer: ``block`` (the level's output, after normalisation and
+            activation) or ``prenorm`` (its last convolution before them, as the reference code does).
     """
 
     temperature: float = 0.33
@@ -77,6 +79,7 @@ class LossConfig:
     sampling: str = "uniform"
     layer_weights: dict[str, float] = field(default_factory=dict)
     head: str = "mlp"
+    taps: str = "block"
 
 
 @dataclass
@@ -126,6 +129,9 @@ class PretrainConfig:
     tensorboard: bool = True
     progress: bool = True
 
+
+#: Where the loss reads a layer (``LossConfig.taps``).
+TAPS = ("block", "prenorm")
 
 #: Presets, as dotted overrides of the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -217,6 +223,8 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise InputError(f"loss.sampling must be one of {', '.join(SAMPLING)}, got {cfg.loss.sampling!r}")
     if cfg.loss.head not in HEADS:
         raise InputError(f"loss.head must be one of {', '.join(HEADS)}, got {cfg.loss.head!r}")
+    if cfg.loss.taps not in TAPS:
+        raise InputError(f"loss.taps must be one of {', '.join(TAPS)}, got {cfg.loss.taps!r}")
     if len(set(cfg.loss.layers)) != len(cfg.loss.layers):
         raise InputError(f"loss.layers repeats a layer: {list(cfg.loss.layers)}")
     plain = SynthConfig()

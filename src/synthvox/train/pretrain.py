@@ -24,6 +24,7 @@ Run folder::
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -118,13 +119,15 @@ class PretrainModule(nn.Module):
     This is what DDP wraps, so that the heads' gradients are averaged too.
     """
 
-    def __init__(self, net: UNet, loss: MultiLayerContrastiveLoss, amp: bool = False, channels_last: bool = False, compile: bool = False) -> None:
+    def __init__(self, net: UNet, loss: MultiLayerContrastiveLoss, amp: bool = False, channels_last: bool = False,
+                 compile: bool = False, prenorm: bool = False) -> None:
         super().__init__()
         self.net = net
         self.loss = loss
         self.amp = amp
         self.channels_last = channels_last
-        self._layers_fn = torch.compile(net.forward_layers) if compile else net.forward_layers
+        layers = functools.partial(net.forward_layers, prenorm=prenorm)
+        self._layers_fn = torch.compile(layers) if compile else layers
 
     def forward(
         self, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor, generators: Sequence[torch.Generator]
@@ -156,7 +159,8 @@ def build_module(cfg: PretrainConfig, device: torch.device) -> PretrainModule:
             head=cfg.loss.head,
         )
     cuda = device.type == "cuda"
-    module = PretrainModule(net, loss, amp=cfg.amp and cuda, channels_last=cfg.channels_last and cuda, compile=cfg.compile)
+    module = PretrainModule(net, loss, amp=cfg.amp and cuda, channels_last=cfg.channels_last and cuda, compile=cfg.compile,
+                            prenorm=cfg.loss.taps == "prenorm")
     module = module.to(device)
     if module.channels_last:
         module.net.to(memory_format=torch.channels_last_3d)
