@@ -4,7 +4,7 @@
 # replace the shipped half-precision weights in src/synthvox/data/weights/default.
 #   bash scripts/gpu_collect.sh FILES_AT
 set -euo pipefail
-SRC=${1:?give the folder the GPU run's files were copied to}
+SRC=${1:?give the folder the files of the GPU run were copied to}
 cd "$(dirname "$0")/.."
 python3 scripts/weights.py join "$SRC/carry.safetensors.part000" training/carry.safetensors
 python3 scripts/weights.py info training/carry.safetensors

@@ -10,8 +10,9 @@
 # 4. writes into $OUT: the new carry-over file (split in < 16 MiB parts), the half-precision model
 #    directory, log.csv and a summary with steps/s and samples seen.
 #
-# Locally, to check the script at tiny size on the CPU:
-#   OUT=/tmp/gpu_out SYNTHVOX_CONFIG=tiny SYNTHVOX_DEVICE=cpu SKIP_WHEELS=1 bash scripts/gpu_pretrain.sh 60 steps=20
+# Locally, to check the script at a small size on the CPU (the carry's network on 32^3 volumes, about
+# two steps a second on 2 threads; the tiny preset does not fit the carry's network):
+#   OUT=/tmp/gpu_out SYNTHVOX_DEVICE=cpu SKIP_WHEELS=1 RUN=/tmp/gpu_run bash scripts/gpu_pretrain.sh 60 "data.size=[32,32,32]"
 # Then, on this machine:  bash scripts/gpu_collect.sh FILES_AT   (joins the parts, replaces the files)
 set -uo pipefail
 BUDGET=${1:-420}
@@ -42,7 +43,14 @@ start=$(date +%s)
 ROWS0=$( [ -f "$RUN/log.csv" ] && tail -n +2 "$RUN/log.csv" | wc -l || echo 0 )
 timeout -s TERM "$BUDGET" python3 -m synthvox pretrain --config "$CONFIG" --out "$RUN" --resume \
   --device "$DEVICE" progress=false "${OVERRIDES[@]}" 2>&1 | tail -n 20
-echo "pretrain exited after $(( $(date +%s) - start )) s"
+rc=${PIPESTATUS[0]}
+echo "pretrain exited after $(( $(date +%s) - start )) s (status $rc)"
+# 0: the steps were done; 124: the budget ran out (pretrain checkpointed on SIGTERM); anything else
+# is a failure, and the carry must not be exported as if it had trained
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ]; then
+  echo "error: pretraining failed (status $rc): nothing exported" >&2
+  exit 6
+fi
 
 python3 scripts/weights.py export "$RUN" --carry "$OUT/carry.safetensors" --model "$OUT/model" \
   --hardware "$(python3 -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')")" || exit 5
