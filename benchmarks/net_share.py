@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from registration import QUICK_CONFIG, dataset_pairs  # noqa: E402
+from registration import QUICK_CONFIG, dataset_pairs, resolve_weights  # noqa: E402
 
 NAME = "net_share"
 
@@ -63,16 +63,13 @@ class FeatureCache:
         from synthvox.registration.features import FeatureExtractor
 
         self.cls, self.original, self.store = FeatureExtractor, FeatureExtractor.raw, {}
-        self.hits = 0
         cache = self
 
         def raw(extractor: Any, image: Any, which: str) -> Any:
             if extractor.kind == "mind":  # no network: nothing worth keeping
                 return cache.original(extractor, image, which)
             key = (hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest(), extractor.net_zoom, which)
-            if key in cache.store:
-                cache.hits += 1
-            else:
+            if key not in cache.store:
                 cache.store[key] = cache.original(dataclasses.replace(extractor, kind="both"), image, which)
             wanted = ("mind", "net") if extractor.kind == "both" else ("net",)
             return {k: cache.store[key][k] for k in wanted}
@@ -162,16 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: a spacing is a positive number of mm")
     if args.quick and args.pair is None:
         args.pairs = 1
+    args.weights = resolve_weights(args.weights)
+    if args.weights is None or not Path(args.weights).is_dir():
+        raise SystemExit(f"error: no model directory {args.weights or '(no shipped weights)'}: pass --weights MODEL_DIR")
     if not common.require_shared_data():
         return 2
     import torch
 
-    from synthvox.models import default_weights_path
-
     torch.set_num_threads(args.threads)
-    args.weights = args.weights or (str(default_weights_path()) if default_weights_path() else None)
-    if args.weights is None:
-        raise SystemExit("error: no weights: pass --weights MODEL_DIR")
     rows = sweep(args)
     payload = {**common.header(NAME), "weights": args.weights, "quick": bool(args.quick),
                "pair_names": list(dict.fromkeys(r["pair"] for r in rows)), "rows": rows, "summary": summary(rows)}

@@ -21,7 +21,7 @@ def test_the_sweep_lists_mind_net_and_every_share_at_every_spacing():
         ("net", None, 2.0), ("both", 0.2, 2.0), ("both", 0.4, 2.0)]
     assert net_share.parse_list("card, 2", "spacing", allow_card=True) == [None, 2.0]
     for argv in (["--shares", "0"], ["--shares", "1.5"], ["--shares", "half"], ["--spacings", "-1"],
-                 ["--spacings", "card"] + ["--shares", ""]):
+                 ["--spacings", "card"] + ["--shares", ""], ["--weights", "/no/such/model"]):
         with pytest.raises(SystemExit):
             net_share.main(argv)
 
