@@ -49,7 +49,8 @@ def time_network(cfg: Any, batches: list[Any], device: torch.device, warmup: int
     ``plain``: a straightforward loop (AdamW, no clipping, no schedule, no finiteness checks) of the
     same model and loss, with the config's precision options.
     """
-    from synthvox.train.pretrain import build_module, lr_at, make_optimizer, pair_generators
+    from synthvox.train.objective import build_module, make_optimizer, pair_generators
+    from synthvox.train.pretrain import lr_at
 
     module = build_module(cfg, device)
     opt = make_optimizer(module, cfg) if not plain else torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr)
@@ -79,7 +80,7 @@ def time_network(cfg: Any, batches: list[Any], device: torch.device, warmup: int
 
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     from synthvox.train.config import resolve_config
-    from synthvox.train.pretrain import build_engine
+    from synthvox.train.objective import build_engine
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -112,7 +113,7 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cuda(args: argparse.Namespace) -> dict[str, Any]:
     from synthvox.train.config import resolve_config
-    from synthvox.train.pretrain import build_engine
+    from synthvox.train.objective import build_engine
 
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True

@@ -233,11 +233,11 @@ def run_atlas(methods: list[str], train: list[str], test: list[str], data: dict[
     atlases = [A.Atlas(*data[s], name=s) for s in train]
     ids = A.check_atlases(atlases)
     extractor = FeatureExtractor(kind="mind", device=device)
-    config = None
+    from synthvox.registration import RegistrationConfig
+
+    config = RegistrationConfig(spacing=A.ATLAS_SPACING)
     if args.quick:  # the registration benchmark's quick solver settings
         from registration import QUICK_CONFIG
-
-        from synthvox.registration import RegistrationConfig
 
         config = RegistrationConfig(**QUICK_CONFIG)
     per: dict[str, dict[str, dict[str, float]]] = {m: {} for m in methods}

@@ -103,7 +103,7 @@ def time_pretrain(device: torch.device, steps: int, warmup: int, synth_batches: 
     from bench_pretrain import time_network, time_synthesis
 
     from synthvox.train.config import resolve_config
-    from synthvox.train.pretrain import build_engine
+    from synthvox.train.objective import build_engine
 
     name = "default" if device.type == "cuda" else "tiny"
     cfg = resolve_config(name, ["tensorboard=false", "progress=false"])

@@ -161,3 +161,33 @@ def test_weighted_fusion_on_network_features_sees_the_target_at_the_network_spac
     res = segment_with_atlases(Volume(img, aff), atlases, features="net", weights=rec, fusion="weighted", config=CFG)
     assert res.labels.shape == img.shape[1:]
     assert (17, 17, 32) in rec.shapes  # the fusion weights: 32 x 32 x 32 voxels at 1 x 1 x 2 mm, seen at 2 mm
+
+
+def test_weighted_fusion_weighs_the_feature_sets_and_sees_the_spacing_as_registration_does(monkeypatch):
+    """--features both with weighted fusion: the target's features give the network the share that
+    registration gives it (the config's net_share, else the card's), and the network sees the target
+    at the config's net_spacing when one is given."""
+    from dataclasses import replace
+
+    from test_registration import _Recorder
+
+    from synthvox.segmentation import atlas as atlas_mod
+
+    targets = []
+    real = atlas_mod.prepare_target
+    monkeypatch.setattr(atlas_mod, "prepare_target", lambda *a, **k: targets.append(real(*a, **k)) or targets[-1])
+    img = phantom(32)
+    aff = np.eye(4)
+    atlases = [Atlas(Volume(img, aff), Volume(labels_of(img), aff), name="a")]
+    card = {"data": {"size": [32, 32, 32], "synth": {"labels": {"fov_mm": 64.0}}}, "registration": {"net_share": 0.2}}
+    for cfg in (CFG, replace(CFG, net_share=0.7, net_spacing=4.0)):
+        rec = _Recorder(card)
+        segment_with_atlases(Volume(img, aff), atlases, features="both", weights=rec, fusion="weighted", config=cfg)
+        assert ((9, 9, 9) if cfg.net_spacing == 4.0 else (17, 17, 17)) in rec.shapes  # 32 voxels of 1 mm at 4 or 2 mm
+    assert [t.shares["net"] for t in targets] == [0.2, 0.7]
+    assert all(t.shares["mind"] == pytest.approx(1 - t.shares["net"]) for t in targets)
+    # the shares split the target's features' variance: the network's channels carry its share
+    for t, share in zip(targets, (0.2, 0.7)):
+        f = t.features.reshape(t.features.shape[0], -1)[:, t.foreground.reshape(-1)]
+        net_var = float(f[12:].var(dim=1).sum())  # MIND-SSC's 12 channels come first
+        assert abs(net_var - share) < 0.05

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from synthvox.demo import resolve_features
-from synthvox.models import save_model
+from synthvox.models import load_model, save_model
 from synthvox.models.card import auto_features, decide, registration_record
 from synthvox.models.registry import build_model
 
@@ -40,7 +40,8 @@ def test_auto_follows_the_card(tmp_path) -> None:
     (md / "config.json").write_text(json.dumps(cfg))
     assert auto_features(md) == "both" and resolve_features("auto", md) == "both"
     assert resolve_features("net", md) == "net"
-    assert auto_features(build_model("tiny")) == "mind"  # a loaded network has no card
+    assert auto_features(build_model("tiny")) == "mind"  # a network built in memory has no card
+    assert auto_features(load_model(md)) == "both"  # a loaded one carries its card
 
 
 def test_shipped_weights_record_their_choice() -> None:

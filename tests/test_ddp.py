@@ -16,7 +16,8 @@ from test_pretrain import BlobPairs, tiny_cfg  # noqa: E402
 
 from synthvox.train.checkpointing import list_checkpoints, load_checkpoint  # noqa: E402
 from synthvox.train.distributed import DistInfo, cleanup_distributed, init_distributed  # noqa: E402
-from synthvox.train.pretrain import batch_loss, build_module, pretrain, sample_indices  # noqa: E402
+from synthvox.train.objective import batch_loss, build_module, sample_indices  # noqa: E402
+from synthvox.train.pretrain import pretrain  # noqa: E402
 
 CFG = ("steps=2", "ckpt_every=1", "keep_last=5", "log_every=1", "batch_pairs=1")
 

@@ -26,7 +26,8 @@ from synthvox.train.checkpointing import (
     strip_optimizer,
 )
 from synthvox.train.config import PretrainConfig, config_from_dict, dump_yaml, resolve_config, to_dict
-from synthvox.train.pretrain import REWARM_STEPS, build_module, lr_at, pretrain, sample_indices
+from synthvox.train.objective import build_module, sample_indices
+from synthvox.train.pretrain import REWARM_STEPS, lr_at, pretrain
 
 
 @dataclass

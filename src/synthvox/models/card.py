@@ -113,19 +113,10 @@ def network_share(weights: Any = None) -> float:
 
 
 def auto_features(weights: Any = None) -> str:
-    """What ``--features auto`` means for ``weights`` (a model directory; None: the shipped weights).
-
-    A loaded network (no card to read) or weights whose card records no measured choice give ``mind``.
-    """
-    from synthvox.models.checkpoint import default_weights_path
-
-    if weights is not None and not isinstance(weights, (str, os.PathLike)):
-        return "mind"
-    path = Path(weights) if weights is not None else default_weights_path()
-    if path is None:
-        return "mind"
-    rec = registration_record(path)
-    choice = rec.get("features_auto") if rec else None
+    """What ``--features auto`` means for ``weights`` (as for :func:`network_spacing`): the feature
+    kind the card's registration record chose, else ``mind`` (also for a network with no card)."""
+    rec = _card_of(weights).get("registration")
+    choice = rec.get("features_auto") if isinstance(rec, dict) else None
     return choice if choice in KINDS else "mind"
 
 

@@ -132,6 +132,21 @@ class RegistrationConfig:
         if self.net_share is not None and not 0 < self.net_share < 1:
             raise InputError(f"net_share must be between 0 and 1 (exclusive), got {self.net_share}")
 
+    def network_mm(self, model: Any) -> float | None:
+        """The spacing at which ``model`` sees the images: :attr:`net_spacing`, else its card's
+        (None without a network, or for one with no card: the working grid as it is)."""
+        if model is None:
+            return None
+        return self.net_spacing if self.net_spacing is not None else network_spacing(model)
+
+    def shares(self, features: str, model: Any) -> dict[str, float] | None:
+        """Each feature set's share of the variance with ``features`` (None unless ``"both"``): the
+        network gets :attr:`net_share`, else what ``model``'s card says, and MIND-SSC the rest."""
+        if features != "both":
+            return None
+        s = self.net_share if self.net_share is not None else network_share(model)
+        return {"net": s, "mind": 1.0 - s}
+
 
 @dataclass
 class RegistrationResult:
@@ -413,15 +428,15 @@ def _register(fixed: Volume, moving: Volume, *, features: str, weights: Any, dev
 
     # 3. features
     t = time.perf_counter()
-    net_mm = (cfg.net_spacing if cfg.net_spacing is not None else network_spacing(model)) if model is not None else None
+    net_mm = cfg.network_mm(model)
     extractor = FeatureExtractor(kind=features, model=model, device=dev, modality_fixed=modality_fixed,
                                  modality_moving=modality_moving, ct_window=ct_window,
                                  net_zoom=s / net_mm if net_mm else 1.0)
     raw_f, raw_m = run_tasks([lambda: extractor.raw(fixed_w.data, "fixed"),
                               lambda: extractor.raw(moving_e.data, "moving")], workers)
     scales = feature_scales(raw_f, fg_w > 0.5)
-    net_share = (cfg.net_share if cfg.net_share is not None else network_share(model)) if features == "both" else None
-    shares = {"net": net_share, "mind": 1.0 - net_share} if net_share is not None else None
+    shares = cfg.shares(features, model)
+    net_share = shares["net"] if shares else None
     feat_f = combine(raw_f, scales, shares)
     feat_m = combine(raw_m, scales, shares)
     del raw_f, raw_m

@@ -161,10 +161,13 @@ class Target:
     foreground: torch.Tensor
     features: torch.Tensor | None = None
     scales: dict[str, float] | None = None
+    shares: dict[str, float] | None = None
 
 
-def prepare_target(image: Volume, extractor: Any, device: torch.device) -> Target:
-    """The target's foreground and, when ``extractor`` is given, its features on its own grid."""
+def prepare_target(image: Volume, extractor: Any, device: torch.device,
+                   shares: dict[str, float] | None = None) -> Target:
+    """The target's foreground and, when ``extractor`` is given, its features on its own grid, each
+    feature set with its ``shares`` of the variance (as registration weighs them)."""
     from synthvox.registration.affine import foreground
     from synthvox.registration.features import combine, feature_scales
     from synthvox.segmentation.infer import check_image
@@ -176,23 +179,23 @@ def prepare_target(image: Volume, extractor: Any, device: torch.device) -> Targe
         return Target(target, fg.cpu())
     raw = extractor.raw(target.data.to(device), "fixed")
     scales = feature_scales(raw, fg)
-    return Target(target, fg.cpu(), combine(raw, scales), scales)
+    return Target(target, fg.cpu(), combine(raw, scales, shares), scales, shares)
 
 
 def register_atlas(target: Target, atlas: Atlas, *, features: str, weights: Any, extractor: Any,
-                   device: torch.device, config: Any = None, name: str = "") -> RegisteredAtlas:
-    """Register one atlas onto the target and measure its local feature difference."""
-    from synthvox.registration import RegistrationConfig, register
+                   device: torch.device, config: Any, name: str = "") -> RegisteredAtlas:
+    """Register one atlas onto the target (a :class:`~synthvox.registration.RegistrationConfig`)
+    and measure its local feature difference."""
+    from synthvox.registration import register
     from synthvox.registration.features import combine
 
     t = time.perf_counter()
-    config = RegistrationConfig(spacing=ATLAS_SPACING) if config is None else config
     r = register(target.image, atlas.image, features=features, weights=weights, device=device, config=config)
     rep = r.report
     distance = None
     if extractor is not None and target.features is not None and target.scales is not None:
         raw = extractor.raw(r.moved.data.float().to(device), "moving")
-        distance = local_weights(target.features, combine(raw, target.scales)).cpu()
+        distance = local_weights(target.features, combine(raw, target.scales, target.shares)).cpu()
     entry: dict[str, Any] = {
         "name": name or atlas.name, "seconds": round(time.perf_counter() - t, 2),
         "initial_choice": rep.get("initial_choice"), "similarity": rep.get("similarity"),
@@ -293,7 +296,7 @@ def segment_with_atlases(
         InputError: no atlases, an atlas label map off its image's grid or with one label only, an
             unknown fusion method, or anything :func:`~synthvox.registration.register` refuses.
     """
-    from synthvox.models.card import network_spacing
+    from synthvox.registration import RegistrationConfig
     from synthvox.registration.features import FeatureExtractor, feature_model
 
     check_fusion(fusion, beta)
@@ -312,12 +315,13 @@ def segment_with_atlases(
         say(f"model      {times['model']:6.1f} s  probabilities of {len(probs[1])} labels")
 
     net = feature_model(features, weights, dev)
+    config = RegistrationConfig(spacing=ATLAS_SPACING) if config is None else config
     extractor = None
     if fusion == "weighted":  # the network sees the target's own grid at its spacing, as registration does
-        net_mm = network_spacing(net) if net is not None else None
+        net_mm = config.network_mm(net)
         zoom = tuple(float(v) / net_mm for v in spacing_of(image.affine)) if net_mm else 1.0
         extractor = FeatureExtractor(kind=features, model=net, device=dev, net_zoom=zoom)
-    target = prepare_target(image, extractor, dev)
+    target = prepare_target(image, extractor, dev, config.shares(features, net))
     registered = []
     for i, a in enumerate(atlases):
         name = a.name or f"atlas {i + 1}"
