@@ -116,8 +116,10 @@ def test_unknown_preset_and_engine_key() -> None:
     new = apply_overrides(obj, {"inner.n": [3, 4], "seed": 5})
     assert new.inner.n == (3, 4) and new.seed == 5 and obj.inner.n == (1, 2)
     assert apply_overrides(obj, ["inner.n=[7, 8]"]).inner.n == (7, 8)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"unknown config key 'inner\.m'"):  # the whole key, quoted once
         apply_overrides(obj, {"inner.m": 1})
+    with pytest.raises(InputError, match=r"unknown config key 'data\.synth\.labels\.bogus'"):
+        resolve_config("tiny", ["data.synth.labels.bogus=1"])
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,7 @@ def from_dict(cls: type, d: dict[str, Any], prefix: str = "") -> Any:
     out = cls()
     for k, v in d.items():
         if k not in hints:
-            raise InputError(f"unknown config key {prefix}{k!r}; known: {', '.join(prefix + n for n in hints)}")
+            raise InputError(f"unknown config key {prefix + k!r}; known: {', '.join(prefix + n for n in hints)}")
         if _is_dataclass_type(hints[k]) and isinstance(v, dict):
             sub = getattr(out, k)
             for kk, vv in v.items():
@@ -149,7 +149,7 @@ def set_key(obj: Any, key: str, value: Any, prefix: str = "") -> None:
             raise InputError(f"ambiguous config key {key!r}: say which of {', '.join(paths)}")
     head = parts[0]
     if head not in hints:
-        raise InputError(f"unknown config key {prefix}{key!r}; known: {', '.join(prefix + n for n in hints)}")
+        raise InputError(f"unknown config key {prefix + key!r}; known: {', '.join(prefix + n for n in hints)}")
     tp = hints[head]
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current) and not isinstance(current, type):
