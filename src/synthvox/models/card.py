@@ -28,16 +28,9 @@ DECIDING_DATASET = "nichart"
 CARD_SETTINGS = ("net_spacing", "net_share")
 
 
-def card_in(config: dict[str, Any]) -> dict[str, Any]:
-    """The model card in a model directory's parsed ``config.json`` (``extra.model_card``; empty when absent)."""
-    extra = config.get("extra") if isinstance(config.get("extra"), dict) else {}
-    card = extra.get("model_card")
-    return card if isinstance(card, dict) else {}
-
-
 def model_card(path: str | os.PathLike) -> dict[str, Any]:
-    """The model card of a model directory (see :func:`card_in`)."""
-    from synthvox.models.checkpoint import read_model_config
+    """The model card of a model directory (see :func:`synthvox.models.checkpoint.card_in`)."""
+    from synthvox.models.checkpoint import card_in, read_model_config
 
     return card_in(read_model_config(path)[1])
 

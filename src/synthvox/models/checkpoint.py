@@ -96,6 +96,13 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
     return out
 
 
+def card_in(config: dict[str, Any]) -> dict[str, Any]:
+    """The model card in a model directory's parsed ``config.json`` (``extra.model_card``; empty when absent)."""
+    extra = config.get("extra") if isinstance(config.get("extra"), dict) else {}
+    card = extra.get("model_card")
+    return card if isinstance(card, dict) else {}
+
+
 def read_model_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """Locate and read a model directory's ``config.json``.
 
@@ -178,8 +185,6 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> U
     except RuntimeError as exc:
         msg = " ".join(str(exc).split())
         raise InputError(f"weights in {weights} do not match its {CONFIG_NAME}: {msg[:300]}") from None
-    from synthvox.models.card import card_in
-
     net.model_card = card_in(cfg)
     return net.to(device).eval()
 
