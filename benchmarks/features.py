@@ -26,7 +26,8 @@ Measures, each a number that can go either way:
   structures (MIND-SSC and the networks; not intensity). Same-subject matching does not predict it:
   weights that match better within a subject have landed the affine stage tens of Dice points lower;
 * ``reg``: registration Dice on inter-subject nichart pairs with ``--features mind``, ``net`` and
-  ``both`` (``benchmarks/registration.py``).
+  ``both`` (the pairs and solver settings of ``benchmarks/registration.py``; each image's network
+  features computed once for ``net`` and ``both``).
 
 ``score`` (what decides which checkpoint is better): the mean of nichart ``knn``, ``boundary``,
 ``interior`` and ``inter`` (the first three for intensity), the numbers that move with feature
@@ -44,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -246,26 +246,30 @@ def load_weights(spec: str) -> tuple[str, Any, dict[str, Any]]:
     return label, load_model(path, "cpu").eval(), {"path": str(path), "steps": steps}
 
 
-def registration_dice(weights: list[tuple[str, str]], pairs: int, quick: bool, threads: int) -> dict[str, Any]:
-    """Mean nichart Dice of mind, and of net and both per weights (benchmarks/registration.py)."""
-    import registration
+def registration_dice(models: list[tuple[str, Any]], pairs: int, quick: bool) -> dict[str, Any]:
+    """Mean nichart Dice of mind, and of net and both per network, on the registration benchmark's
+    first ``pairs`` pairs with its solver settings (``benchmarks/registration.py``'s registrations, in
+    this process: each image's network features are computed once for ``net`` and ``both``)."""
+    from registration import QUICK_CONFIG, dataset_pairs
 
-    base = ["--datasets", "nichart", "--pairs", str(pairs), "--threads", str(threads)] + (["--quick"] if quick else [])
-    out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="featprobe_") as td:
-        runs = [("mind", None, "mind")] + [(lab, spec, "net,both") for lab, spec in weights]
-        for label, spec, methods in runs:
-            o = Path(td) / str(len(out))
-            argv = [*base, "--methods", methods, "--out", str(o)] + (["--weights", str(spec)] if spec and spec != "shipped" else [])
-            registration.main(argv)
-            res = json.loads((o / "registration.json").read_text())["results"]["nichart"]
-            for m, r in res.items():
-                if "summary" in r:
-                    out[label if m == "mind" else f"{m}:{label}"] = {
-                        "mean_dice": r["summary"]["mean_dice"],
-                        "pairs": [p.get("mean_dice") for p in r.get("pairs", [])],
-                    }
-    return out
+    from synthvox import io
+    from synthvox.metrics import dice_per_label
+    from synthvox.registration import RegistrationConfig, register
+
+    cfg = RegistrationConfig(**QUICK_CONFIG) if quick else RegistrationConfig()
+    runs = [("mind", None, "mind")] + [(f"{kind}:{label}", model, kind) for label, model in models for kind in ("net", "both")]
+    per: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    for pair in dataset_pairs("nichart", pairs):
+        fixed, moving = io.load(pair["fixed"]), io.load(pair["moving"])
+        labels, ref = io.load_labels(pair["moving_labels"]), io.load_labels(pair["fixed_labels"]).data[0].numpy()
+        with common.FeatureCache():
+            for name, model, kind in runs:
+                t = time.perf_counter()
+                res = register(fixed, moving, features=kind, weights=model, moving_labels=labels, config=cfg)
+                dice = _nanmean(list(dice_per_label(res.moved_labels.data[0].numpy(), ref, pair["groups"]).values()))
+                per[name].append(dice)
+                print(f"[{name}] {pair['name']}: Dice {dice:.3f}  {time.perf_counter() - t:.1f} s", flush=True)
+    return {name: {"mean_dice": _nanmean(v), "pairs": v} for name, v in per.items()}
 
 
 def _nanmean(vals: list[float]) -> float:
@@ -315,7 +319,7 @@ def run(weights: list[str], datasets: list[str], subjects: list[str], n_knn: int
         payload["score"] = {name: score(payload["results"]["nichart"]["mean"][name]) for name, _, _ in kinds}
     if reg_pairs > 0:
         t = time.perf_counter()
-        payload["registration"] = registration_dice([(lab, w) for (lab, _, _), w in zip(models, weights)], reg_pairs, quick, threads)
+        payload["registration"] = registration_dice([(lab, m) for lab, m, _ in models], reg_pairs, quick)
         payload["seconds"]["registration"] = time.perf_counter() - t
     payload["seconds"]["total"] = time.perf_counter() - t0
     return payload

@@ -6,7 +6,7 @@ structures as in ``registration.py``), ``synthvox.registration.register`` runs w
 ``net`` and with ``both`` at every ``--shares`` value (``RegistrationConfig.net_share``), at every
 ``--spacings`` value of the network (``RegistrationConfig.net_spacing``; ``card``: what the weights'
 card says). A pair's feature sets are computed once per network spacing and reused by every share
-(a cache around ``FeatureExtractor.raw`` keyed by the image's bytes): the registrations are the
+(``common.FeatureCache``): the registrations are the
 same as separate ``registration.py --set net_share=S`` runs, in a third of the time.
 
 Choose the share on pairs other than those that judge it: the default pairs are Subj i -> Subj i+3
@@ -22,8 +22,6 @@ Writes ``net_share.json`` and ``net_share.md`` into ``--out`` (default benchmark
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import sys
 import time
 from collections import defaultdict
@@ -55,36 +53,6 @@ def parse_list(text: str, what: str, allow_card: bool = False) -> list[float | N
     return out
 
 
-class FeatureCache:
-    """Wraps ``FeatureExtractor.raw`` so that the network's and MIND's features of the same image at
-    the same zoom are computed once, for ``net`` and ``both`` alike."""
-
-    def __init__(self) -> None:
-        from synthvox.registration.features import FeatureExtractor
-
-        self.cls, self.original, self.store = FeatureExtractor, FeatureExtractor.raw, {}
-        cache = self
-
-        def raw(extractor: Any, image: Any, which: str) -> Any:
-            if extractor.kind == "mind":  # no network: nothing worth keeping
-                return cache.original(extractor, image, which)
-            key = (hashlib.sha1(image.detach().cpu().numpy().tobytes()).hexdigest(), extractor.net_zoom, which)
-            if key not in cache.store:
-                cache.store[key] = cache.original(dataclasses.replace(extractor, kind="both"), image, which)
-            wanted = ("mind", "net") if extractor.kind == "both" else ("net",)
-            return {k: cache.store[key][k] for k in wanted}
-
-        self.raw = raw
-
-    def __enter__(self) -> FeatureCache:
-        self.cls.raw = self.raw
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.cls.raw = self.original
-        self.store.clear()
-
-
 def runs(shares: list[float], spacings: list[float | None]) -> list[tuple[str, float | None, float | None]]:
     """(features, share, network spacing) of every registration of one pair, MIND first."""
     out: list[tuple[str, float | None, float | None]] = [("mind", None, None)]
@@ -105,7 +73,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     for pair in pairs:
         fixed, moving = io.load(pair["fixed"]), io.load(pair["moving"])
         labels, ref = io.load_labels(pair["moving_labels"]), io.load_labels(pair["fixed_labels"]).data[0].numpy()
-        with FeatureCache():
+        with common.FeatureCache():
             for kind, share, spacing in runs(args.shares, args.spacings):
                 cfg = RegistrationConfig(**base, net_spacing=spacing, net_share=share)
                 t = time.perf_counter()

@@ -70,3 +70,34 @@ def test_inter_subject_affine_dice_on_mind_beats_the_headers() -> None:
     rows = features.inter_subject_affine(["Subj1", "Subj2"], [("intensity", None, "intensity"), ("mind", None, "mind")])
     assert [r["pair"] for r in rows] == ["Subj2->Subj1", "Subj1->Subj2"]
     assert all("intensity" not in r and 0.45 < r["mind"] < 0.9 for r in rows)
+
+
+@pytest.mark.skipif(not common.has_shared_data(), reason="shared data not found")
+def test_registration_rows_compute_each_network_once_per_image_and_keep_networks_apart() -> None:
+    """The probe's registration section: ``net`` and ``both`` of one network share its features of
+    each image (one pass per image), two networks never share them, and a network loaded twice from
+    the same weights is recognised."""
+    from synthvox.models.registry import build_model
+    from synthvox.registration.features import FeatureExtractor
+
+    a, b, a_again = build_model("tiny", seed=0), build_model("tiny", seed=1), build_model("tiny", seed=0)
+    calls: list[int] = []
+    original = FeatureExtractor._net
+
+    def counting(self, image, modality):
+        calls.append(id(self.model))
+        return original(self, image, modality)
+
+    FeatureExtractor._net = counting
+    try:
+        rows = features.registration_dice([("a", a), ("b", b)], 1, quick=True)
+        assert calls.count(id(a)) == 2 and calls.count(id(b)) == 2 and len(calls) == 4  # fixed and moving, once each
+        img = torch.rand(1, 12, 12, 12)
+        with common.FeatureCache():
+            same = [FeatureExtractor(kind="net", model=m).raw(img, "fixed")["net"] for m in (a, a_again)]
+        assert torch.equal(*same) and len(calls) == 5  # the copy of a's weights: from the cache
+    finally:
+        FeatureExtractor._net = original
+    assert set(rows) == {"mind", "net:a", "both:a", "net:b", "both:b"}
+    assert rows["net:a"]["pairs"] != rows["net:b"]["pairs"]
+    assert all(0 <= r["mean_dice"] <= 1 for r in rows.values())
