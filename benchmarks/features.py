@@ -250,9 +250,8 @@ def registration_dice(models: list[tuple[str, Any]], pairs: int, quick: bool) ->
     """Mean nichart Dice of mind, and of net and both per network, on the registration benchmark's
     first ``pairs`` pairs with its solver settings (``benchmarks/registration.py``'s registrations, in
     this process: each image's network features are computed once for ``net`` and ``both``)."""
-    from registration import QUICK_CONFIG, dataset_pairs
+    from registration import QUICK_CONFIG, dataset_pairs, load_pair
 
-    from synthvox import io
     from synthvox.metrics import dice_per_label
     from synthvox.registration import RegistrationConfig, register
 
@@ -260,12 +259,13 @@ def registration_dice(models: list[tuple[str, Any]], pairs: int, quick: bool) ->
     runs = [("mind", None, "mind")] + [(f"{kind}:{label}", model, kind) for label, model in models for kind in ("net", "both")]
     per: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for pair in dataset_pairs("nichart", pairs):
-        fixed, moving = io.load(pair["fixed"]), io.load(pair["moving"])
-        labels, ref = io.load_labels(pair["moving_labels"]), io.load_labels(pair["fixed_labels"]).data[0].numpy()
+        data = load_pair(pair)
+        ref = data["fixed_labels"].data[0].numpy()
         with common.FeatureCache():
             for name, model, kind in runs:
                 t = time.perf_counter()
-                res = register(fixed, moving, features=kind, weights=model, moving_labels=labels, config=cfg)
+                res = register(data["fixed"], data["moving"], features=kind, weights=model,
+                               moving_labels=data["moving_labels"], config=cfg)
                 dice = _nanmean(list(dice_per_label(res.moved_labels.data[0].numpy(), ref, pair["groups"]).values()))
                 per[name].append(dice)
                 print(f"[{name}] {pair['name']}: Dice {dice:.3f}  {time.perf_counter() - t:.1f} s", flush=True)

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from registration import QUICK_CONFIG, dataset_pairs, resolve_weights  # noqa: E402
+from registration import QUICK_CONFIG, dataset_pairs, load_pair, resolve_weights  # noqa: E402
 
 NAME = "net_share"
 
@@ -63,7 +63,6 @@ def runs(shares: list[float], spacings: list[float | None]) -> list[tuple[str, f
 
 
 def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from synthvox import io
     from synthvox.metrics import dice_per_label
     from synthvox.registration import RegistrationConfig, register
 
@@ -71,13 +70,14 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = QUICK_CONFIG if args.quick else {}
     rows: list[dict[str, Any]] = []
     for pair in pairs:
-        fixed, moving = io.load(pair["fixed"]), io.load(pair["moving"])
-        labels, ref = io.load_labels(pair["moving_labels"]), io.load_labels(pair["fixed_labels"]).data[0].numpy()
+        data = load_pair(pair)
+        ref = data["fixed_labels"].data[0].numpy()
         with common.FeatureCache():
             for kind, share, spacing in runs(args.shares, args.spacings):
                 cfg = RegistrationConfig(**base, net_spacing=spacing, net_share=share)
                 t = time.perf_counter()
-                res = register(fixed, moving, features=kind, weights=args.weights, moving_labels=labels, config=cfg)
+                res = register(data["fixed"], data["moving"], features=kind, weights=args.weights,
+                               moving_labels=data["moving_labels"], config=cfg)
                 dice = dice_per_label(res.moved_labels.data[0].numpy(), ref, pair["groups"])
                 row = {"pair": pair["name"], "features": kind, "net_share": res.report["network_share"],
                        "net_spacing_mm": res.report["network_spacing_mm"],

@@ -116,6 +116,14 @@ def dataset_pairs(dataset: str, n_pairs: int = 6, explicit: list[str] | None = N
     raise ValueError(f"unknown dataset {dataset!r}: use {', '.join(DATASETS)}")
 
 
+def load_pair(pair: dict[str, Any]) -> dict[str, Any]:
+    """A pair's images and label maps (``fixed``, ``moving``, ``moving_labels``, ``fixed_labels``)."""
+    from synthvox import io
+
+    return {"fixed": io.load(pair["fixed"]), "moving": io.load(pair["moving"]),
+            "moving_labels": io.load_labels(pair["moving_labels"]), "fixed_labels": io.load_labels(pair["fixed_labels"])}
+
+
 def group_index(labels: np.ndarray, groups: dict[str, list[int]]) -> np.ndarray:
     """A label map recoded to 1..len(groups) in the order of ``groups`` (0 elsewhere), for pictures."""
     out = np.zeros(labels.shape, np.uint8)
@@ -284,7 +292,6 @@ def worker(args: argparse.Namespace) -> None:
     """Run one method on every pair of one dataset; write a JSON file (and the QC arrays of pair 0)."""
     import torch
 
-    from synthvox import io
     from synthvox.volume import spacing_of
 
     torch.set_num_threads(args.threads)
@@ -294,8 +301,7 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="regbench_") as td:
         for i, pair in enumerate(pairs):
-            data = {"fixed": io.load(pair["fixed"]), "moving": io.load(pair["moving"]),
-                    "moving_labels": io.load_labels(pair["moving_labels"]), "fixed_labels": io.load_labels(pair["fixed_labels"])}
+            data = load_pair(pair)
             if method == "headers":
                 r = _run_headers(pair, data, args)
             elif method == "ants":
