@@ -8,7 +8,7 @@ import pytest
 
 from synthvox.demo import resolve_features
 from synthvox.models import load_model, save_model
-from synthvox.models.card import auto_features, decide, registration_record
+from synthvox.models.card import auto_features, decide, model_card
 from synthvox.models.registry import build_model
 
 
@@ -33,7 +33,7 @@ def test_decide_needs_all_three_kinds() -> None:
 
 def test_auto_follows_the_card(tmp_path) -> None:
     md = save_model(build_model("tiny"), tmp_path / "m")
-    assert registration_record(md) is None
+    assert model_card(md).get("registration") is None
     assert auto_features(md) == "mind" and resolve_features("auto", str(md)) == "mind"  # nothing measured: MIND
     cfg = json.loads((md / "config.json").read_text())
     cfg.setdefault("extra", {})["model_card"] = {"registration": decide(_result(0.70, 0.66, 0.73))}
@@ -50,7 +50,7 @@ def test_shipped_weights_record_their_choice() -> None:
     path = default_weights_path()
     if path is None:
         pytest.skip("no shipped weights")
-    rec = registration_record(path)
+    rec = model_card(path).get("registration")
     assert rec is not None and rec["features_auto"] in ("mind", "net", "both")
     assert rec["features_auto"] == max(("mind", "net", "both"), key=lambda k: rec["mean_dice"]["nichart"][k])
     assert auto_features() == rec["features_auto"]

@@ -35,12 +35,6 @@ def model_card(path: str | os.PathLike) -> dict[str, Any]:
     return card_in(read_model_config(path)[1])
 
 
-def registration_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``registration`` record of a model directory's card, or None when it has none."""
-    rec = model_card(path).get("registration")
-    return rec if isinstance(rec, dict) else None
-
-
 def training_spacing(card: dict[str, Any]) -> float | None:
     """The voxel size in mm a card's network was trained at: the label maps' field of view (the
     engine's default when the card records no engine settings) over the longest training size; None
