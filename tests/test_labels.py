@@ -193,3 +193,77 @@ def test_config_rejects_bad_values():
         LabelConfig(n_templates=(30, 20))
     with pytest.raises(InputError):
         LabelConfig(p_foreground=1.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# No position shortcut: the foreground's shift and the whole-scene flips and affine (issue 22)
+
+STILL = dict(scene_flip=0.0, scene_affine=0.0, foreground_shift=0.0)
+
+
+def test_scene_defaults_are_the_reference_values():
+    cfg = LabelConfig()
+    assert (cfg.foreground_shift, cfg.scene_flip, cfg.scene_affine, cfg.scene_scale, cfg.scene_rotation_deg) == (
+        0.25, 0.9, 0.5, 0.4, 45.0)
+
+
+@pytest.mark.parametrize("key,value", [("foreground_shift", 0.6), ("scene_flip", 1.5), ("scene_affine", -0.1),
+                                       ("scene_scale", 1.0), ("scene_rotation_deg", 200.0)])
+def test_scene_settings_out_of_range_are_refused(key, value):
+    with pytest.raises(InputError, match=key):
+        LabelConfig(**{key: value})
+
+
+def test_scene_draws_follow_their_probabilities_and_records_round_trip():
+    cfg = LabelConfig(size=(32, 32, 32), p_foreground=1.0, **FAST)
+    params = [sample_label_params(torch.Generator().manual_seed(s), cfg, 0) for s in range(200)]
+    flipped = np.mean([p.scene is not None and any(p.scene.flip) for p in params])
+    scaled = np.mean([p.scene is not None and p.scene.scale != (1.0, 1.0, 1.0) for p in params])
+    assert 0.9 * 7 / 8 - 0.08 < flipped < 0.9 * 7 / 8 + 0.08  # p 0.9, then each axis with p 1/2
+    assert 0.42 < scaled < 0.58
+    shifts = np.array([p.foreground.shift for p in params])
+    assert np.abs(shifts).max() <= 0.25 * 32 + 1e-9 and np.abs(shifts).max() > 0.2 * 32
+    for p in params[:5]:
+        assert LabelParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    still = sample_label_params(torch.Generator().manual_seed(0), LabelConfig(size=(32, 32, 32), p_foreground=1.0, **FAST, **STILL), 0)
+    assert still.scene is None and still.foreground.shift == (0.0, 0.0, 0.0)
+    # the templates are drawn as without the scene keys, then moved with the foreground
+    moved = params[0]
+    assert [(t.source, t.index, t.affine) for t in still.templates] == [(t.source, t.index, t.affine) for t in moved.templates]
+    np.testing.assert_allclose([t.centre for t in still.templates],
+                               np.array([t.centre for t in moved.templates]) - np.array(moved.foreground.shift), atol=1e-9)
+
+
+def test_a_record_without_scene_keys_still_replays():
+    cfg = LabelConfig(size=(24, 24, 24), p_foreground=1.0, **FAST)
+    p = sample_label_params(torch.Generator().manual_seed(1), cfg, 0)
+    d = p.to_dict()
+    d.pop("scene")
+    d["foreground"].pop("shift")
+    old = LabelParams.from_dict(d)
+    assert old.scene is None and old.foreground.shift == (0.0, 0.0, 0.0)
+    assert render_labels(old, cfg, None, None).shape == (24, 24, 24)
+
+
+def test_the_foreground_moves_by_its_recorded_shift():
+    cfg = LabelConfig(size=(40, 40, 40), p_foreground=1.0, p_envelope=0.0, foreground_radius=(0.3, 0.3),
+                      foreground_roughness=(0.0, 0.0), n_templates=(1, 1), **FAST, **STILL)
+    p = sample_label_params(torch.Generator().manual_seed(0), cfg, 0)
+    fg = p.foreground
+    for shift in [(8.0, -6.0, 3.0), (-9.0, 0.0, 7.0)]:
+        moved = LabelParams(p.size, p.voxel_mm, p.templates, Foreground(fg.seed, fg.radius, fg.roughness, 0, shift))
+        centroid = np.argwhere(render_labels(moved, cfg, None, None).numpy() > 0).mean(axis=0)
+        np.testing.assert_allclose(centroid, 19.5 + np.asarray(shift), atol=1.0)
+
+
+def test_the_scene_transform_mirrors_and_moves_the_whole_map():
+    cfg = LabelConfig(size=(32, 36, 28), p_foreground=1.0, **FAST, **STILL)
+    p = sample_label_params(torch.Generator().manual_seed(5), cfg, 0)
+    plain = render_labels(p, cfg, None, None).numpy()
+    mirrored = LabelParams(p.size, p.voxel_mm, p.templates, p.foreground, AffineParams(flip=(True, False, True)))
+    np.testing.assert_array_equal(render_labels(mirrored, cfg, None, None).numpy() > 0, plain[::-1, :, ::-1] > 0)
+    # a scale above one samples beyond the volume: every corner becomes background, the map shrinks
+    shrunk = LabelParams(p.size, p.voxel_mm, p.templates, p.foreground, AffineParams(scale=(1.4, 1.4, 1.4)))
+    small = render_labels(shrunk, cfg, None, None).numpy()
+    assert (small > 0).sum() < 0.6 * (plain > 0).sum()
+    assert (small[[0, -1]][:, [0, -1]][:, :, [0, -1]] == 0).all()

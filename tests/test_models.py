@@ -82,7 +82,7 @@ def test_bad_constructor_arguments() -> None:
     with pytest.raises(ValueError):
         build_model("huge")
     with pytest.raises(ValueError):
-        UNet(norm="layer")
+        UNet(norm="weird")
     with pytest.raises(ValueError):
         UNet(activation="swish")
     with pytest.raises(ValueError):

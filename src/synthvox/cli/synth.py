@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
 
         from synthvox.synth.engine import SynthConfig, SynthEngine
         from synthvox.synth.labels import LabelConfig
-        from synthvox.synth.preview import artefact_summary, preview_figure
+        from synthvox.synth.preview import artefact_summary, preview_figure, scene_summary
 
         bank = None
         choice = shapes.strip()
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
             doc = {"config": config.to_dict(), "device": str(dev), "voxel_mm": vox, "samples": records}
             (stage / "params.json").write_text(json.dumps(doc))
             titles = [f"#{i}  {int(lab.max()) + 1} labels" for i, lab in enumerate(shown[0])]
-            notes = [f"view 1: {artefact_summary(r['view1'])}   |   view 2: {artefact_summary(r['view2'])}"
+            notes = [f"{scene_summary(r['labels'])}\nview 1: {artefact_summary(r['view1'])}   |   view 2: {artefact_summary(r['view2'])}"
                      for r in records[: len(shown[0])]]
             fig = preview_figure(shown[0], shown[1], shown[2], titles=titles, notes=notes)
             fig.savefig(stage / "preview.png", format="png", facecolor=fig.get_facecolor())

@@ -4,9 +4,31 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
-NORMS = ("instance", "batch", "group", "none")
+NORMS = ("instance", "batch", "group", "layer", "none")
+
+
+class VoxelNorm(nn.Module):
+    """Normalisation over the channels of each voxel, with a learnable scale and shift per channel.
+
+    LayerNorm over the channel axis (ConvNeXt's channels-first LayerNorm): no statistics are shared
+    between voxels, so a voxel's features depend only on the image within its receptive field, never
+    on the rest of the volume, and training and inference compute the same function. Its parameters
+    are named as an affine instance normalisation's (``weight``, ``bias``, one per channel).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 ACTIVATIONS = ("relu", "leaky", "gelu")
 
 
@@ -14,8 +36,8 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     """A normalisation layer for ``channels`` feature maps.
 
     Args:
-        kind: ``instance`` (per-sample, learnable affine), ``batch``, ``group`` (up to 8 groups) or
-            ``none``.
+        kind: ``instance`` (per-sample, learnable affine), ``batch``, ``group`` (up to 8 groups),
+            ``layer`` (over the channels of each voxel, :class:`VoxelNorm`) or ``none``.
         channels: number of channels.
     """
     if kind == "instance":
@@ -24,6 +46,8 @@ def make_norm(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm3d(channels)
     if kind == "group":
         return nn.GroupNorm(math.gcd(channels, 8), channels)
+    if kind == "layer":
+        return VoxelNorm(channels)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown normalisation {kind!r}: use one of {', '.join(NORMS)}")

@@ -31,7 +31,7 @@ class UNet(nn.Module):
         base_channels: channels of the first level; level ``i`` has ``base_channels * 2**i`` and the
             bottleneck ``base_channels * 2**levels``.
         levels: number of downsamplings.
-        norm: ``instance``, ``batch``, ``group`` or ``none``.
+        norm: ``instance``, ``batch``, ``group``, ``layer`` (over the channels of each voxel) or ``none``.
         activation: ``relu``, ``leaky`` or ``gelu``.
         padding_mode: padding of the convolutions (``zeros`` is fastest; ``reflect`` as in the
             reference code).

@@ -20,7 +20,7 @@ generator gives the same shapes on every device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -342,10 +342,11 @@ def deformed_sphere(
     device: torch.device | str = "cpu",
     radius_frac: float = 0.4,
     roughness: float = 0.25,
+    centre_shift: Sequence[float] = (0.0, 0.0, 0.0),
 ) -> torch.Tensor:
     """A large deformed sphere filling a volume, e.g. as the foreground of a label map.
 
-    The sphere is centred in the volume with a mean radius of ``radius_frac`` times the volume's size
+    The sphere is centred in the volume (moved by ``centre_shift`` voxels) with a mean radius of ``radius_frac`` times the volume's size
     along each axis (so it is an ellipsoid in voxels for a non-cubic volume), and its log-radius is
     perturbed by smooth noise on the unit sphere with standard deviation ``roughness``. The radius is
     capped at the volume's half-size.
@@ -356,6 +357,8 @@ def deformed_sphere(
         device: where the mask is computed.
         radius_frac: mean radius as a fraction of the volume's size along each axis.
         roughness: standard deviation of the log-radius perturbation (0: an exact sphere/ellipsoid).
+        centre_shift: offset of the centre from the volume's centre, in voxels per axis (the sphere
+            may then reach outside the volume, where it is cut).
 
     Returns:
         ``(X, Y, Z)`` boolean mask.
@@ -366,17 +369,19 @@ def deformed_sphere(
         raise ValueError(f"radius_frac must be positive, got {radius_frac}")
     device = torch.device(device)
     noise = FourierNoise(1, _SPHERE_OCTAVES, generator, device)
-    half = [(s - 1) / 2 for s in shape]
+    centre = [(s - 1) / 2 + float(d) for s, d in zip(shape, centre_shift)]
     # The radius is a smooth function of direction: evaluate it on a lattice 4x coarser than the volume
     # and upsample (trilinear, same corners); near the centre, where directions turn fast, every voxel is
     # well inside anyway.
     coarse = [max(2, min(s, -(-s // 4) + 1)) for s in shape]
-    lattice = [torch.linspace(-h, h, c, device=device) / (s * radius_frac) for h, c, s in zip(half, coarse, shape)]
+    lattice = [
+        torch.linspace(-c0, s - 1 - c0, c, device=device) / (s * radius_frac) for c0, c, s in zip(centre, coarse, shape)
+    ]
     q = torch.stack(torch.meshgrid(*lattice, indexing="ij"), -1).reshape(1, -1, 3)
     direction = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     log_radius = (roughness * noise(direction)).reshape(1, 1, *coarse)
     radius = F.interpolate(log_radius, size=tuple(shape), mode="trilinear", align_corners=True)[0, 0].exp()
     radius = radius.clamp(max=0.5 / radius_frac)
-    x, y, z = [(torch.arange(s, device=device, dtype=torch.float32) - h) / (s * radius_frac) for s, h in zip(shape, half)]
+    x, y, z = [(torch.arange(s, device=device, dtype=torch.float32) - c0) / (s * radius_frac) for s, c0 in zip(shape, centre)]
     norm2 = x[:, None, None] ** 2 + y[None, :, None] ** 2 + z[None, None, :] ** 2  # in units of the mean radius
     return norm2 <= radius**2

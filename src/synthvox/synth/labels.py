@@ -28,11 +28,18 @@ Foreground. In ``p_foreground`` (2/3) of maps, templates are confined to a large
 sphere: outside is background (0) and the sphere's empty space becomes a label of its own. In
 ``p_envelope`` (about 1/3) of maps, a shell straddling the sphere's surface (like a dilation minus
 an erosion, 2-4 voxels on each side at 128³) becomes one more label, like skin or skull. As in the
-method, the envelope comes only with a foreground sphere.
+method, the envelope comes only with a foreground sphere. The sphere's centre (and its templates with
+it) is shifted by up to ``foreground_shift`` of the size along each axis.
+
+Scene. Last, the whole scene is mirrored (``scene_flip``) and transformed by a random affine
+(``scene_affine``: scale and rotation), as the reference's training applies to both views; voxels
+mapped from outside become background. With the shift, nothing sits at a fixed place relative to the
+volume's centre or border, so position is no shortcut for the network.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from synthvox.synth.spatial import AffineParams, AffineRange, sample_affine
+from synthvox.synth.spatial import AffineParams, AffineRange, sample_affine, sampling_grid, warp_labels
 
 
 @dataclass
@@ -73,6 +80,17 @@ class LabelConfig:
         max_template_extent: a template whose longest side (after its affine) would exceed this
             fraction of the volume's largest side is shrunk to it (keeps giant structures from
             filling the whole map with one coarse label).
+        foreground_shift: the foreground sphere's centre (and its templates) moves by up to this
+            fraction of the size along each axis, uniformly (the reference's ±32 voxels at 128³), so
+            that no structure sits at a fixed place relative to the volume's centre or border.
+        scene_flip: probability of mirroring the whole scene; each axis is then mirrored with
+            probability 1/2 (the reference's ``RandomFlip(p=0.9)``).
+        scene_affine: probability of a whole-scene affine transform (the reference's
+            ``RandomAffine(p=0.5)``), of per-axis scale in ``1 ± scene_scale`` and a rotation of up to
+            ``scene_rotation_deg`` degrees about a random axis. Voxels mapped from outside the
+            volume become background, so the scene's field of view varies as a real scan's does.
+        scene_scale: see ``scene_affine``.
+        scene_rotation_deg: see ``scene_affine``.
     """
 
     size: tuple[int, int, int] = (128, 128, 128)
@@ -93,6 +111,11 @@ class LabelConfig:
     min_threshold: float = 0.2
     max_resolution: int = 64
     max_template_extent: float = 1.0
+    foreground_shift: float = 0.25
+    scene_flip: float = 0.9
+    scene_affine: float = 0.5
+    scene_scale: float = 0.4
+    scene_rotation_deg: float = 45.0
 
     def __post_init__(self) -> None:
         from synthvox.errors import InputError
@@ -113,6 +136,15 @@ class LabelConfig:
                 raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.procedural_pool < 1 or self.max_resolution < 8:
             raise InputError("procedural_pool must be >= 1 and max_resolution >= 8")
+        for name in ("scene_flip", "scene_affine"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.foreground_shift <= 0.5:
+            raise InputError(f"foreground_shift must be in [0, 0.5], got {self.foreground_shift}")
+        if not 0.0 <= self.scene_scale < 1.0:
+            raise InputError(f"scene_scale must be in [0, 1), got {self.scene_scale}")
+        if not 0.0 <= self.scene_rotation_deg <= 180.0:
+            raise InputError(f"scene_rotation_deg must be in [0, 180], got {self.scene_rotation_deg}")
 
     @property
     def voxel_mm(self) -> float:
@@ -166,12 +198,14 @@ class TemplatePlacement:
 @dataclass(frozen=True)
 class Foreground:
     """The deformed-sphere foreground: ``seed`` of its noise, mean ``radius`` (fraction of the size),
-    ``roughness`` (std of the log-radius) and the envelope half-width in voxels (0: none)."""
+    ``roughness`` (std of the log-radius), the envelope half-width in voxels (0: none) and the
+    ``shift`` of its centre from the volume's centre, in voxels."""
 
     seed: int
     radius: float
     roughness: float
     envelope: int
+    shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -183,12 +217,15 @@ class LabelParams:
         voxel_mm: isotropic voxel size in mm.
         templates: placements, in painting order (later overwrite earlier).
         foreground: the deformed-sphere foreground, or ``None``.
+        scene: the whole-scene transform (flips and affine, applied after the foreground, as
+            :func:`synthvox.synth.spatial.sampling_grid` reads it), or ``None``.
     """
 
     size: tuple[int, int, int]
     voxel_mm: float
     templates: tuple[TemplatePlacement, ...]
     foreground: Foreground | None
+    scene: AffineParams | None = None
 
     def to_dict(self) -> dict:
         """A JSON-serialisable record."""
@@ -199,7 +236,14 @@ class LabelParams:
             "templates": [t.to_dict() for t in self.templates],
             "foreground": None
             if fg is None
-            else {"seed": int(fg.seed), "radius": float(fg.radius), "roughness": float(fg.roughness), "envelope": int(fg.envelope)},
+            else {
+                "seed": int(fg.seed),
+                "radius": float(fg.radius),
+                "roughness": float(fg.roughness),
+                "envelope": int(fg.envelope),
+                "shift": [float(v) for v in fg.shift],
+            },
+            "scene": None if self.scene is None else self.scene.to_dict(),
         }
 
     @classmethod
@@ -212,7 +256,14 @@ class LabelParams:
             templates=tuple(TemplatePlacement.from_dict(t) for t in d["templates"]),
             foreground=None
             if fg is None
-            else Foreground(int(fg["seed"]), float(fg["radius"]), float(fg["roughness"]), int(fg["envelope"])),
+            else Foreground(
+                int(fg["seed"]),
+                float(fg["radius"]),
+                float(fg["roughness"]),
+                int(fg["envelope"]),
+                tuple(float(v) for v in fg.get("shift", (0.0, 0.0, 0.0))),
+            ),
+            scene=None if d.get("scene") is None else AffineParams.from_dict(d["scene"]),
         )
 
 
@@ -272,12 +323,41 @@ def sample_label_params(generator: torch.Generator, cfg: LabelConfig, n_bank: in
             templates.append(TemplatePlacement("procedural", pool_index, affine, centre, size_mm))
         else:
             templates.append(TemplatePlacement("bank", bank_index, affine, centre))
+    # Drawn after the templates (always the same count), so that a zero shift and zero scene
+    # probabilities leave every other draw as it was.
+    shift_u = torch.rand(3, generator=generator, dtype=torch.float64)
+    shift = ((2.0 * shift_u - 1.0) * cfg.foreground_shift * size).tolist() if has_fg else [0.0, 0.0, 0.0]
+    if has_fg and any(shift):
+        templates = [dataclasses.replace(t, centre=tuple(c + d for c, d in zip(t.centre, shift))) for t in templates]
     return LabelParams(
         size=tuple(cfg.size),
         voxel_mm=cfg.voxel_mm,
         templates=tuple(templates),
-        foreground=Foreground(fg_seed, radius, roughness, width) if has_fg else None,
+        foreground=Foreground(fg_seed, radius, roughness, width, tuple(shift)) if has_fg else None,
+        scene=sample_scene(generator, cfg),
     )
+
+
+def sample_scene(generator: torch.Generator, cfg: LabelConfig) -> AffineParams | None:
+    """The whole-scene transform: mirrored axes (with probability ``scene_flip``) and an affine (with
+    probability ``scene_affine``) in one record, or ``None`` when neither is drawn.
+
+    Always consumes the same random numbers.
+    """
+    flip_u, affine_u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+    rng = AffineRange(
+        scale=(1.0 - cfg.scene_scale, 1.0 + cfg.scene_scale),
+        max_rotation_deg=cfg.scene_rotation_deg,
+        shear=0.0,
+        flip_prob=0.5,
+    )
+    drawn = sample_affine(generator, rng)
+    flip = drawn.flip if flip_u < cfg.scene_flip else (False, False, False)
+    if affine_u < cfg.scene_affine:
+        scene = AffineParams(scale=drawn.scale, rotation=drawn.rotation, flip=flip)
+    else:
+        scene = AffineParams(flip=flip)
+    return None if scene == AffineParams() else scene
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -601,6 +681,9 @@ def render_labels_batch(
             lab.masked_fill_(fg & (lab == 0), n_t + 1)
             if shell is not None:
                 lab.masked_fill_(shell, n_t + 2)
+        if p.scene is not None:
+            grid = sampling_grid(size, p.scene, device=device)
+            lab = warp_labels(lab[None, None], grid)[0, 0]
         result[b] = _contiguous(lab, n_t + 3)
     return result
 
@@ -654,7 +737,8 @@ def _foreground(
 
     half = tuple(max(1, (n + 1) // 2) for n in size)
     gen = torch.Generator().manual_seed(int(fg.seed))
-    sphere = deformed_sphere(half, gen, device, radius_frac=fg.radius, roughness=fg.roughness)
+    shift = [d * h / n for d, h, n in zip(fg.shift, half, size)]
+    sphere = deformed_sphere(half, gen, device, radius_frac=fg.radius, roughness=fg.roughness, centre_shift=shift)
     sigma = float(fg.envelope) if fg.envelope > 0 else 1.0
     mats = [resample_matrix(h, n, sigma * h / n, device) for h, n in zip(half, size)]
     f = resample_separable(sphere.to(device=device, dtype=torch.float32)[None], *mats)[0]

@@ -60,6 +60,38 @@ def artefact_summary(view: dict) -> str:
     return ", ".join(parts) or "no artefacts"
 
 
+def scene_summary(labels: dict) -> str:
+    """Where the scene sits and how it was moved, in words, from a sample's ``labels`` record.
+
+    Example: ``"foreground shifted (+5, -3, +0) vox; scene mirrored x, z, scaled 0.8-1.2, rotated 31°"``.
+    """
+    import math
+
+    parts = []
+    fg = labels.get("foreground")
+    if fg is None:
+        parts.append("no foreground")
+    else:
+        shift = fg.get("shift", [0.0, 0.0, 0.0])
+        parts.append("foreground shifted (" + ", ".join(f"{v:+.0f}" for v in shift) + ") vox")
+    scene = labels.get("scene")
+    if scene is None:
+        parts.append("scene unmoved")
+    else:
+        moves = []
+        flips = [a for a, f in zip("xyz", scene.get("flip", [])) if f]
+        if flips:
+            moves.append("mirrored " + ", ".join(flips))
+        scale = scene.get("scale", [1.0, 1.0, 1.0])
+        if any(abs(v - 1.0) > 1e-9 for v in scale):
+            moves.append(f"scaled {min(scale):.2f}-{max(scale):.2f}")
+        w = min(1.0, abs(float(scene.get("rotation", [1.0])[0])))
+        if w < 1.0 - 1e-12:
+            moves.append(f"rotated {math.degrees(2 * math.acos(w)):.0f}°")
+        parts.append("scene " + ", ".join(moves or ["unmoved"]))
+    return "; ".join(parts)
+
+
 def _slice(vol: np.ndarray, axis: int) -> np.ndarray:
     """Middle slice through ``axis``, oriented for display (first remaining axis left to right)."""
     sl = np.take(vol, vol.shape[axis] // 2, axis=axis)
@@ -100,7 +132,7 @@ def preview_figure(
 
     n = len(labels)
     cols = 3 * len(planes)
-    row_h = 1.8 + (0.35 if notes is not None else 0.0)
+    row_h = 1.8 + (0.5 if notes is not None else 0.0)
     fig = Figure(figsize=(1.7 * cols, row_h * n + 0.5), dpi=100)
     fig.patch.set_facecolor("black")
     axes = fig.subplots(n, cols, squeeze=False)
