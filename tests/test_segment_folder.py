@@ -49,7 +49,7 @@ def test_every_image_gets_a_label_map_of_the_same_name_on_its_grid(images, tmp_p
     out = tmp_path / "pred"
     done = segment_folder(images, out, threshold, progress=True)
     assert [d.output.name for d in done] == ["case_001_0000.nii.gz", "case_002_0000.nii"]
-    assert tree(out) == ["case_001_0000.nii.gz", "case_002_0000.nii"]
+    assert tree(out) == ["case_001_0000.nii.gz", "case_002_0000.nii", "quality.csv"]
     for d in done:
         src, seg = nib.load(str(d.image)), nib.load(str(d.output))
         assert seg.shape == src.shape
@@ -146,8 +146,8 @@ def test_segment_a_folder_from_the_command_line(images, model, tmp_path):
     args = ["segment", "-i", str(images), "-o", str(out), "--model", str(model), "--device", "cpu"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert f"wrote 2 label maps to {out}" in r.output
-    assert tree(out) == ["case_001_0000.nii.gz", "case_002_0000.nii"]
+    assert f"wrote 2 label maps and quality.csv to {out}" in r.output
+    assert tree(out) == ["case_001_0000.nii.gz", "case_002_0000.nii", "quality.csv"]
     seg = io.load_labels(out / "case_002_0000.nii")
     assert seg.shape == (32, 28, 20) and (seg.data == 9).all()
     # existing outputs: refused in one line before any work; --force --tta redo them

@@ -133,6 +133,10 @@ def segment_command(
     weights: Path | None = typer.Option(None, "--weights", help="Network weights for --features net/both (default: the shipped weights)."),
     tta: bool = typer.Option(False, "--tta", help="Average over test-time flips (assumes no left/right labels)."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap."),
+    probabilities: bool = typer.Option(
+        False, "--probabilities",
+        help="Also write NAME_probabilities.nii.gz (one channel per label, summing to one; their ids in NAME_probabilities.json) beside each label map.",
+    ),
     device: str = DeviceOption,
     seed: int = SeedOption,
     force: bool = ForceOption,
@@ -162,24 +166,43 @@ def segment_command(
     folder = source.is_dir()
     from synthvox.segmentation import folder_jobs
 
-    jobs = folder_jobs(source, out, force) if folder else [(source, io.check_output(out, force, nifti=True))]
-    dev = resolve_device(device)
-    if atlas_image:
-        segmenter = _atlas_segmenter(atlas_image, atlas_label, model, fusion, features, weights, dev, tta, folder)
+    if folder:
+        jobs = folder_jobs(source, out, force, probabilities)
     else:
-        segmenter = _segmenter(model, dev, tta, overlap)
+        from synthvox.segmentation.folder import outputs_of
+
+        jobs = [(source, io.check_output(out, force, nifti=True))]
+        for extra in outputs_of(out, probabilities)[1:]:
+            io.check_output(extra, force)
+    dev = resolve_device(device)
+    if atlas_image and probabilities:
+        raise InputError("--probabilities is written for --model segmentation; atlas fusion does not give probability maps yet")
+    if atlas_image:
+        segmenter = _atlas_segmenter(atlas_image, atlas_label, model, fusion, features, weights, dev, tta, folder,
+                                     probabilities)
+    else:
+        segmenter = _segmenter(model, dev, tta, overlap, probabilities)
 
     from synthvox.segmentation import segment_files
 
-    done = segment_files(jobs, segmenter, progress=None if folder else False, out_dir=out if folder else None)
+    done = segment_files(jobs, segmenter, progress=None if folder else False, out_dir=out if folder else None,
+                         probabilities=probabilities)
     if folder:
+        from synthvox.segmentation.folder import QUALITY_TABLE
+
         seconds = sum(d.seconds for d in done)
-        typer.echo(f"wrote {len(done)} label maps to {out} ({seconds:.1f} s, {seconds / max(len(done), 1):.1f} s per image)")
+        rated = [d for d in done if d.quality is not None]
+        worst = min(rated, key=lambda d: d.quality) if rated else None
+        tail = f"; lowest quality {worst.quality:.3f} ({worst.measure}): {worst.image.name}" if worst else ""
+        typer.echo(f"wrote {len(done)} label maps and {QUALITY_TABLE} to {out} ({seconds:.1f} s, "
+                   f"{seconds / max(len(done), 1):.1f} s per image{tail})")
     else:
-        typer.echo(f"wrote {out} (labels present: {done[0].labels_present})")
+        d = done[0]
+        quality = f", quality {d.quality:.3f} ({d.measure})" if d.quality is not None else ""
+        typer.echo(f"wrote {out} (labels present: {d.labels_present}{quality})")
 
 
-def _segmenter(model: Path | None, device: torch.device, tta: bool, overlap: float) -> Segmenter:
+def _segmenter(model: Path | None, device: torch.device, tta: bool, overlap: float, probabilities: bool) -> Segmenter:
     """The one function that segments each image, from the command's options (model directory checked first)."""
     from synthvox.errors import InputError
     from synthvox.segmentation import model_segmenter
@@ -188,11 +211,11 @@ def _segmenter(model: Path | None, device: torch.device, tta: bool, overlap: flo
     if model is None:
         raise InputError("nothing to segment with: give --model (a directory written by synthvox finetune) or atlases (--atlas-image with --atlas-label)")
     read_meta(model)  # a clear error for a non-model directory before any image is read
-    return model_segmenter(model, device=device, tta=tta, overlap=overlap)
+    return model_segmenter(model, device=device, tta=tta, overlap=overlap, probabilities=probabilities)
 
 
 def _atlas_segmenter(images: list[Path], labels: list[Path], model: Path | None, fusion: str, features: str,
-                     weights: Path | None, device: torch.device, tta: bool, quiet: bool) -> Segmenter:
+                     weights: Path | None, device: torch.device, tta: bool, quiet: bool, probabilities: bool) -> Segmenter:
     """Atlas segmentation from the command's options: every option and atlas checked before any image is read."""
     from synthvox import io
     from synthvox.errors import InputError

@@ -6,9 +6,12 @@ before any work (no images, an output folder that is a file or is the input fold
 exist without ``force``); each label map is written atomically, so an interrupted or failed run
 leaves complete label maps and nothing half-written.
 
-What segments one image is a :data:`Segmenter`, any callable from an image :class:`Volume` to a
-label-map :class:`Volume` on the image's grid: :func:`model_segmenter` makes one from a finetuned
-model directory; others (atlases, a model plus atlases) plug into the same loop.
+What segments one image is a :data:`Segmenter`, any callable from an image :class:`Volume` to its
+:class:`~synthvox.segmentation.result.Segmentation` (or a bare label-map :class:`Volume`) on the
+image's grid: :func:`model_segmenter` makes one from a finetuned model directory; others (atlases, a
+model plus atlases) plug into the same loop. With ``probabilities`` each label map gets its
+per-label probability maps beside it (``NAME_probabilities.nii.gz`` and ``NAME_probabilities.json``);
+a folder run writes ``quality.csv``, one row per image, worst quality figure first.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ from pathlib import Path
 import torch
 
 from synthvox.errors import InputError
+from synthvox.segmentation.result import Segmentation, as_segmentation
 from synthvox.volume import Volume
 
-#: One image in, its label map (on the image's grid) out.
-Segmenter = Callable[[Volume], Volume]
+#: One image in, its segmentation (or label map) on the image's grid out.
+Segmenter = Callable[[Volume], "Segmentation | Volume"]
+
+#: The table of a folder run: one row per image, worst quality figure first.
+QUALITY_TABLE = "quality.csv"
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,15 @@ class Segmented:
     output: Path
     labels_present: list[int]
     seconds: float
+    quality: float | None = None
+    measure: str = ""
+
+
+def outputs_of(out_path: Path, probabilities: bool) -> list[Path]:
+    """Every file one image's segmentation writes: the label map, and with ``probabilities`` its maps and their ids."""
+    from synthvox.segmentation.result import probabilities_path, probabilities_sidecar
+
+    return [out_path, probabilities_path(out_path), probabilities_sidecar(out_path)] if probabilities else [out_path]
 
 
 def model_segmenter(
@@ -46,19 +62,21 @@ def model_segmenter(
     device: torch.device | str = "cpu",
     tta: bool | Sequence[int] = False,
     overlap: float = 0.5,
+    probabilities: bool = False,
 ) -> Segmenter:
-    """A :data:`Segmenter` from a finetuned model directory, loaded once for all the images.
+    """A :data:`Segmenter` from a finetuned model directory, loaded once for all the images
+    (with ``probabilities``, its results carry the per-label probability maps).
 
     Raises:
         InputError: ``model`` is not a segmentation model directory.
     """
-    from synthvox.segmentation.infer import segment_with
+    from synthvox.segmentation.infer import predict
     from synthvox.segmentation.modeldir import load_model_dir
 
     net, meta = load_model_dir(model, device)
 
-    def segmenter(image: Volume) -> Volume:
-        return segment_with(net, meta, image, device=device, tta=tta, overlap=overlap)
+    def segmenter(image: Volume) -> Segmentation:
+        return predict(net, meta, image, device=device, tta=tta, overlap=overlap, probabilities=probabilities)
 
     return segmenter
 
@@ -70,8 +88,11 @@ def nifti_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and is_nifti_path(p))
 
 
-def folder_jobs(in_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False) -> list[tuple[Path, Path]]:
-    """``(image, label map to write)`` for every image of ``in_dir``; checks everything before any work.
+def folder_jobs(
+    in_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bool = False, probabilities: bool = False
+) -> list[tuple[Path, Path]]:
+    """``(image, label map to write)`` for every image of ``in_dir``; checks everything before any work
+    (every file each image writes, see :func:`outputs_of`, and the folder's :data:`QUALITY_TABLE`).
 
     Raises:
         InputError: ``in_dir`` is not a folder or holds no NIfTI image; ``out_dir`` is a file, looks
@@ -93,10 +114,11 @@ def folder_jobs(in_dir: str | os.PathLike, out_dir: str | os.PathLike, force: bo
     if not images:
         raise InputError(f"no NIfTI images (*.nii, *.nii.gz) in {src}")
     jobs = [(p, dst / p.name) for p in images]
-    folders = [o for _, o in jobs if o.is_dir()]
+    outputs = [f for _, o in jobs for f in outputs_of(o, probabilities)] + [dst / QUALITY_TABLE]
+    folders = [o for o in outputs if o.is_dir()]
     if folders:
         raise InputError(f"output is a directory, expected a file name: {folders[0]}")
-    existing = [o for _, o in jobs if o.exists()]
+    existing = [o for o in outputs if o.exists()]
     if existing and not force:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise InputError(f"output exists, not overwriting (use --force): {existing[0]}{more}")
@@ -110,6 +132,7 @@ def segment_files(
     *,
     progress: bool | None = None,
     out_dir: str | os.PathLike | None = None,
+    probabilities: bool = False,
 ) -> list[Segmented]:
     """Read each image, segment it and write its label map atomically (``jobs`` already checked).
 
@@ -118,7 +141,8 @@ def segment_files(
         segmenter: what segments one image.
         progress: a progress bar over the files on stderr (``None``: only on a terminal).
         out_dir: the output folder of a folder run: removed again when this call made it and wrote
-            nothing into it.
+            nothing into it; when every image is done, :data:`QUALITY_TABLE` is written into it.
+        probabilities: also write each image's probability maps (the segmenter must give them).
 
     Returns:
         What was written, in order.
@@ -140,14 +164,49 @@ def segment_files(
                 t0 = time.perf_counter()
                 bar.set_postfix_str(Path(image_path).name, refresh=False)
                 image = io.load(image_path, what=f"image {Path(image_path).name}")
-                seg = segmenter(image)
-                io.save(seg, out_path, labels=True, force=True)
-                ids = sorted(int(i) for i in seg.data.unique().tolist())
-                done.append(Segmented(Path(image_path), Path(out_path), ids, time.perf_counter() - t0))
+                seg = as_segmentation(segmenter(image))
+                if probabilities:
+                    _save_probabilities(seg, out_path)
+                io.save(seg.labels, out_path, labels=True, force=True)
+                ids = sorted(int(i) for i in seg.labels.data.unique().tolist())
+                done.append(Segmented(Path(image_path), Path(out_path), ids, time.perf_counter() - t0, seg.quality, seg.measure))
                 bar.update(1)
+            if out_dir is not None:
+                write_quality_table(done, Path(out_dir) / QUALITY_TABLE)
     finally:
         bar.close()
     return done
+
+
+def _save_probabilities(seg: Segmentation, out_path: Path) -> None:
+    import json
+
+    from synthvox import io
+    from synthvox.segmentation.result import probabilities_path, probabilities_sidecar
+
+    if seg.probabilities is None:
+        raise InputError("this segmenter gives no probability maps (--probabilities needs a model or atlases)")
+    io.save(seg.probabilities, probabilities_path(out_path), force=True)
+    with io.atomic_path(probabilities_sidecar(out_path)) as tmp:
+        tmp.write_text(json.dumps({"label_ids": list(seg.label_ids), "axis": 3,
+                                   "file": probabilities_path(out_path).name}, indent=1) + "\n")
+
+
+def write_quality_table(done: Sequence[Segmented], path: Path) -> Path:
+    """``quality.csv``: image, label map, quality figure, what it measures, labels present, seconds;
+    worst quality first (images without a figure last), so a study's failures head the table."""
+    import csv
+
+    from synthvox import io
+
+    rows = sorted(done, key=lambda d: (d.quality is None, d.quality if d.quality is not None else 0.0))
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "labels", "quality", "measure", "labels_present", "seconds"])
+        for d in rows:
+            w.writerow([d.image.name, d.output.name, "" if d.quality is None else f"{d.quality:.4f}", d.measure,
+                        " ".join(map(str, d.labels_present)), f"{d.seconds:.2f}"])
+    return path
 
 
 def segment_folder(
@@ -157,6 +216,7 @@ def segment_folder(
     *,
     force: bool = False,
     progress: bool | None = None,
+    probabilities: bool = False,
 ) -> list[Segmented]:
     """Segment every NIfTI image of ``in_dir`` into a label map of the same name in ``out_dir``.
 
@@ -165,4 +225,5 @@ def segment_folder(
 
     See :func:`folder_jobs` for what is refused before any work and :func:`segment_files` for the rest.
     """
-    return segment_files(folder_jobs(in_dir, out_dir, force), segmenter, progress=progress, out_dir=out_dir)
+    return segment_files(folder_jobs(in_dir, out_dir, force, probabilities), segmenter, progress=progress,
+                         out_dir=out_dir, probabilities=probabilities)

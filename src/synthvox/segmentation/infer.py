@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from torch import nn
 from synthvox.errors import InputError
 from synthvox.segmentation.modeldir import SegmentationMeta, SegmentationNet, load_model_dir
 from synthvox.volume import Volume, affine_points, grid_to_grid, resample_to_spacing, sample_at, to_canonical
+
+if TYPE_CHECKING:
+    from synthvox.segmentation.result import Segmentation
 
 
 def check_image(image: Volume, what: str = "image") -> None:
@@ -130,25 +134,40 @@ def sliding_window_probabilities(
     return (total / len(flips))[0]
 
 
-def probabilities_to_labels_on_grid(
+def probabilities_on_grid(
     prob: torch.Tensor,
     prob_affine: np.ndarray,
     shape: tuple[int, int, int],
     affine: np.ndarray,
     label_ids: Sequence[int],
+    *,
+    keep: bool = False,
     slab_voxels: int = 2**21,
-) -> torch.Tensor:
-    """Resample ``(C, ...)`` probabilities onto (``shape``, ``affine``) linearly, then take the argmax.
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """Resample ``(C, ...)`` probabilities onto (``shape``, ``affine``) linearly and take the argmax.
 
-    Works slab by slab along the last axis, so memory stays ``O(C * slab)`` however large the output.
-    Returns an ``int64`` tensor ``(1, X, Y, Z)`` of label ids.
+    Works slab by slab along the last axis, so memory stays ``O(C * slab)`` however large the output
+    (unless ``keep``).
+
+    Returns:
+        ``(labels, probabilities, quality)``: an ``int64`` ``(1, X, Y, Z)`` tensor of label ids; with
+        ``keep`` the resampled ``(C, X, Y, Z)`` float32 probabilities (still summing to one, their
+        argmax the labels), else ``None``; and ``1 - mean entropy`` over the non-background voxels
+        (:class:`~synthvox.segmentation.result.EntropyMeter`).
     """
+    from synthvox.segmentation.result import EntropyMeter
+
     m = grid_to_grid(prob_affine, affine)
     ids = torch.as_tensor(list(label_ids), dtype=torch.int64)
+    meter = EntropyMeter(list(label_ids))
     same = tuple(prob.shape[1:]) == tuple(shape) and np.allclose(m, np.eye(4), atol=1e-6)
     if same:
-        return ids.to(prob.device)[prob.argmax(0)][None].cpu()
+        arg = prob.argmax(0)
+        meter.add(prob, arg)
+        kept = prob.float().cpu() if keep else None
+        return ids.to(prob.device)[arg][None].cpu(), kept, meter.quality
     out = torch.empty((1, *shape), dtype=torch.int64)
+    kept = torch.empty((prob.shape[0], *shape), dtype=torch.float32) if keep else None
     nz = max(1, slab_voxels // max(1, shape[0] * shape[1]))
     dev = prob.device
     for z0 in range(0, shape[2], nz):
@@ -157,8 +176,59 @@ def probabilities_to_labels_on_grid(
         slab[2, 3] = z0
         vox = affine_points((shape[0], shape[1], z1 - z0), m @ slab, device=dev)
         p = sample_at(prob, vox, mode="linear", padding="border")
-        out[0, :, :, z0:z1] = ids.to(dev)[p.argmax(0)].cpu()
-    return out
+        arg = p.argmax(0)
+        meter.add(p, arg)
+        out[0, :, :, z0:z1] = ids.to(dev)[arg].cpu()
+        if kept is not None:
+            kept[:, :, :, z0:z1] = p.float().cpu()
+    return out, kept, meter.quality
+
+
+def probabilities_to_labels_on_grid(
+    prob: torch.Tensor,
+    prob_affine: np.ndarray,
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    label_ids: Sequence[int],
+    slab_voxels: int = 2**21,
+) -> torch.Tensor:
+    """The label map of :func:`probabilities_on_grid`: ``int64`` ``(1, X, Y, Z)`` label ids."""
+    return probabilities_on_grid(prob, prob_affine, shape, affine, label_ids, slab_voxels=slab_voxels)[0]
+
+
+def predict(
+    net: SegmentationNet,
+    meta: SegmentationMeta,
+    image: Volume,
+    *,
+    device: torch.device | str = "cpu",
+    tta: bool | Sequence[int] = False,
+    patch: Sequence[int] | int | None = None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    probabilities: bool = False,
+) -> Segmentation:
+    """Segment ``image`` with an already loaded network: its label map, the quality figure
+    (``1 - mean entropy``) and, with ``probabilities``, the per-label probability maps on its grid."""
+    from synthvox.segmentation.result import ENTROPY, Segmentation
+
+    device = torch.device(device)
+    check_image(image)
+    patch_size = _patch(patch, meta.patch_size)
+    frame = to_model_frame(image, meta.spacing, meta.normalisation)
+    prob = sliding_window_probabilities(
+        net, frame.data.to(device), patch_size, device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta
+    )
+    labels, kept, quality = probabilities_on_grid(
+        prob, frame.affine, image.shape, image.affine, meta.label_ids, keep=probabilities
+    )
+    return Segmentation(
+        labels=Volume(labels, image.affine.copy()),
+        probabilities=None if kept is None else Volume(kept, image.affine.copy()),
+        label_ids=tuple(int(i) for i in meta.label_ids),
+        quality=quality,
+        measure=ENTROPY,
+    )
 
 
 def segment_with(
@@ -172,16 +242,8 @@ def segment_with(
     overlap: float = 0.5,
     sw_batch_size: int = 2,
 ) -> Volume:
-    """Segment ``image`` with an already loaded network (see :func:`segment`)."""
-    device = torch.device(device)
-    check_image(image)
-    patch_size = _patch(patch, meta.patch_size)
-    frame = to_model_frame(image, meta.spacing, meta.normalisation)
-    prob = sliding_window_probabilities(
-        net, frame.data.to(device), patch_size, device, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta
-    )
-    labels = probabilities_to_labels_on_grid(prob, frame.affine, image.shape, image.affine, meta.label_ids)
-    return Volume(labels, image.affine.copy())
+    """Segment ``image`` with an already loaded network (see :func:`segment`); the label map of :func:`predict`."""
+    return predict(net, meta, image, device=device, tta=tta, patch=patch, overlap=overlap, sw_batch_size=sw_batch_size).labels
 
 
 def segment(
