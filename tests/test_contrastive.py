@@ -153,6 +153,47 @@ def test_loss_of_a_batch_is_the_mean_of_its_pairs() -> None:
     assert torch.allclose(both, (first + second) / 2, atol=1e-6)
 
 
+def test_each_pair_contrasts_view_1_with_its_own_view_2() -> None:
+    """The loss of a pair is supcon over the projected features of both views at the same sampled
+    locations, view 1 of every pair in the first half of the batch and view 2 in the second: computed
+    here by hand from the heads. Before this test, a forward that took view 1's embeddings for view
+    2's (``emb[:bsz]`` for ``emb[bsz:]``) passed all 13 other tests of this file; it fails here (checked
+    by compiling that mutant of the forward's source), as does a view 2 of noise beside a view 1 that
+    encodes the labels (the second assertion)."""
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 3, (2, 1, 16, 16, 8), generator=g)
+    feats = {"a": torch.randn(4, 6, 4, 4, 2, generator=g), "b": torch.randn(4, 4, 16, 16, 8, generator=g)}
+    crit = _loss_module()
+    gens = lambda: [torch.Generator().manual_seed(200 + i) for i in range(2)]  # noqa: E731
+    got, parts = crit(feats, labels, gens())
+    expected = 0.0
+    draws = gens()
+    for name, scale in (("a", 4), ("b", 1)):
+        f = feats[name]
+        coarse = tuple(s // scale for s in labels.shape[2:])
+        idx = torch.stack([sample_coarse_voxels(coarse, coarse, crit.n_voxels, d, f.device) for d in draws])
+        lab = block_mode_labels(labels[:, 0], scale, idx, coarse)
+        flat = f.reshape(4, f.shape[1], -1)
+        per_pair = []
+        for b in range(2):
+            v1 = crit.heads[name](flat[b][:, idx[b]].T)  # view 1 of pair b: row b
+            v2 = crit.heads[name](flat[2 + b][:, idx[b]].T)  # view 2 of pair b: row B + b
+            per_pair.append(supcon_loss(torch.cat([v1, v2])[None], torch.cat([lab[b], lab[b]])[None]))
+        loss = torch.stack(per_pair).mean()
+        assert torch.allclose(parts[name], loss.detach(), atol=1e-6), name
+        expected = expected + crit.weights[name] * loss
+    assert torch.allclose(got, expected, atol=1e-6)
+    # a view 2 that does not encode the labels costs more than one that does, whatever view 1 is
+    small = torch.randint(0, 4, (2, 1, 2, 3, 1), generator=g).repeat_interleave(8, 2).repeat_interleave(5, 3)
+    small = small.repeat_interleave(8, 4)[:, :, :16, :15, :8]
+    good = _views(small, (16, 16, 8), 0.05, 0)
+    half = {k: torch.cat([v[:2], torch.randn(v[2:].shape, generator=g)]) for k, v in good.items()}
+    both, _ = crit(good, small, gens())
+    one, _ = crit(half, small, gens())
+    one, both = float(one.detach()), float(both.detach())
+    assert one > both + 0.5, (one, both)
+
+
 def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError):
         MultiLayerContrastiveLoss({"a": 4}, {"a": 1}, temperature=0.0)

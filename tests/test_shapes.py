@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import make_affine
+from conftest import make_affine, require_shared
 
 from synthvox.errors import InputError
 from synthvox.shapes import ShapeBank, build_bank, default_bank_path, load_default_bank
 from synthvox.shapes import procedural as P
 from synthvox.shapes.bank import template_to_cube
 from synthvox.volume import Volume, spacing_of
-
-SHARED = Path(os.environ.get("SYNTHVOX_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared"))
 
 
 def ellipsoid(shape, centre, semi):
@@ -254,9 +251,7 @@ def test_default_bank_is_reproducible_from_shared_data():
     """Rebuilding the TotalSegmentator part with the recorded settings gives the shipped templates."""
     from synthvox import io
 
-    folder = SHARED / "data" / "shapes" / "totalseg_example"
-    if not folder.is_dir():
-        pytest.skip(f"shared data not found at {folder} (set SYNTHVOX_SHARED)")
+    folder = require_shared("data", "shapes", "totalseg_example")
     b = load_default_bank()
     names = ["ct_seg.nii.gz", "mr_seg.nii.gz"]
     m = b.meta

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from conftest import make_affine
 from test_registration import CFG, phantom, smooth_field
@@ -12,8 +11,6 @@ from synthvox import io
 from synthvox.registration import register
 from synthvox.registration.warp import apply_warp, compose_displacement, itk_to_ras, ras_to_itk
 from synthvox.volume import Volume, resample_to_grid
-
-sitk = pytest.importorskip("SimpleITK")
 
 
 def _pair() -> tuple[Volume, Volume]:
@@ -38,7 +35,7 @@ def test_lps_ras_conversion_is_an_involution():
     assert torch.equal(ras_to_itk(d)[2], d[2]) and torch.equal(ras_to_itk(d)[0], -d[0])
 
 
-def test_simpleitk_reproduces_moved(tmp_path):
+def test_simpleitk_reproduces_moved(tmp_path, sitk):  # the fixture: SimpleITK, required in CI
     fixed, moving = _pair()
     res = register(fixed, moving, features="mind", config=CFG, init="moments")
     io.save(fixed, tmp_path / "fixed.nii.gz")
