@@ -80,6 +80,7 @@ def export_checkpoints(run: Path, dst: Path, every: int = 1) -> list[Path]:
     import torch
 
     from synthvox.models import save_model
+    from synthvox.train.batchnorm import EXPORT_BATCHES
     from synthvox.train.checkpointing import (
         checkpoint_card,
         checkpoint_network,
@@ -94,7 +95,8 @@ def export_checkpoints(run: Path, dst: Path, every: int = 1) -> list[Path]:
         tensors, state = load_checkpoint(path)
         md = dst / f"step_{step:08d}"
         with torch.no_grad():  # the full card: registration and the probe read the training scale from it
-            save_model(checkpoint_network(tensors, state), md, extra={"model_card": checkpoint_card(state)})
+            net = checkpoint_network(tensors, state, EXPORT_BATCHES)  # as scripts/weights.py export makes it
+            save_model(net, md, extra={"model_card": checkpoint_card(state, bn_batches=net.bn_batches)})
         out.append(md)
     return out
 

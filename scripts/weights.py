@@ -52,8 +52,10 @@ def install(carry: Path, run: Path) -> Path:
     return dst
 
 
-def export(run: Path, carry: Path | None, model: Path | None, hardware: str | None, step: int | None = None) -> None:
-    """Newest intact checkpoint of ``run`` (or the one of ``step``) -> carry-over file and/or half-precision model directory."""
+def export(run: Path, carry: Path | None, model: Path | None, hardware: str | None, step: int | None = None,
+           bn_batches: int | None = None) -> None:
+    """Newest intact checkpoint of ``run`` (or the one of ``step``) -> carry-over file and/or half-precision
+    model directory (a batch-normalised network's statistics re-estimated on ``bn_batches`` synthetic batches)."""
     import torch
 
     from synthvox.errors import InputError
@@ -90,9 +92,13 @@ def export(run: Path, carry: Path | None, model: Path | None, hardware: str | No
         tmp.replace(carry)
         print(f"carry-over file: {carry} ({carry.stat().st_size / 2**20:.1f} MiB)")
     if model is not None:
-        net = checkpoint_network(tensors, state)
+        from synthvox.train.batchnorm import EXPORT_BATCHES
+
+        net = checkpoint_network(tensors, state, EXPORT_BATCHES if bn_batches is None else bn_batches)
+        if net.bn_batches:
+            print(f"batch-norm statistics re-estimated on {net.bn_batches} synthetic batches")
         with torch.no_grad():
-            save_model(net, model, extra={"model_card": checkpoint_card(state, hardware)}, half=True)
+            save_model(net, model, extra={"model_card": checkpoint_card(state, hardware, net.bn_batches)}, half=True)
         size = sum(f.stat().st_size for f in model.iterdir()) / 2**20
         print(f"model directory (float16): {model} ({size:.1f} MiB)")
 
@@ -166,6 +172,8 @@ def main() -> None:
     b.add_argument("--model", type=Path)
     b.add_argument("--hardware", default=None)
     b.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
+    b.add_argument("--bn-batches", type=int, default=None,
+                   help="re-estimate batch-norm statistics on this many synthetic batches (default 64; 0: keep the training ones)")
     c = sub.add_parser("split")
     c.add_argument("path", type=Path)
     d = sub.add_parser("join")
@@ -180,7 +188,7 @@ def main() -> None:
     if args.cmd == "install":
         install(args.carry, args.run)
     elif args.cmd == "export":
-        export(args.run, args.carry, args.model, args.hardware, args.step)
+        export(args.run, args.carry, args.model, args.hardware, args.step, args.bn_batches)
     elif args.cmd == "split":
         split(args.path)
     elif args.cmd == "join":

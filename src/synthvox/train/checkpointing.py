@@ -240,17 +240,24 @@ def strip_optimizer(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return save_checkpoint(dst, tensors, state)
 
 
-def checkpoint_network(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Any:
-    """The UNet a pretraining checkpoint holds (its ``model.`` tensors), rebuilt from the saved config, float32."""
+def checkpoint_network(tensors: dict[str, torch.Tensor], state: dict[str, Any], bn_batches: int = 0) -> Any:
+    """The UNet a pretraining checkpoint holds (its ``model.`` tensors), rebuilt from the saved config, float32.
+
+    With ``bn_batches`` and batch normalisation in the network, its running statistics are
+    re-estimated on that many batches of the run's synthetic views (:mod:`synthvox.train.batchnorm`);
+    the network then records the count as ``net.bn_batches``.
+    """
     from synthvox.models.unet import UNet
+    from synthvox.train.batchnorm import has_batchnorm, recalibrate, synthetic_views
     from synthvox.train.config import ModelConfig, from_dict, model_kwargs
 
     net = UNet(**model_kwargs(from_dict(ModelConfig, state["config"]["model"])))
     net.load_state_dict({k[6:]: v.float() for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    return net
+    net.bn_batches = recalibrate(net, synthetic_views(state["config"], bn_batches)) if bn_batches and has_batchnorm(net) else 0
+    return net.eval()
 
 
-def checkpoint_card(state: dict[str, Any], hardware: str | None = None) -> dict[str, Any]:
+def checkpoint_card(state: dict[str, Any], hardware: str | None = None, bn_batches: int = 0) -> dict[str, Any]:
     """The model card of a pretraining checkpoint's network: steps, samples, the data, loss and optim
     settings (registration reads its training scale from ``data``), torch version, time, hardware."""
     cfg = state.get("config", {})
@@ -266,4 +273,5 @@ def checkpoint_card(state: dict[str, Any], hardware: str | None = None) -> dict[
         "torch": state.get("torch"),
         "time": state.get("time"),
         "hardware": hardware,
+        "batchnorm_recalibrated_on": int(bn_batches),
     }
