@@ -4,6 +4,7 @@ without background, and the defaults per device."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from conftest import two_ellipsoids as layout
 from typer.testing import CliRunner
 
+import synthvox.segmentation.loop as loop
 from synthvox import io
 from synthvox.cli import app
 from synthvox.errors import InputError
@@ -32,25 +34,89 @@ def pair():
     return Volume(img + 5 * torch.randn(lab.shape, generator=g), AFFINE), Volume(lab, AFFINE)
 
 
-def test_a_minutes_budget_fixes_the_steps_and_holds_the_wall_clock(tmp_path):
+class FakeClock:
+    """``time.perf_counter`` for the finetuning loop: each optimisation step takes ``step_s`` seconds
+    (``slow_s`` from step ``slow_from`` of the run on, counting from 1), each check ``check_s``, nothing else any time.
+    The machine's real speed (shared, busy) then cannot make the test pass or fail."""
+
+    def __init__(self, step_s: float, check_s: float, slow_s: float | None = None, slow_from: int = 0) -> None:
+        self.now, self.step_s, self.check_s = 1000.0, step_s, check_s
+        self.slow_s, self.slow_from, self.steps = slow_s, slow_from, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def install(self, monkeypatch) -> None:
+        real_step, real_check = loop.optimisation_step, loop.validate
+
+        def step(*args, **kwargs):
+            self.steps += 1
+            run_step = self.steps - loop.CALIBRATION_STEPS  # the calibration's steps come first: 1 is the run's first
+            slow = self.slow_s is not None and run_step >= self.slow_from
+            self.now += self.slow_s if slow else self.step_s
+            return real_step(*args, **kwargs)
+
+        def check(*args, **kwargs):
+            self.now += self.check_s
+            return real_check(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=self.perf_counter, strftime=time.strftime))
+        monkeypatch.setattr(loop, "optimisation_step", step)
+        monkeypatch.setattr(loop, "validate", check)
+
+
+def budget_run(out, minutes: float, **kw):
     img, lab = pair()
-    t = time.perf_counter()
-    out = finetune([img, img], [lab, lab], out_dir=tmp_path / "m", init="random", variant="tiny", minutes=0.2,
-                   patch_size=32, batch_size=1, device="cpu", progress=False)
-    wall = time.perf_counter() - t
+    return finetune([img, img], [lab, lab], out_dir=out, init="random", variant="tiny", minutes=minutes,
+                    patch_size=32, batch_size=1, device="cpu", progress=False, **kw)
+
+
+def test_a_minutes_budget_fixes_the_steps_and_holds_the_wall_clock(tmp_path, monkeypatch):
+    """On a fake clock (1 s a step, 2 s a check), 0.5 minutes: the calibration (4 steps and a check,
+    6 s) plans (30 - 6 - 5 checks x 2 s) / 1 s = 14 steps with a check every 14 // 5 = 2, the first
+    check replans from the pace with its checks (2 s a step: 12 steps), and the run ends at the budget,
+    not over it. Measured: 12 steps, 6 checks, 30.0 s. (The test timed the real wall clock before, with
+    slack for a busy machine: flaky, and blind to an overrun smaller than the slack.)"""
+    clock = FakeClock(step_s=1.0, check_s=2.0)
+    clock.install(monkeypatch)
+    out = budget_run(tmp_path / "m", 0.5)
     meta = read_meta(out)
     steps = meta.train["steps"]
-    assert meta.history["steps"] == steps >= 1 and meta.train["minutes"] == 0.2
-    assert meta.train["val_every"] >= 1
+    assert meta.history["steps"] == steps and 10 <= steps <= 14 and meta.train["minutes"] == 0.5
+    assert meta.train["val_every"] == 14 // BUDGET_CHECKS  # fixed by the calibration's 14 steps
     checks = [r for r in (out / "log.csv").read_text().splitlines()[1:] if r.split(",")[3]]
-    assert 1 <= len(checks) <= BUDGET_CHECKS + 2
-    assert wall < 0.2 * 60 * 1.6 + 5, wall  # the budget (calibration included), with slack for a busy machine
+    assert len(checks) == steps // meta.train["val_every"]
+    spent = clock.now - 1000.0
+    assert 0.9 * 30 <= spent <= 30, spent  # the budget used, and not overrun
+    assert not meta.history["stopped"]
     # a resumed budget run keeps the steps its calibration fixed (nothing left to do: it only rewrites the model)
     latest = list_checkpoints(out / "checkpoints")[-1][0]
     assert latest == steps
-    again = finetune([img, img], [lab, lab], out_dir=out, init="random", variant="tiny", minutes=5.0, patch_size=32,
-                     batch_size=1, device="cpu", progress=False, resume=True)
+    again = budget_run(out, 5.0, resume=True)
     assert read_meta(again).train["steps"] == steps
+
+
+def test_a_machine_that_slows_down_replans_at_each_check(tmp_path, monkeypatch):
+    """The machine gets 4 times slower after the calibration (1 s a step there, 4 s after): the first
+    check plans the steps again from the pace, and the run still ends within the budget. Measured: 4
+    steps (14 planned), 26 s of 30."""
+    clock = FakeClock(step_s=1.0, check_s=2.0, slow_s=4.0, slow_from=1)
+    clock.install(monkeypatch)
+    meta = read_meta(budget_run(tmp_path / "m", 0.5))
+    assert meta.history["steps"] == meta.train["steps"] < 14 and not meta.history["stopped"]
+    assert clock.now - 1000.0 <= 30
+
+
+def test_a_run_over_its_budget_stops_with_its_model(tmp_path, monkeypatch):
+    """Step 3 takes 30 s, after the first check planned 12 steps at 2 s: 34 s since the calibration is
+    past ``BUDGET_SLACK`` times the 30 s budget, so the run stops there, says so, and writes its model
+    and a checkpoint to resume from."""
+    clock = FakeClock(step_s=1.0, check_s=2.0, slow_s=30.0, slow_from=3)
+    clock.install(monkeypatch)
+    out = budget_run(tmp_path / "m", 0.5)
+    meta = read_meta(out)
+    assert meta.history["steps"] == 3 and meta.history["stopped"].startswith("stopped at the 0.5-minute budget after 3 of")
+    assert list_checkpoints(out / "checkpoints")[-1][0] == 3 and (out / "segmentation.json").is_file()
 
 
 def test_the_head_learns_faster_and_dice_leaves_background_out():
@@ -82,7 +148,7 @@ def test_device_defaults_and_the_cli_budget_options(tmp_path):
     runner = CliRunner()
     base = ["finetune", "--image", str(tmp_path / "img.nii.gz"), "--label", str(tmp_path / "lab.nii.gz"), "--device", "cpu"]
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--minutes", "0"])
-    assert r.exit_code != 0 and "--minutes" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "--minutes" in r.output and "Traceback" not in r.output  # the README's status
     assert not (tmp_path / "bad").exists()
     # --steps replaces the CPU's minutes budget; the CPU's patch and coarsest spacing still apply
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "m"), "--steps", "2", "--init", "random", "--variant", "tiny", "--patch", "32"])
