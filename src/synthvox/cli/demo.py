@@ -32,6 +32,10 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device)
         features = resolve_features(features, weights)
         check_out_dir(out, force, output_names(True))  # refuse before the work, not after it; create nothing yet
+        if weights is not None:
+            from synthvox.models.checkpoint import read_model_config
+
+            read_model_config(weights)  # a wrong --weights is one line before the work starts, not after its progress line
         typer.echo(f"registering the bundled MR onto the bundled CT ({features} features, {dev}) ...", err=True)
         res = run_demo(features=features, weights=weights, device=dev, seed=seed,
                        log=lambda line: typer.echo(line, err=True))
