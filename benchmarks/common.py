@@ -198,7 +198,8 @@ class FeatureCache:
         def raw(extractor: Any, image: Any, which: str) -> Any:
             if extractor.kind == "mind":  # no network: nothing worth keeping
                 return cache.original(extractor, image, which)
-            key = (_digest(image), _digest(*extractor.model.state_dict().values()), extractor.net_zoom, which)
+            key = (_digest(image), _digest(*extractor.model.state_dict().values()), extractor.net_zoom,
+                   extractor.intensity_scaling, which)
             if key not in cache.store:
                 cache.store[key] = cache.original(dataclasses.replace(extractor, kind="both"), image, which)
             wanted = ("mind", "net") if extractor.kind == "both" else ("net",)

@@ -29,14 +29,24 @@ Measures, each a number that can go either way:
   ``both`` (the pairs and solver settings of ``benchmarks/registration.py``; each image's network
   features computed once for ``net`` and ``both``).
 
+``fov`` (issue 22), reported beside the score: how much each feature set changes in the central half of
+a nichart T1 when its field of view is padded with 16 edge voxels on every side (and, beside it,
+cropped by 16 or shifted by 16 along every axis), over the features' total variance
+(:func:`fov_term`): MIND-SSC, each network at its spacing in one forward pass on the image
+normalised once (the network alone), the frozen-statistics control (its instance normalisation with
+the unchanged image's statistics), and each network normalised after the change (``+percentile``,
+``+foreground``: the MR scalings of ``synthvox.models.features``). ``--fov-cli`` measures it through
+``synthvox features`` too (:func:`cli_fov`). 0 = independent of the field of view.
+
 ``score`` (what decides which checkpoint is better): the mean of nichart ``knn``, ``boundary``,
 ``interior`` and ``inter`` (the first three for intensity), the numbers that move with feature
 quality on brains; the other figures are reported beside it.
 
     python benchmarks/features.py [--weights shipped|DIR ...] [--quick] [--reg-pairs 2] [--out DIR]
+        [--fov pad,crop,shift|none] [--fov-subjects Subj1,Subj2] [--fov-scalings percentile,foreground] [--fov-cli]
 
 ``--quick`` (the accumulating run and the test suite): fewer voxels, two nichart subjects, one quick
-registration pair. Writes ``features.json`` and ``features.md`` into ``--out`` (default
+registration pair, the ``fov`` term padded only, on the first subject. Writes ``features.json`` and ``features.md`` into ``--out`` (default
 benchmarks/results).
 """
 
@@ -51,6 +61,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -75,7 +86,7 @@ def _on_grid(vol: Any, shape: tuple[int, int, int], affine: np.ndarray, mode: st
 def load_dataset(name: str, subjects: list[str]) -> list[dict[str, Any]]:
     """Probe cases of one dataset: reference and query images with their structure maps (0 = not scored)."""
     from synthvox import io
-    from synthvox.registration.pipeline import working_grid
+    from synthvox.registration.grids import working_grid
 
     ev = common.eval_dir()
     cases = []
@@ -154,6 +165,179 @@ def features_of(kind: str, image: Any, model: Any) -> torch.Tensor:
     zoom = float(spacing_of(image.affine)[0]) / net_mm if net_mm else 1.0
     ex = FeatureExtractor(kind=kind, model=model, device=torch.device("cpu"), net_zoom=zoom)
     return ex.raw(image.data[:1].float(), "fixed")[kind]
+
+
+# -------------------------------------------------------------------------------------- field of view
+
+#: voxels the field of view is padded by (edge voxels), cropped by, or shifted by, on every side or
+#: axis (a multiple of the shipped UNet's 2**levels = 16, so its pooling grid stays where it was)
+FOV_MARGIN = 16
+FOV_CHANGES = ("pad", "crop", "shift")
+
+
+def fov_variant(x: torch.Tensor, change: str, m: int = FOV_MARGIN) -> tuple[torch.Tensor, int]:
+    """``x`` (C, X, Y, Z) with its field of view changed, and the offset of the original voxels in
+    it (the same along each axis): ``pad`` adds ``m`` edge voxels on every side (+m), ``crop`` takes
+    ``m`` off every side (-m), ``shift`` moves the field of view ``m`` voxels along every axis (``m``
+    off the start, ``m`` edge voxels added at the end; -m)."""
+    if change == "pad":
+        return F.pad(x[None], (m,) * 6, mode="replicate")[0], m
+    if change == "crop":
+        return x[:, m:-m, m:-m, m:-m], -m
+    if change == "shift":
+        return F.pad(x[None, :, m:, m:, m:], (0, m) * 3, mode="replicate")[0], -m
+    raise ValueError(f"unknown field-of-view change {change!r}: use {', '.join(FOV_CHANGES)}")
+
+
+def central_half(shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The central half of a grid along each axis (``n // 4`` voxels off each end)."""
+    return tuple(slice(n // 4, n - n // 4) for n in shape)
+
+
+def fov_change(f0: torch.Tensor, fv: torch.Tensor, offset: int, region: tuple[slice, ...] | None = None) -> float:
+    """How much ``(C, X, Y, Z)`` features ``f0`` changed in ``fv`` (the same image with its field of
+    view changed, the original voxels ``offset`` voxels on along each axis): the summed mean squared
+    change of the channels in ``region`` of ``f0`` (default its central half) over their total
+    variance (summed over channels, over the whole of ``f0``). 0: unchanged; 1: as large as the
+    features' own variation."""
+    region = central_half(tuple(f0.shape[1:])) if region is None else region
+    a = f0[(slice(None), *region)].double()
+    b = fv[(slice(None), *(slice(r.start + offset, r.stop + offset) for r in region))].double()
+    var = float(f0.reshape(f0.shape[0], -1).double().var(dim=1, correction=0).sum())
+    return float(((a - b) ** 2).reshape(a.shape[0], -1).mean(dim=1).sum()) / max(var, 1e-12)
+
+
+class FrozenNormStats:
+    """The frozen-statistics control: within ``with FrozenNormStats(model) as frozen:``, each instance
+    normalisation layer of ``model`` normalises with the per-channel mean and variance it recorded on
+    the last pass while ``frozen.recording`` was True (the unchanged image), whatever the input's
+    field of view after that. A network that is still field-of-view dependent under it depends on
+    something other than its normalisation's statistics."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recording = True
+
+    def _forward(self, layer: torch.nn.InstanceNorm3d, x: torch.Tensor) -> torch.Tensor:
+        if self.recording:
+            var, mean = torch.var_mean(x, dim=tuple(range(2, x.dim())), keepdim=True, correction=0)
+            self.stats[id(layer)] = (mean, var)
+        mean, var = self.stats[id(layer)]
+        y = (x - mean) * torch.rsqrt(var + layer.eps)
+        if layer.affine:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = y * layer.weight.view(shape) + layer.bias.view(shape)
+        return y
+
+    def __enter__(self) -> FrozenNormStats:
+        for layer in self.layers:
+            layer.forward = lambda x, layer=layer: self._forward(layer, x)  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer in self.layers:
+            del layer.forward
+
+
+def _pass(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """``(C, X, Y, Z)`` features of a normalised ``(1, X, Y, Z)`` image: one forward pass, no windows."""
+    with torch.inference_mode():
+        return model(x[None].float())[0].float()
+
+
+def fov_features(model: Any, raw: torch.Tensor, changes: list[str], scalings: list[str], margin: int = FOV_MARGIN,
+                 frozen: bool = True) -> dict[str, dict[str, float]]:
+    """The field-of-view term of one network on one image ``raw`` (``(1, X, Y, Z)`` intensities at the
+    network's spacing): the central-half change (:func:`fov_change`) of its features after each of
+    ``changes`` (:func:`fov_variant`). Rows: ``once`` (the image normalised once, then changed: the
+    network alone), ``frozen`` (the same with the normalisation layers' statistics of the unchanged
+    image, instance normalisation only, when ``frozen``) and ``+S`` for each scaling ``S``
+    (normalised after the change with that MR scaling, as ``synthvox`` normalises an image whose
+    field of view is what it is)."""
+    from synthvox.models.features import normalise_intensity
+
+    out: dict[str, dict[str, float]] = {}
+    norm = {s: normalise_intensity(raw, scaling=s) for s in dict.fromkeys(["percentile", *scalings])}
+    base = {"percentile": _pass(model, norm["percentile"])}
+    out["once"] = {c: fov_change(base["percentile"], _pass(model, v), off)
+                   for c in changes for v, off in [fov_variant(norm["percentile"], c, margin)]}
+    if frozen and any(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules()):
+        with FrozenNormStats(model) as stats:
+            f0 = _pass(model, norm["percentile"])
+            stats.recording = False
+            out["frozen"] = {c: fov_change(f0, _pass(model, v), off)
+                             for c in changes for v, off in [fov_variant(norm["percentile"], c, margin)]}
+    for s in scalings:
+        if s not in base:
+            base[s] = _pass(model, norm[s])
+        row = {}
+        for c in changes:
+            v, off = fov_variant(raw, c, margin)
+            row[c] = fov_change(base[s], _pass(model, normalise_intensity(v, scaling=s)), off)
+        out[f"+{s}"] = row
+    return out
+
+
+def fov_term(subjects: list[str], models: list[tuple[str, Any]], changes: list[str], scalings: list[str] | None = None,
+             margin: int = FOV_MARGIN) -> dict[str, Any]:
+    """The field-of-view term (issue 22): how much each feature set changes in the central half of a
+    nichart T1 when its field of view is padded, cropped or shifted by ``margin`` voxels (see
+    :func:`fov_features`), for MIND-SSC (2 mm working grid, normalised once) and each network (at its
+    network spacing, one forward pass; ``scalings``: the scalings of the rows normalised after the
+    change, default the one each network's card names). Returns ``{"rows": {row: {subject: {change:
+    value}}}, "mean": {row: {change: mean}}}``."""
+    from synthvox import io
+    from synthvox.models.card import network_spacing
+    from synthvox.models.features import card_scaling
+    from synthvox.registration.features import robust_unit_range
+    from synthvox.registration.mind import mind_ssc
+    from synthvox.volume import grid_for_spacing
+
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for s in subjects:
+        t1 = io.load(common.nichart_paths(s)["t1"])
+        shape, aff = grid_for_spacing(t1.shape, t1.affine, 2.0)
+        x = robust_unit_range(_on_grid(t1, shape, aff).data[:1])
+        f0 = mind_ssc(x)
+        rows.setdefault("mind", {})[s] = {c: fov_change(f0, mind_ssc(v), off)
+                                         for c in changes for v, off in [fov_variant(x, c, margin)]}
+        for label, model in models:
+            shape, aff = grid_for_spacing(t1.shape, t1.affine, network_spacing(model) or 2.0)
+            raw = _on_grid(t1, shape, aff).data[:1].float()
+            res = fov_features(model, raw, changes, scalings or [card_scaling(model)], margin)
+            for name, row in res.items():
+                rows.setdefault(label if name == "once" else f"{label} {name}", {})[s] = row
+    mean = {r: {c: _nanmean([v[c] for v in per.values()]) for c in changes} for r, per in rows.items()}
+    return {"margin": margin, "subjects": subjects, "changes": changes, "rows": rows, "mean": mean}
+
+
+def cli_fov(subjects: list[str], models: list[tuple[str, Any]], scalings: list[str | None],
+            margin: int = FOV_MARGIN) -> dict[str, Any]:
+    """The field-of-view term through ``synthvox features`` (its extractor,
+    :func:`synthvox.models.features.image_features`: its intensity normalisation after the change, the
+    image's own 2 mm grid, 128-voxel windows): each nichart T1 padded with ``margin`` edge voxels on
+    every side, the change of its features in the central half and in the whole image (as
+    :func:`fov_change`), per network and MR scaling (``None``: the card's)."""
+    from synthvox import io
+    from synthvox.models.features import card_scaling, image_features
+    from synthvox.volume import Volume
+
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for s in subjects:
+        t1 = io.load(common.nichart_paths(s)["t1"])
+        padded, off = fov_variant(t1.data[:1].float(), "pad", margin)
+        affine = np.array(t1.affine, dtype=np.float64)
+        affine[:3, 3] -= affine[:3, :3] @ np.full(3, float(margin))  # the same world position of every voxel
+        for label, model in models:
+            for sc in dict.fromkeys(sc or card_scaling(model) for sc in scalings):
+                f0 = image_features(t1, model, scaling=sc).data
+                fv = image_features(Volume(padded, affine), model, scaling=sc).data
+                whole = tuple(slice(0, n) for n in f0.shape[1:])
+                rows.setdefault(f"{label} +{sc}", {})[s] = {"central": fov_change(f0, fv, off),
+                                                           "whole": fov_change(f0, fv, off, whole)}
+    mean = {r: {k: _nanmean([v[k] for v in per.values()]) for k in ("central", "whole")} for r, per in rows.items()}
+    return {"margin": margin, "subjects": subjects, "rows": rows, "mean": mean}
 
 
 # -------------------------------------------------------------------------------------------- metrics
@@ -287,7 +471,11 @@ def score(rows: dict[str, dict[str, float]]) -> float:
 
 
 def run(weights: list[str], datasets: list[str], subjects: list[str], n_knn: int, n_local: int, reg_pairs: int,
-        quick: bool, threads: int, seed: int = 0) -> dict[str, Any]:
+        quick: bool, threads: int, seed: int = 0, fov: list[str] | None = None, fov_subjects: list[str] | None = None,
+        fov_scalings: list[str] | None = None, cli_scalings: list[str | None] | None = None) -> dict[str, Any]:
+    """The probe; ``fov``: the field-of-view changes of its term (:func:`fov_term`) on ``fov_subjects``
+    with ``fov_scalings`` (None: each card's), ``cli_scalings``: the term through ``synthvox features``
+    (:func:`cli_fov`) with these scalings (None in it: the card's; None: not measured)."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     models = []
@@ -317,6 +505,14 @@ def run(weights: list[str], datasets: list[str], subjects: list[str], n_knn: int
         payload["seconds"][ds] = time.perf_counter() - t
     if "nichart" in datasets:
         payload["score"] = {name: score(payload["results"]["nichart"]["mean"][name]) for name, _, _ in kinds}
+    if fov:
+        t = time.perf_counter()
+        payload["fov"] = fov_term(fov_subjects or subjects[:2], [(lab, m) for lab, m, _ in models], fov, fov_scalings)
+        payload["seconds"]["fov"] = time.perf_counter() - t
+    if cli_scalings:
+        t = time.perf_counter()
+        payload["fov_cli"] = cli_fov(fov_subjects or subjects[:2], [(lab, m) for lab, m, _ in models], cli_scalings)
+        payload["seconds"]["fov_cli"] = time.perf_counter() - t
     if reg_pairs > 0:
         t = time.perf_counter()
         payload["registration"] = registration_dice([(lab, m) for lab, m, _ in models], reg_pairs, quick)
@@ -329,7 +525,7 @@ def markdown(p: dict[str, Any]) -> str:
     lines = [f"Feature probe ({p['date']}, commit {p['commit']}; {common.machine_line(p['machine'])}; "
              f"nichart subjects {', '.join(p['subjects'])}; {p['n_knn']} voxels per structure for k-NN, "
              f"{p['n_local']} per region for local matching; {p['seconds']['total']:.0f} s)", ""]
-    names = list(next(iter(p["results"].values()))["mean"])
+    names = list(next(iter(p["results"].values()))["mean"]) if p["results"] else []
     # every measure of a dataset, in order of first appearance (``inter`` has no intensity row)
     keys = {ds: list(dict.fromkeys(k for row in r["mean"].values() for k in row)) for ds, r in p["results"].items()}
     cols = ["features"]
@@ -337,6 +533,9 @@ def markdown(p: dict[str, Any]) -> str:
         cols += [f"{ds} {k}" for k in keys[ds]]
     if "score" in p:
         cols.append("score")
+    fov = p.get("fov") or {}
+    if fov:
+        cols.append(f"fov {fov['changes'][0]}")
     rows = []
     for n in names:
         row: list[Any] = [n]
@@ -344,8 +543,31 @@ def markdown(p: dict[str, Any]) -> str:
             row += [r["mean"][n].get(k) for k in keys[ds]]
         if "score" in p:
             row.append(p["score"][n])
+        if fov:
+            row.append(fov["mean"].get(n, {}).get(fov["changes"][0]))
         rows.append(row)
-    lines.append(common.md_table(cols, rows))
+    if rows:
+        lines.append(common.md_table(cols, rows))
+    if fov:
+        subs, ch = fov["subjects"], fov["changes"]
+        lines += ["", f"Field of view: change of the features in the central half of each nichart T1 when its field of view "
+                  f"is padded ({fov['margin']} edge voxels on every side), cropped or shifted ({fov['margin']} voxels along "
+                  "every axis), over the features' total variance; each network at its spacing, one pass (the image "
+                  "normalised once: the network alone; `frozen`: its instance normalisation with the unchanged image's "
+                  "statistics; `+S`: normalised after the change with MR scaling S); "
+                  f"{p['seconds'].get('fov', 0):.0f} s:", ""]
+        lines.append(common.md_table(["features"] + [f"{c} {s}" for c in ch for s in subs] + [f"{c} mean" for c in ch],
+                                     [[r] + [per[s][c] for c in ch for s in subs] + [fov["mean"][r][c] for c in ch]
+                                      for r, per in fov["rows"].items()]))
+    cli = p.get("fov_cli") or {}
+    if cli:
+        subs = cli["subjects"]
+        lines += ["", f"Field of view through `synthvox features` (its normalisation after padding {cli['margin']} edge "
+                  "voxels, the image's 2 mm grid, 128-voxel windows): change in the central half and in the whole image; "
+                  f"{p['seconds'].get('fov_cli', 0):.0f} s:", ""]
+        lines.append(common.md_table(["features"] + [f"{k} {s}" for k in ("central", "whole") for s in subs],
+                                     [[r] + [per[s][k] for k in ("central", "whole") for s in subs]
+                                      for r, per in cli["rows"].items()]))
     if p.get("registration"):
         lines += ["", "Registration, nichart T1 -> FLAIR (inter-subject), mean Dice over 14 structures:", ""]
         lines.append(common.md_table(["features", "mean Dice", "per pair"],
@@ -362,6 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reg-pairs", type=int, default=None, help="nichart registration pairs (default 2; --quick 1; 0 skips)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="fewer voxels, two subjects, one quick registration pair")
+    ap.add_argument("--fov", default=None, help="field-of-view changes of the fov term, a comma list of pad, crop, "
+                    "shift, or none (default pad,crop,shift; --quick pad)")
+    ap.add_argument("--fov-subjects", default=None, help="nichart subjects of the fov term (default the first two "
+                    "probe subjects; --quick the first)")
+    ap.add_argument("--fov-scalings", default=None, help="MR scalings normalised after the change in the fov term, "
+                    "a comma list of percentile, foreground (default each network's card)")
+    ap.add_argument("--fov-cli", action="store_true", help="the fov term through synthvox features too (its "
+                    "windows at 2 mm: minutes per network and subject), with the card's scaling and --fov-scalings")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not common.require_shared_data():
@@ -376,8 +606,24 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DATASETS:
             ap.error(f"unknown dataset {d!r}: use {', '.join(DATASETS)}")
     reg_pairs = args.reg_pairs if args.reg_pairs is not None else (1 if args.quick else 2)
+    fov = [c for c in (args.fov or ("pad" if args.quick else ",".join(FOV_CHANGES))).split(",") if c and c != "none"]
+    scalings = [c for c in (args.fov_scalings or "").split(",") if c] or None
+    from synthvox.models.features import SCALINGS
+
+    for c in fov:
+        if c not in FOV_CHANGES:
+            ap.error(f"unknown field-of-view change {c!r}: use {', '.join(FOV_CHANGES)} or none")
+    for c in scalings or []:
+        if c not in SCALINGS:
+            ap.error(f"unknown scaling {c!r}: use {', '.join(SCALINGS)}")
+    fov_subjects = args.fov_subjects.split(",") if args.fov_subjects else subjects[: 1 if args.quick else 2]
+    missing = [s for s in fov_subjects if fov and not common.nichart_paths(s)["t1"].exists()]
+    if missing:
+        ap.error(f"--fov-subjects: no nichart T1 for {missing}")
+    cli = [None, *(scalings or [])] if args.fov_cli else None
     payload = run(args.weights or ["shipped"], datasets, subjects, 150 if args.quick else 300,
-                  300 if args.quick else 600, reg_pairs, args.quick, args.threads)
+                  300 if args.quick else 600, reg_pairs, args.quick, args.threads, fov=fov, fov_subjects=fov_subjects,
+                  fov_scalings=scalings, cli_scalings=cli)
     js, md = common.write_results(NAME, payload, markdown(payload), args.out)
     print(markdown(payload))
     print(f"\nwrote {js}, {md}")

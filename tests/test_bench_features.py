@@ -51,7 +51,8 @@ def test_local_matching_finds_unique_features_and_not_shifted_ones() -> None:
 
 @pytest.mark.skipif(not common.has_shared_data(), reason="shared data not found")
 def test_quick_probe_on_one_subject(tmp_path) -> None:
-    assert features.main(["--quick", "--datasets", "nichart", "--subjects", "Subj1", "--reg-pairs", "0", "--out", str(tmp_path)]) == 0
+    assert features.main(["--quick", "--datasets", "nichart", "--subjects", "Subj1", "--reg-pairs", "0", "--fov", "none",
+                          "--out", str(tmp_path)]) == 0
     import json
 
     p = json.loads((tmp_path / "features.json").read_text())
@@ -101,3 +102,56 @@ def test_registration_rows_compute_each_network_once_per_image_and_keep_networks
     assert set(rows) == {"mind", "net:a", "both:a", "net:b", "both:b"}
     assert rows["net:a"]["pairs"] != rows["net:b"]["pairs"]
     assert all(0 <= r["mean_dice"] <= 1 for r in rows.values())
+
+
+def _tiny(norm: str):
+    from synthvox.models.unet import UNet
+
+    torch.manual_seed(0)
+    return UNet(out_channels=4, base_channels=4, levels=1, norm=norm).eval()
+
+
+def test_fov_variants_keep_the_original_voxels_where_the_offset_says() -> None:
+    """Features that are the image itself do not change in the central half under any change; features
+    that are not where the offset says do."""
+    x = torch.rand(2, 40, 40, 40, generator=torch.Generator().manual_seed(0))
+    for change in features.FOV_CHANGES:
+        v, off = features.fov_variant(x, change, 8)
+        assert features.fov_change(x, v, off) == 0.0
+        assert features.fov_change(x, v, off + 1) > 1.0  # independent noise one voxel off: twice the variance
+    assert features.fov_variant(x, "pad", 8)[0].shape[1:] == (56, 56, 56)
+    assert features.fov_variant(x, "crop", 8)[0].shape[1:] == (24, 24, 24)
+    assert features.fov_variant(x, "shift", 8)[0].shape[1:] == (40, 40, 40)
+    assert features.central_half((40, 41)) == (slice(10, 30), slice(10, 31))
+
+
+def test_fov_rows_instance_norm_moves_frozen_statistics_and_layer_norm_do_not() -> None:
+    """On a tiny network whose receptive field (about 11 voxels) ends inside the central half of an 80³
+    image however it is changed by 4 voxels: instance normalisation moves with the field of view, the
+    frozen-statistics control and ``norm="layer"`` do not (to float32 precision); the ``+S`` rows scale
+    after the change."""
+    g = torch.Generator().manual_seed(1)
+    raw = 100.0 * torch.rand(1, 80, 80, 80, generator=g)
+    raw[..., :40] += 200.0
+    inst = features.fov_features(_tiny("instance"), raw, list(features.FOV_CHANGES), ["foreground"], margin=4)
+    assert set(inst) == {"once", "frozen", "+foreground"}
+    assert all(inst["once"][c] > 1e-4 for c in features.FOV_CHANGES)
+    assert all(inst["frozen"][c] < 1e-5 for c in features.FOV_CHANGES)
+    layer = features.fov_features(_tiny("layer"), raw, ["pad"], ["percentile"], margin=4)
+    assert set(layer) == {"once", "+percentile"} and layer["once"]["pad"] < 1e-5  # no instance norm: no control
+    net = _tiny("instance")
+    before = net(raw[None] / 300.0)
+    with features.FrozenNormStats(net):
+        pass
+    assert torch.equal(net(raw[None] / 300.0), before)  # the layers are themselves again after the control
+
+
+@pytest.mark.skipif(not common.has_shared_data(), reason="shared data not found")
+def test_fov_term_on_a_nichart_t1_mind_does_not_move() -> None:
+    """MIND-SSC is local: no change in the central half; a network's rows per subject and change."""
+    model = _tiny("layer")
+    res = features.fov_term(["Subj1"], [("tiny", model)], ["pad"], ["foreground"])
+    assert res["mean"]["mind"] == {"pad": 0.0}
+    assert set(res["rows"]) == {"mind", "tiny", "tiny +foreground"}
+    assert res["rows"]["tiny"]["Subj1"]["pad"] < 1e-5
+    assert 0 <= res["rows"]["tiny +foreground"]["Subj1"]["pad"] < 1

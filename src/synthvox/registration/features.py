@@ -73,6 +73,8 @@ class FeatureExtractor:
             images' spacing over the spacing the network works at, see
             :func:`synthvox.models.card.network_spacing`); its features are resampled back onto the
             image's grid.
+        intensity_scaling: the network's MR intensity scaling (``percentile`` or ``foreground``, see
+            :func:`synthvox.models.features.normalise_intensity`); ``None``: what the model's card names.
     """
 
     kind: str = "mind"
@@ -85,6 +87,7 @@ class FeatureExtractor:
     mind_dilation: int = 2
     patch: int = 128
     net_zoom: float | tuple[float, float, float] = 1.0
+    intensity_scaling: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FEATURE_KINDS:
@@ -101,9 +104,10 @@ class FeatureExtractor:
         return mind_ssc(x, radius=self.mind_radius, dilation=self.mind_dilation)
 
     def _net(self, image: torch.Tensor, modality: str) -> torch.Tensor:
-        from synthvox.models.features import extract_features, normalise_intensity
+        from synthvox.models.features import card_scaling, extract_features, normalise_intensity
 
-        x = normalise_intensity(image.float().cpu(), modality=modality, ct_window=self.ct_window)
+        x = normalise_intensity(image.float().cpu(), modality=modality, ct_window=self.ct_window,
+                                scaling=self.intensity_scaling or card_scaling(self.model))
         shape = list(x.shape[1:])
         # the same end points; an axis that is not zoomed keeps its size, however small
         size = [n if z == 1.0 else max(8, round((n - 1) * z) + 1) for n, z in zip(shape, self.net_zoom)]
