@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import skip_or_fail
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -45,7 +46,7 @@ def test_quick_run_times_every_stage(tmp_path, one_thread):
     if not common.has_shared_data():
         for name in ("features", "registration", "segmentation"):
             assert "not found" in st[name]["skipped"]
-        pytest.skip(f"nichart_dev not found under {common.eval_dir()}: data stages skipped (engine and pretrain checked)")
+        skip_or_fail(f"nichart_dev not found under {common.eval_dir()}: data stages skipped (engine and pretrain checked)")
 
     f = st["features"]
     assert _positive(f["s_per_volume"]) and f["variant"] == "tiny" and "random" in f["weights"]

@@ -11,8 +11,8 @@ import torch
 from conftest import make_affine
 from conftest import two_ellipsoids as layout
 
+import synthvox.models
 from synthvox.errors import InputError
-from synthvox.models import default_weights_path
 from synthvox.segmentation import AugmentConfig, finetune, read_meta, segment
 from synthvox.segmentation.augment import PatchAugment, extract_patch, sample_patch_augment
 from synthvox.segmentation.config import FinetuneConfig
@@ -191,7 +191,7 @@ def test_train_modes_freeze_what_they_say(tmp_path):
     assert any(not torch.equal(sd[k], init.state_dict()[k]) for k in rest)
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, monkeypatch):
     lab = layout()
     img = Volume(render(lab, {0: 10.0, 7: 80.0, 42: 150.0}, 5.0, 0), AFFINE)
     good = Volume(lab, AFFINE)
@@ -213,7 +213,8 @@ def test_bad_inputs(tmp_path):
         other = lab.clone()
         other[other == 42] = 5
         quick(tmp_path / "m", [img], [good], val=(img, Volume(other, AFFINE)))
-    if default_weights_path() is None:
+    with monkeypatch.context() as m:  # a version without shipped weights (the shipped ones: test_shipped_weights.py)
+        m.setattr(synthvox.models, "default_weights_path", lambda: None)
         with pytest.raises(InputError, match="no default pretrained weights"):
             quick(tmp_path / "m", [img], [good], init="default", model_overrides=None)
     assert not (tmp_path / "m" / "segmentation.json").exists()
