@@ -171,8 +171,7 @@ def time_features(device: torch.device, variant: str, spacing: float | None, rep
 def time_registration(device: torch.device, weights: Path | None, quick: bool) -> dict[str, Any]:
     """Seconds per stage of ``register`` on one nichart T1 -> FLAIR pair, MIND (and net with weights)."""
     from synthvox import io
-    from synthvox.registration import register
-    from synthvox.registration.pipeline import RegistrationConfig
+    from synthvox.registration import RegistrationConfig, register
 
     mov, fix = common.nichart_paths("Subj1"), common.nichart_paths("Subj4")
     moving, moving_labels = io.load(mov["t1"]), io.load_labels(mov["dlmuse"])

@@ -11,9 +11,10 @@ from test_registration import phantom
 
 from synthvox import io
 from synthvox.metrics import dice_per_label
-from synthvox.registration import RegistrationConfig, pipeline, register
-from synthvox.registration import affine as aff
-from synthvox.registration.affine import resample_through
+from synthvox.registration import RegistrationConfig, initial, register, stages
+from synthvox.registration.foreground import foreground
+from synthvox.registration.grids import resample_through, working_grid
+from synthvox.registration.rotation import PRIOR_FREE_DEG, rotation_angle_deg, rotation_prior
 from synthvox.volume import Volume, resample_like, resample_to_grid, voxel_grid
 
 SPACING = 3.0
@@ -67,11 +68,11 @@ def other_contrast(img: torch.Tensor) -> torch.Tensor:
 def test_candidates_always_include_headers_and_com():
     img, _ = head()
     vol = Volume(img, make_affine(spacing=(SPACING,) * 3))
-    names = [n for n, _ in aff.initial_candidates(vol, vol, "moments")]
+    names = [n for n, _ in initial.initial_candidates(vol, vol, "moments")]
     assert names[:2] == ["headers", "com"] and len(names) == 6
-    assert [n for n, _ in aff.initial_candidates(vol, vol, "com")] == ["headers", "com"]
-    assert [n for n, _ in aff.initial_candidates(vol, vol, "none")] == ["headers"]
-    assert np.allclose(aff.initial_candidates(vol, vol, "moments")[0][1], np.eye(4))
+    assert [n for n, _ in initial.initial_candidates(vol, vol, "com")] == ["headers", "com"]
+    assert [n for n, _ in initial.initial_candidates(vol, vol, "none")] == ["headers"]
+    assert np.allclose(initial.initial_candidates(vol, vol, "moments")[0][1], np.eye(4))
 
 
 def test_rotation_prior_is_zero_at_headers_and_grows_with_the_angle():
@@ -81,11 +82,11 @@ def test_rotation_prior_is_zero_at_headers_and_grows_with_the_angle():
     r180[:3, :3] = rotation(0, 0, np.pi)
     r10 = np.eye(4)
     r10[:3, :3] = rotation(0, np.radians(10), 0)
-    assert aff.rotation_prior(np.eye(4), 0.1) == 0.0
-    assert aff.rotation_prior(r10, 0.1) == 0.0  # a few degrees are free
-    assert aff.rotation_angle_deg(r30) == pytest.approx(30.0, abs=1e-6)
-    assert 0 < aff.rotation_prior(r30, 0.1) < aff.rotation_prior(r90, 0.1) < aff.rotation_prior(r180, 0.1)
-    assert aff.rotation_prior(r180, 0.1) == pytest.approx(0.1 * (1 + np.cos(np.radians(aff.PRIOR_FREE_DEG))))
+    assert rotation_prior(np.eye(4), 0.1) == 0.0
+    assert rotation_prior(r10, 0.1) == 0.0  # a few degrees are free
+    assert rotation_angle_deg(r30) == pytest.approx(30.0, abs=1e-6)
+    assert 0 < rotation_prior(r30, 0.1) < rotation_prior(r90, 0.1) < rotation_prior(r180, 0.1)
+    assert rotation_prior(r180, 0.1) == pytest.approx(0.1 * (1 + np.cos(np.radians(PRIOR_FREE_DEG))))
 
 
 def ambiguous_pair() -> tuple[Volume, Volume, Volume, Volume, np.ndarray]:
@@ -118,7 +119,7 @@ def test_elongated_symmetric_head_comes_out_right_side_up():
     fixed, moving, flab, mlab, truth = ambiguous_pair()
     img, shape, fixed_aff = fixed.data, fixed.shape, fixed.affine
     # the trap is real: with the foregrounds alone the flipped candidates are as good as the right one
-    cands = aff.initial_candidates(fixed, moving, "moments")
+    cands = initial.initial_candidates(fixed, moving, "moments")
     overlaps = []
     for _, c in cands[2:]:
         moved_fg = resample_through(Volume((moving.data > 0.05).float(), moving.affine), c, shape, fixed_aff).data[0] > 0.5
@@ -131,7 +132,7 @@ def test_elongated_symmetric_head_comes_out_right_side_up():
     assert [c["name"] for c in rep["initial_candidates"]][:2] == ["headers", "com"]
     assert rep["initial_choice"] in [c["name"] for c in rep["initial_candidates"]]
     assert all(np.isfinite(c["score"]) for c in rep["initial_candidates"])
-    err = aff.rotation_angle_deg(np.linalg.inv(truth) @ res.world_affine)
+    err = rotation_angle_deg(np.linalg.inv(truth) @ res.world_affine)
     assert err < 10.0, f"rotation off by {err:.1f} degrees (chose {rep['initial_choice']})"  # not flipped (180)
     d = dice_per_label(res.moved_labels.data, flab.data, [1, 2, 4])
     headers = dice_per_label(resample_like(mlab, fixed, mode="nearest").data, flab.data, [1, 2, 4])
@@ -170,7 +171,7 @@ def test_a_worse_result_is_refused_and_reported(monkeypatch, capsys):
         g = torch.Generator().manual_seed(0)
         return 3.0 * torch.randn((3, *feat_fixed.shape[1:]), generator=g)
 
-    monkeypatch.setattr(pipeline, "instance_optimise", scrambled)
+    monkeypatch.setattr(stages, "instance_optimise", scrambled)
     res = register(fixed, moving, features="mind", config=CFG)
     rep = res.report
     assert rep["fallback"] in ("start", "headers")
@@ -255,13 +256,13 @@ def test_the_short_affine_for_the_best_candidates_only_chooses_as_all_of_them():
     same choice and the same matrices as running it for every candidate; the others keep their
     search scores and are marked unrefined."""
     fixed, moving, _, _, _ = ambiguous_pair()
-    wshape, waff = pipeline.working_grid(fixed, SPACING)
+    wshape, waff = working_grid(fixed, SPACING)
     fixed_w = resample_to_grid(fixed, wshape, waff, padding="border")
-    fg = aff.foreground(fixed.data)
+    fg = foreground(fixed.data)
     fg_w = resample_to_grid(Volume(fg[None].float(), fixed.affine), wshape, waff).data[0]
-    cands = aff.initial_candidates(fixed, moving, "moments")
-    every = aff.score_candidates(fixed_w, fg_w, moving, cands, refine=0)
-    best3 = aff.score_candidates(fixed_w, fg_w, moving, cands, refine=3)
+    cands = initial.initial_candidates(fixed, moving, "moments")
+    every = initial.score_candidates(fixed_w, fg_w, moving, cands, refine=0)
+    best3 = initial.score_candidates(fixed_w, fg_w, moving, cands, refine=3)
     assert [c["name"] for c in best3] == [n for n, _ in cands] and sum(c["refined"] for c in best3) == 3
     assert all(c["refined"] for c in every)
     order = sorted(range(len(cands)), key=lambda i: best3[i]["search_score"])

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synthvox.registration import affine as aff
-from synthvox.registration import mind, sampling
+from synthvox.registration import affine, fov, grids, mind, sampling
 from synthvox.registration.convex import box3, cost_volume, coupled_convex, displacement_offsets
 from synthvox.registration.instance import instance_optimise
 from synthvox.registration.warp import invert_field
@@ -78,7 +77,7 @@ def test_fft_correlation_equals_conv3d():
     g = torch.Generator().manual_seed(2)
     inp, ker = torch.randn(5, 21, 19, 17, generator=g), torch.randn(5, 9, 8, 7, generator=g)
     ref = F.conv3d(inp[None], ker[None])[0, 0]
-    out = aff._correlate(inp, ker)
+    out = affine._correlate(inp, ker)
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-3)
 
 
@@ -89,7 +88,7 @@ def test_separable_interior_equals_the_3d_erosion():
         pad = (ms[2], ms[2], ms[1], ms[1], ms[0], ms[0])
         outside = 1.0 - F.pad(m.float()[None, None], pad, value=0.0)
         ref = torch.minimum(m.float(), 1.0 - F.max_pool3d(outside, tuple(2 * v + 1 for v in ms), stride=1)[0, 0])
-        assert torch.equal(aff.interior(m, margin), ref)
+        assert torch.equal(fov.interior(m, margin), ref)
 
 
 def test_fov_weight_from_positions_equals_resampling_ones():
@@ -111,16 +110,16 @@ def test_fov_weight_from_positions_equals_resampling_ones():
         centre = a[:3, :3] @ np.array([20.0, 25.0, 15.0]) + a[:3, 3]  # rotations about MOVING's centre
         world[:3, 3] = centre - world[:3, :3] @ centre + rng.normal(size=3) * 5
         ones = Volume(torch.ones((1, *moving.shape)), moving.affine)
-        cover = aff.resample_through(ones, world, (45, 50, 40), grid).data[0]
+        cover = grids.resample_through(ones, world, (45, 50, 40), grid).data[0]
         for margin in (2, [3, 1, 2]):
-            expected = aff.interior((cover > 0.999).float(), margin)
-            got = aff.fov_weight(moving, world, (45, 50, 40), grid, margin)
+            expected = fov.interior((cover > 0.999).float(), margin)
+            got = fov.fov_weight(moving, world, (45, 50, 40), grid, margin)
             assert 0 < float(expected.sum()) < expected.numel() and torch.equal(got, expected)
 
 
 def test_inner_box_is_the_interior_of_an_all_ones_grid():
     for shape, margin in (((20, 24, 18), 2), ((20, 24, 18), [3, 1, 2]), ((5, 6, 30), [3, 3, 3])):
-        assert torch.equal(aff.inner_box(shape, margin), aff.interior(torch.ones(shape), margin))
+        assert torch.equal(fov.inner_box(shape, margin), fov.interior(torch.ones(shape), margin))
 
 
 def test_channels_last_cost_volume_and_convex_match_the_direct_formula():

@@ -74,7 +74,7 @@ def run_demo(features: str = "auto", weights: Any = None, device: torch.device |
     from synthvox import io
     from synthvox.metrics import dice_per_label
     from synthvox.registration import register
-    from synthvox.registration.affine import resample_through
+    from synthvox.registration.grids import resample_through
 
     features = resolve_features(features, weights)
     d = demo_dir()

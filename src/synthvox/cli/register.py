@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         no_deformable: bool = typer.Option(False, "--no-deformable", help="Stop after the affine stage."),
         fixed_mask: Path = typer.Option(None, "--fixed-mask", help="Region of FIXED to match."),
         moving_mask: Path = typer.Option(None, "--moving-mask", help="Region of MOVING to match."),
-        spacing: float | None = typer.Option(None, "--spacing", help="Working spacing in mm (default 2.5; FIXED's when coarser). 2 takes about 1.4x as long."),
+        spacing: float | None = typer.Option(None, "--spacing", help="Working spacing in mm (default: RegistrationConfig's, in report.json as working_spacing_mm; FIXED's when coarser). Finer is slower: 2 mm takes about 1.4x as long as the default."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress lines on stderr (warnings still)."),
         settings: list[str] = typer.Option([], "--set", help="Solver setting KEY=VALUE of RegistrationConfig, e.g. adam_iters=80 (repeatable)."),
         device: str = DeviceOption,
@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
         from synthvox.cli.common import check_number, check_out_dir, resolve_device
         from synthvox.config import apply_overrides
         from synthvox.demo import resolve_features
+        from synthvox.registration import RegistrationConfig
         from synthvox.registration.outputs import output_names
-        from synthvox.registration.pipeline import RegistrationConfig
         from synthvox.registration.pipeline import register as run_registration
 
         dev = resolve_device(device)

@@ -1,24 +1,16 @@
-"""Initial alignment and the affine stage.
+"""The affine stage: a residual affine fitted on features.
 
-* :func:`foreground` finds the object in an image of any modality (Otsu threshold of a smoothed copy).
-* :func:`initial_candidates` names the starts: the headers, a translation of the foregrounds' centres
-  of mass onto each other (``"com"``) and the four rotations of their principal axes onto each other
-  (``"moments"``); :func:`score_candidates` refines each by an exhaustive translation search
-  (+-64 mm) and a short affine on coarse MIND features, and scores it by the features' match plus a
-  prior against rotations far from the headers' (:func:`rotation_prior`), so headers tens of
-  millimetres off are handled and an elongated, nearly symmetric object does not come out flipped.
-* :func:`fit_affine` refines it on features: an exhaustive translation search at the coarsest level
-  (so a start tens of millimetres off is recovered), then Adam on the 12 parameters of an affine in a
-  coarse-to-fine pyramid, minimising the weighted mean squared feature difference (points outside
-  MOVING's field of view count as the worst case), with the same rotation prior.
+:func:`fit_affine` makes an exhaustive translation search at the coarsest level (so a start tens of
+millimetres off is recovered), then runs Adam on the 12 parameters of an affine in a coarse-to-fine
+pyramid, minimising the weighted mean squared feature difference (points outside MOVING's field of view
+count as the worst case), with the rotation prior of :mod:`synthvox.registration.rotation`;
+:func:`affine_cost` is that cost for a given matrix and :func:`improves` says when a fit is worth taking.
 
 Every transform is a 4x4 matrix mapping FIXED's world (RAS, mm) to MOVING's world.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,266 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synthvox.errors import InputError
-from synthvox.registration.convex import box3, pool
-from synthvox.registration.parallel import run_tasks
+from synthvox.registration.convex import pool
+from synthvox.registration.grids import pooled_affine
+from synthvox.registration.rotation import PRIOR_FREE_DEG
 from synthvox.registration.sampling import sample_points
 from synthvox.registration.warp import transform_points, world_points
-from synthvox.volume import Volume, affine_points, normalise_coords, resample_to_grid, spacing_of
-
-INIT_METHODS = ("none", "com", "moments")
-
-
-def otsu_threshold(values: torch.Tensor, bins: int = 128) -> float:
-    """Otsu's threshold of a 1D tensor of values."""
-    v = values.float().reshape(-1)
-    lo, hi = float(v.min()), float(v.max())
-    if hi <= lo:
-        return lo
-    hist = torch.histc(v, bins=bins, min=lo, max=hi).double()
-    centres = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[:-1] + (hi - lo) / bins / 2
-    w0 = hist.cumsum(0)
-    w1 = hist.sum() - w0
-    m0 = (hist * centres).cumsum(0) / w0.clamp_min(1e-12)
-    m1 = ((hist * centres).sum() - (hist * centres).cumsum(0)) / w1.clamp_min(1e-12)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[int(between.argmax())])
-
-
-def foreground(image: torch.Tensor) -> torch.Tensor:
-    """Boolean ``(X, Y, Z)`` foreground of a ``(1, X, Y, Z)`` image (any modality).
-
-    Raises:
-        InputError: the image is constant.
-    """
-    x = image[0].float()
-    if float(x.max() - x.min()) <= 0:
-        raise InputError("an input image is constant: there is nothing to register")
-    smooth = box3(x[None], passes=2)[0]
-    flat = smooth.reshape(-1)
-    if flat.numel() > 1_000_000:
-        flat = flat[:: flat.numel() // 1_000_000 + 1]
-    lo, hi = torch.quantile(flat, torch.tensor([0.001, 0.999], device=flat.device))
-    t = otsu_threshold(flat.clamp(float(lo), float(hi)))
-    mask = smooth > t
-    if not bool(mask.any()):
-        mask = smooth >= smooth.max()
-    return mask
-
-
-def _mask_points(mask: torch.Tensor, affine: np.ndarray, max_points: int = 200_000) -> torch.Tensor:
-    idx = torch.nonzero(mask).to(torch.float64)
-    if idx.shape[0] > max_points:
-        idx = idx[:: idx.shape[0] // max_points + 1]
-    a = torch.as_tensor(np.asarray(affine, np.float64))
-    return idx @ a[:3, :3].T + a[:3, 3]
-
-
-def _moments(mask: torch.Tensor, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pts = _mask_points(mask.cpu(), affine).numpy()
-    centre = pts.mean(0)
-    cov = np.cov((pts - centre).T)
-    _, vecs = np.linalg.eigh(cov)
-    return centre, vecs
-
-
-def _rigid(rotation: np.ndarray, c_fixed: np.ndarray, c_moving: np.ndarray) -> np.ndarray:
-    t = np.eye(4)
-    t[:3, :3] = rotation
-    t[:3, 3] = c_moving - rotation @ c_fixed
-    return t
-
-
-#: A candidate initial transform: its name and the 4x4 fixed-world to moving-world matrix.
-Candidate = tuple[str, np.ndarray]
-
-
-def initial_candidates(fixed: Volume, moving: Volume, method: str = "moments",
-                       fixed_fg: torch.Tensor | None = None, moving_fg: torch.Tensor | None = None) -> list[Candidate]:
-    """First fixed-world to moving-world transforms, each named: the headers always come first.
-
-    Args:
-        fixed: single-channel fixed image (any grid).
-        moving: single-channel moving image (any grid).
-        method: ``"none"`` (the headers only), ``"com"`` (the headers and a translation of the centres
-            of mass of the foregrounds onto each other) or ``"moments"`` (those two and the four proper
-            rotations of the principal axes onto each other, about the centres of mass).
-        fixed_fg: optional precomputed fixed foreground (or mask) on the fixed grid.
-        moving_fg: optional precomputed moving foreground on the moving grid.
-
-    Returns:
-        ``[("headers", I), ("com", ...), ("axes+-+", ...), ...]``.
-    """
-    if method not in INIT_METHODS:
-        raise InputError(f"unknown --init {method!r}: use one of {', '.join(INIT_METHODS)}")
-    candidates: list[Candidate] = [("headers", np.eye(4))]
-    if method == "none":
-        return candidates
-    ff = foreground(fixed.data) if fixed_fg is None else fixed_fg.bool()
-    mf = foreground(moving.data) if moving_fg is None else moving_fg.bool()
-    cf, vf = _moments(ff, fixed.affine)
-    cm, vm = _moments(mf, moving.affine)
-    candidates.append(("com", _rigid(np.eye(3), cf, cm)))
-    if method == "moments":
-        for signs in itertools.product((1.0, -1.0), repeat=3):
-            rot = vm @ np.diag(signs) @ vf.T
-            if np.linalg.det(rot) > 0:
-                name = "axes" + "".join("+" if v > 0 else "-" for v in signs)
-                candidates.append((name, _rigid(rot, cf, cm)))
-    return candidates
-
-
-def rotation_part(matrix: np.ndarray) -> np.ndarray:
-    """The rotation of the polar decomposition of a 4x4 (or 3x3) matrix's linear part."""
-    u, _, vt = np.linalg.svd(np.asarray(matrix, np.float64)[:3, :3])
-    r = u @ vt
-    if np.linalg.det(r) < 0:  # a reflection: the nearest rotation flips the least significant axis
-        u[:, -1] *= -1
-        r = u @ vt
-    return r
-
-
-def rotation_angle_deg(matrix: np.ndarray) -> float:
-    """Angle in degrees of the rotation part of a transform (0 for a translation)."""
-    r = rotation_part(matrix)
-    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
-
-
-#: Rotations up to this angle from the headers' cost nothing under the prior (scanners and head
-#: positions differ by a few degrees; the prior is there against tens of degrees, and flips).
-PRIOR_FREE_DEG = 15.0
-
-
-def rotation_prior(matrix: np.ndarray, weight: float = 0.0) -> float:
-    """The rotation prior of :func:`fit_affine` for a whole transform:
-    ``weight * max(0, cos(PRIOR_FREE_DEG) - cos(angle))``."""
-    c = float(np.cos(np.radians(rotation_angle_deg(matrix))))
-    return float(weight * max(0.0, float(np.cos(np.radians(PRIOR_FREE_DEG))) - c))
-
-
-def edge_margins(shape: tuple[int, ...], margin: int, extra: int = 0) -> list[int]:
-    """Per-axis margins for :func:`interior`: ``margin`` (plus ``extra``), each part at most a sixth of
-    the axis, so a thin slab keeps its middle and the fixed side's margin stays the larger one."""
-    return [min(int(margin), int(n) // 6) + min(int(extra), int(n) // 6) for n in shape]
-
-
-def interior(mask: torch.Tensor, margin: int | list[int]) -> torch.Tensor:
-    """``(X, Y, Z)`` weights in [0, 1] set to zero within ``margin`` voxels (per axis, or the same for
-    all) of zero weight or of the border.
-
-    Features near the edge of a field of view see padding (MIND's neighbourhood, the network's
-    receptive field), so the two images' features there differ even where the images agree.
-    """
-    m = mask.float()
-    ms = [int(margin)] * 3 if isinstance(margin, int) else [int(v) for v in margin]
-    if max(ms) <= 0:
-        return m
-    pad = (ms[2], ms[2], ms[1], ms[1], ms[0], ms[0])
-    outside = 1.0 - F.pad(m[None, None], pad, value=0.0)
-    # a box maximum is separable: one axis at a time (a 3D kernel of 13^3 is a hundred times slower)
-    for axis, v in enumerate(ms):
-        kernel = [1, 1, 1]
-        kernel[axis] = 2 * v + 1
-        outside = F.max_pool3d(outside, tuple(kernel), stride=1)
-    eroded = 1.0 - outside[0, 0]
-    return torch.minimum(m, eroded)
-
-
-def inner_box(shape: tuple[int, ...], margin: int | list[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """``interior`` of an all-ones grid: ``(X, Y, Z)`` ones except within ``margin`` voxels (per axis,
-    or the same for all) of the border, made from three 1D masks."""
-    ms = [int(margin)] * 3 if isinstance(margin, int) else [int(v) for v in margin]
-    out = torch.ones(tuple(int(n) for n in shape), device=device)
-    for k, (n, v) in enumerate(zip(shape, ms)):
-        i = torch.arange(int(n), device=device)
-        view = [1, 1, 1]
-        view[k] = int(n)
-        out.mul_(((i >= v) & (i <= int(n) - 1 - v)).float().view(view))
-    return out
-
-
-def fov_weight(moving: Volume, world: np.ndarray, shape: tuple[int, int, int], affine: np.ndarray,
-               margin: int | list[int]) -> torch.Tensor:
-    """Where MOVING's field of view covers a grid (through ``world``), ``margin`` voxels inside its edge
-    (and inside the grid's own border): 0 or 1 per voxel.
-
-    Covered: along every axis of MOVING (``n`` voxels) the sample position ``p`` lies within
-    ``[-0.001, n - 0.999]``, where linear sampling of an all-ones MOVING with zero padding gives more
-    than 0.999 along that axis. That set is convex and the positions are affine in the grid's indices, so the erosion by a
-    box of ``margin`` voxels (what :func:`interior` does) is the same interval shrunk along MOVING's
-    axis ``k`` by the box's reach ``sum_j |dp_k / dv_j| margin_j``: three comparisons of separable
-    positions, no resampling and no max-pooling.
-    """
-    device = moving.data.device
-    ms = [int(margin)] * 3 if isinstance(margin, int) else [int(v) for v in margin]
-    if min(moving.shape) < 2:  # grid_sample's convention for a single voxel: sample it everywhere
-        ones = Volume(torch.ones((1, *moving.shape), device=device), moving.affine)
-        cover = resample_through(ones, world, shape, affine).data[0]
-        return interior((cover > 0.999).float(), ms)
-    m = np.linalg.inv(moving.affine) @ np.asarray(world) @ np.asarray(affine)
-    out = inner_box(shape, ms, device=device)
-    pos = affine_points(shape, m, device=device, dtype=torch.float64)  # MOVING's voxel position of every voxel
-    for k, n in enumerate(moving.shape):
-        reach = float(sum(abs(m[k, j]) * ms[j] for j in range(3)))
-        out.mul_(((pos[..., k] - reach > -0.001) & (pos[..., k] + reach < float(n) - 0.999)).float())
-    return out
-
-
-def bounding_boxes_overlap(fixed_shape: tuple[int, int, int], fixed_affine: np.ndarray,
-                           moving_shape: tuple[int, int, int], moving_affine: np.ndarray,
-                           world: np.ndarray) -> bool:
-    """Whether the world bounding boxes of FIXED and of MOVING (pulled back through ``world``) intersect."""
-    def corners(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
-        c = np.array(list(itertools.product(*[(-0.5, s - 0.5) for s in shape])), dtype=np.float64)
-        return c @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
-
-    fc = corners(fixed_shape, fixed_affine)
-    mc = corners(moving_shape, moving_affine)
-    inv = np.linalg.inv(world)
-    mc = mc @ inv[:3, :3].T + inv[:3, 3]
-    return bool(np.all(fc.min(0) < mc.max(0)) and np.all(mc.min(0) < fc.max(0)))
-
-
-def pooled_affine(affine: np.ndarray, factor: int) -> np.ndarray:
-    """The affine of a grid average-pooled by ``factor``."""
-    scale = np.eye(4)
-    scale[:3, :3] *= factor
-    scale[:3, 3] = (factor - 1) / 2.0
-    return np.asarray(affine) @ scale
-
-
-def extended_grid(working_affine: np.ndarray, moving: Volume, world: np.ndarray,
-                  max_size: int = 256, align: int = 1) -> tuple[tuple[int, int, int], np.ndarray]:
-    """A grid with the working grid's axes and spacing covering all of MOVING, pulled back through ``world``.
-
-    Moving resampled onto it is roughly aligned with the working grid (same axes), so features computed
-    on it are comparable to the fixed image's, and nothing of MOVING is cut off. Its origin and size are
-    multiples of ``align`` working voxels, so grids pooled by any divisor of ``align`` share their cells
-    with the working grid pooled the same way (an image registered onto itself then meets its own
-    pooled features exactly).
-    """
-    inv_w = np.linalg.inv(working_affine)
-    inv_t = np.linalg.inv(world)
-    c = np.array(list(itertools.product(*[(-0.5, s - 0.5) for s in moving.shape])), dtype=np.float64)
-    mc = c @ moving.affine[:3, :3].T + moving.affine[:3, 3]
-    mc = mc @ inv_t[:3, :3].T + inv_t[:3, 3]
-    vox = mc @ inv_w[:3, :3].T + inv_w[:3, 3]
-    a = max(int(align), 1)
-    lo = np.floor(vox.min(0) / a) * a
-    hi = np.ceil((vox.max(0) + 1) / a) * a - 1
-    cap = max(max_size // a, 1) * a
-    shape = np.clip(hi - lo + 1, 2, cap).astype(int)
-    start = np.where(hi - lo + 1 > cap, np.round(((lo + hi) / 2 - cap / 2) / a) * a, lo)
-    shift = np.eye(4)
-    shift[:3, 3] = start
-    return tuple(int(s) for s in shape), np.asarray(working_affine) @ shift  # type: ignore[return-value]
-
-
-def resample_through(moving: Volume, world: np.ndarray, shape: tuple[int, int, int], affine: np.ndarray,
-                     mode: str = "linear", padding: str = "zeros") -> Volume:
-    """MOVING sampled at ``world(affine @ v)`` for every voxel ``v`` of the grid (``shape``, ``affine``)."""
-    return resample_to_grid(Volume(moving.data, np.linalg.inv(world) @ moving.affine), shape,
-                            np.asarray(affine) @ np.eye(4), mode=mode, padding=padding)
+from synthvox.volume import normalise_coords, spacing_of
 
 
 def _sample(vol: torch.Tensor, vox: torch.Tensor, workers: int = 1) -> torch.Tensor:
@@ -346,16 +84,6 @@ def _translation_search(ff: torch.Tensor, wf: torch.Tensor, fa: np.ndarray, mv: 
     return shift, float(cost.min())
 
 
-#: Weight of the rotation prior: ``PRIOR_WEIGHT * max(0, cos 15deg - cos angle)`` is added to the
-#: feature cost (unit total variance features: 0 for a perfect match, about 2 for unrelated images),
-#: so a start 30 degrees off the headers pays 0.01, 90 degrees 0.097, upside down 0.197.
-PRIOR_WEIGHT = 0.1
-#: Features within this many voxels of a field of view's edge are not compared (MIND's reach). The
-#: fixed side of a pooled fit keeps one more pooled cell away from its edge, so that at the start no
-#: fixed point sees the moving edge (whose penalty would otherwise pull the fit inwards).
-FOV_MARGIN = 3
-
-
 #: Adam's epsilon in the affine fit: about the size of the gradient near a good optimum, so that a
 #: gradient much smaller than that (an image registered onto itself) moves the parameters by much less
 #: than the learning rate instead of by the learning rate (Adam's usual normalisation).
@@ -367,104 +95,6 @@ def improves(before: float, after: float, rel: float = 0.02, abs_tol: float = 1e
     sampling alone change (``rel`` of ``before`` plus ``abs_tol``). Below that, the start is kept
     exactly, so an image registered onto itself stays at the identity."""
     return after < before - rel * abs(before) - abs_tol
-
-
-#: Candidates that get the short affine after all were scored by the translation search alone: on all
-#: 15 evaluation pairs (11 brain, 3 spine, MR -> CT) the one the short affine chose was among the best
-#: two of the search, and two tasks fill two threads in one round.
-REFINE = 2
-
-
-def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, candidates: list[Candidate],
-                     *, search_mm: float = 64.0, factor: int = 2, iters: int = 30,
-                     prior_weight: float = PRIOR_WEIGHT, workers: int = 1, refine: int = REFINE) -> list[dict]:
-    """Score every candidate after a translation search, and the best ``refine`` of them after a short
-    coarse affine too, with a rotation prior.
-
-    Every candidate first gets an exhaustive translation search of +-``search_mm`` on MIND-SSC features
-    of grids ``2 * factor`` times as coarse as the working grid; its score is the weighted feature
-    cost there plus the prior against rotations far from the headers'. The ``refine`` best of those
-    (all of them when ``refine`` is 0) are then refined by :func:`fit_affine` from that translation
-    (``iters`` Adam steps) and scored again; only they can be chosen. On 11 brain pairs, 3 spine pairs
-    and the MR -> CT pair the candidate the short affine chose was always among the best two of the
-    translation search (sharing the moving features of the headers and the centres of mass, which
-    differ by a translation only, changed which of the two was chosen and cost two pairs 0.01 and
-    0.02 Dice). Cheap: a few thousand points per candidate.
-
-    Args:
-        fixed_w: FIXED on the working grid.
-        weight_w: fixed weights (foreground) on the working grid.
-        moving: MOVING on its own grid.
-        candidates: named fixed-world to moving-world transforms (see :func:`initial_candidates`).
-        search_mm: translation search half-width.
-        factor: coarsening of the working grid for the features.
-        iters: Adam steps of the short affine.
-        prior_weight: weight of the rotation prior (0 turns it off).
-        workers: threads scoring candidates side by side (:func:`synthvox.registration.parallel.run_tasks`).
-        refine: how many of the best candidates after the translation search get the short affine
-            (0: all).
-
-    Returns:
-        One dict per candidate, in order: ``name``, ``start`` (the candidate), ``matrix`` (after the
-        search, or the short affine), ``cost``, ``rotation_deg`` (of ``matrix``, relative to the
-        headers), ``score``, ``search_score`` (the score after the translation search) and ``refined``
-        (whether it got the short affine).
-    """
-    from synthvox.registration.features import robust_unit_range, total_std
-    from synthvox.registration.mind import mind_ssc
-    from synthvox.volume import grid_for_spacing
-
-    s = float(spacing_of(fixed_w.affine).min())
-    cshape, caff = grid_for_spacing(fixed_w.shape, fixed_w.affine, s * factor)
-    # features of both images see their edge values continued beyond their fields of view (as MIND
-    # pads), so an image meets its own features exactly, up to the edge
-    fc = resample_to_grid(fixed_w, cshape, caff, padding="border")
-    wc = resample_to_grid(Volume(weight_w[None].float(), fixed_w.affine), cshape, caff).data[0]
-    ff = mind_ssc(robust_unit_range(fc.data))
-    scale = total_std(ff, wc > 0.5)
-    ff = ff / scale
-    wc = inner_box(cshape, edge_margins(cshape, FOV_MARGIN, 2), device=wc.device) * wc
-
-    def moving_features(frame: np.ndarray) -> dict:
-        """MOVING's features on a grid with the coarse grid's axes, through ``frame``."""
-        eshape, eaff = extended_grid(caff, moving, frame, align=2)
-        me = resample_through(moving, frame, eshape, eaff, padding="border")
-        valid = fov_weight(moving, frame, eshape, eaff, edge_margins(cshape, FOV_MARGIN))
-        return {"frame": np.asarray(frame), "fm": mind_ssc(robust_unit_range(me.data)) / scale, "eaff": eaff,
-                "valid": valid, "cache": {}}
-
-    def fit(name: str, cand: np.ndarray, feats: dict, start: np.ndarray | None, n_iter: int) -> dict:
-        """Fit from ``start`` (a residual translation in ``feats``' frame; ``None``: the search)."""
-        frame = feats["frame"]
-        q0 = np.linalg.inv(frame) @ np.asarray(cand)  # the candidate in its features' frame: a translation
-        kw = {"weight_fixed": wc, "weight_moving": feats["valid"], "cache": feats["cache"]}
-        q = fit_affine(ff, caff, feats["fm"], feats["eaff"], levels=(2,), iters=(n_iter,),
-                       search_mm=search_mm if start is None else 0.0,
-                       start_translation=(q0 if start is None else start)[:3, 3],
-                       start_rotation=rotation_part(frame), prior_weight=prior_weight, **kw)
-        cost = affine_cost(ff, caff, feats["fm"], feats["eaff"], q, factor=2, **kw)
-        cost0 = affine_cost(ff, caff, feats["fm"], feats["eaff"], q0, factor=2, **kw)
-        if not improves(cost0 + rotation_prior(cand, prior_weight), cost + rotation_prior(frame @ q, prior_weight)):
-            q, cost = q0, cost0  # the candidate as it is was as good: keep it exactly
-        total = frame @ q
-        return {"name": name, "start": np.asarray(cand), "matrix": total, "residual": q, "cost": cost,
-                "rotation_deg": rotation_angle_deg(total), "score": cost + rotation_prior(total, prior_weight)}
-
-    feats = run_tasks([functools.partial(moving_features, cand) for _, cand in candidates], workers)
-    # the candidates are independent: side by side on ``workers`` threads (see registration.parallel)
-    searched = run_tasks([functools.partial(fit, name, cand, feats[i], None, 0)
-                          for i, (name, cand) in enumerate(candidates)], workers)
-    order = sorted(range(len(candidates)), key=lambda i: searched[i]["score"])
-    chosen = order if refine <= 0 else order[:refine]
-    refined = run_tasks([functools.partial(fit, candidates[i][0], candidates[i][1], feats[i],
-                                           searched[i]["residual"], iters) for i in chosen], workers)
-    out = []
-    for i, c in enumerate(searched):
-        row = dict(refined[chosen.index(i)]) if i in chosen and iters > 0 else dict(c)
-        row.pop("residual")
-        row.update(search_score=c["score"], refined=i in chosen)
-        out.append(row)
-    return out
 
 
 def _cached(cache: dict | None, key: tuple, make: Callable[[], Any]) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,25 +33,6 @@ def robust_unit_range(image: torch.Tensor) -> torch.Tensor:
         lo = flat.min()
     scale = float(hi - lo) if float(hi - lo) > 0 else 1.0
     return ((x - lo) / scale).clamp(-0.5, 1.5)
-
-
-def feature_model(features: str, weights: Any, device: torch.device) -> Any:
-    """The network a feature kind needs, on ``device`` in eval mode (``None`` for ``"mind"``).
-
-    ``weights`` is a model in memory, a weights path, or ``None`` for the shipped default weights.
-    """
-    if features not in FEATURE_KINDS:
-        raise InputError(f"unknown --features {features!r}: use one of {', '.join(FEATURE_KINDS)}")
-    if features == "mind":
-        return None
-    if weights is not None and not isinstance(weights, (str, Path)):
-        return weights.to(device).eval()
-    from synthvox.models import default_weights_path, load_model
-
-    path = weights if weights is not None else default_weights_path()
-    if path is None:
-        raise InputError(f"--features {features} needs network weights, and no default weights ship yet: pass --weights MODEL_DIR or use --features mind")
-    return load_model(path, device).eval()
 
 
 @dataclass

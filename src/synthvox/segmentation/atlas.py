@@ -38,8 +38,8 @@ FUSION_METHODS = ("majority", "weighted")
 #: Default width of the weighting kernel (in units of the mean feature difference, see module docs).
 DEFAULT_BETA = 0.25
 #: Working spacing of the atlas registrations when no config is given: 2 mm, finer than registration's
-#: default (2.5 mm, chosen for speed), because labels carried onto a target need the detail; the
-#: atlas figures of benchmarks/README.md were measured with it.
+#: default (:data:`synthvox.registration.grids.WORKING_SPACING`, chosen for speed), because labels
+#: carried onto a target need the detail; the atlas figures of benchmarks/README.md were measured with it.
 ATLAS_SPACING = 2.0
 #: Box-filter passes that average the feature difference over a neighbourhood (radius 1 voxel each).
 SMOOTH_PASSES = 2
@@ -168,8 +168,8 @@ def prepare_target(image: Volume, extractor: Any, device: torch.device,
                    shares: dict[str, float] | None = None) -> Target:
     """The target's foreground and, when ``extractor`` is given, its features on its own grid, each
     feature set with its ``shares`` of the variance (as registration weighs them)."""
-    from synthvox.registration.affine import foreground
     from synthvox.registration.features import combine, feature_scales
+    from synthvox.registration.foreground import foreground
     from synthvox.segmentation.infer import check_image
 
     check_image(image, "target image")
@@ -297,7 +297,8 @@ def segment_with_atlases(
             unknown fusion method, or anything :func:`~synthvox.registration.register` refuses.
     """
     from synthvox.registration import RegistrationConfig
-    from synthvox.registration.features import FeatureExtractor, feature_model
+    from synthvox.registration.features import FeatureExtractor
+    from synthvox.registration.network import resolve_network
 
     check_fusion(fusion, beta)
     label_ids = check_atlases(atlases)
@@ -314,18 +315,18 @@ def segment_with_atlases(
         times["model"] = time.perf_counter() - t
         say(f"model      {times['model']:6.1f} s  probabilities of {len(probs[1])} labels")
 
-    net = feature_model(features, weights, dev)
     config = RegistrationConfig(spacing=ATLAS_SPACING) if config is None else config
+    network = resolve_network(features, weights, config, dev)  # once for every atlas
     extractor = None
     if fusion == "weighted":  # the network sees the target's own grid at its spacing, as registration does
-        net_mm = config.network_mm(net)
+        net_mm = network.spacing_mm
         zoom = tuple(float(v) / net_mm for v in spacing_of(image.affine)) if net_mm else 1.0
-        extractor = FeatureExtractor(kind=features, model=net, device=dev, net_zoom=zoom)
-    target = prepare_target(image, extractor, dev, config.shares(features, net))
+        extractor = FeatureExtractor(kind=features, model=network.model, device=dev, net_zoom=zoom)
+    target = prepare_target(image, extractor, dev, network.shares)
     registered = []
     for i, a in enumerate(atlases):
         name = a.name or f"atlas {i + 1}"
-        registered.append(register_atlas(target, a, features=features, weights=net, extractor=extractor,
+        registered.append(register_atlas(target, a, features=features, weights=network.model, extractor=extractor,
                                          device=dev, config=config, name=name))
         say(f"{name:10s} {registered[-1].entry['seconds']:6.1f} s  registered")
     times["registration"] = sum(r.entry["seconds"] for r in registered)
