@@ -103,5 +103,9 @@ def test_a_finetuned_model_votes_beside_the_atlases(files, tmp_path):
     assert "model" in r.output and "fusion" in r.output
     seg = io.load_labels(out)
     assert set(torch.unique(seg.data).tolist()) <= {0, 7, 1042}
-    # a barely trained network is one voter of two: the atlas still carries most of the structure
-    assert mean_dice(seg.data[0], io.load_labels(files / "target_seg.nii.gz").data[0]) > 0.5
+    # a barely trained network is one voter of two: the registered atlas still carries most of the
+    # structure, 0.1 better than the atlas's labels taken as they are (0.677 here): the fusion measured
+    # 0.803, and 0.748 when the deformable stage returns the identity, which fails
+    ref = io.load_labels(files / "target_seg.nii.gz").data[0]
+    unregistered = mean_dice(io.load_labels(files / "atlas1_seg.nii.gz").data[0], ref)  # one grid
+    assert mean_dice(seg.data[0], ref) > unregistered + 0.1, (mean_dice(seg.data[0], ref), unregistered)

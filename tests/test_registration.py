@@ -204,16 +204,22 @@ def test_different_grids_and_orientations_line_up_in_world():
 
 
 def test_labels_dice_and_ids_preserved():
+    """The labels are carried, their ids kept, and registration closes at least half of the gap between
+    the Dice of the labels carried through the headers alone (0.767 on this pair) and 1: it measured
+    0.907, the affine stage alone 0.834, so a deformable stage that returns the identity fails."""
+    from synthvox.metrics import dice_per_label
+
     img = phantom()
     moving, _ = warped_pair(img)
     aff = np.eye(4)
     labels = (img > 0.2).long() * 7 + (img > 0.55).long() * 35  # ids 0, 7, 42
     mlabels = (moving > 0.2).long() * 7 + (moving > 0.55).long() * 35
+    headers = float(np.mean(list(dice_per_label(mlabels, labels, [7, 42]).values())))  # one grid: no resampling
     res = register(Volume(img, aff), Volume(moving, aff), config=CFG, init="none",
                    moving_labels=Volume(mlabels, aff), fixed_labels=Volume(labels, aff))
     assert res.moved_labels is not None
     assert set(torch.unique(res.moved_labels.data).tolist()) <= set(torch.unique(mlabels).tolist())
-    assert res.report["mean_dice"] > 0.7
+    assert res.report["mean_dice"] > headers + 0.5 * (1.0 - headers), (res.report["mean_dice"], headers)
     for stage in ("init", "features", "affine", "convex", "adam", "compose", "total"):
         assert stage in res.report["seconds"]
 
