@@ -66,7 +66,7 @@ def test_segment_a_folder_with_atlases(files, tmp_path):
     out = tmp_path / "pred"
     r = runner.invoke(app, ["segment", "-i", str(files / "targets"), "-o", str(out), *atlas_args(files, 1), "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "case_b.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "case_b.nii.gz", "quality.csv"]
     seg = io.load_labels(out / "case_a.nii.gz")
     assert mean_dice(seg.data[0], io.load_labels(files / "target_seg.nii.gz").data[0]) > 0.8
 

@@ -55,6 +55,10 @@ class RegistrationConfig:
         net_share: with ``both``, the network's share of the total feature variance (MIND-SSC gets the
             rest), in (0, 1). None: what the weights' card says (:func:`synthvox.models.card.network_share`:
             a measured choice, else one half), read there too.
+        matched_fov: with the network (``net``, ``both``), compute MOVING's features for the
+            deformable stages again, on the working grid after the start and the affine, so that both
+            feature sets come from the same field of view (a network whose features depend on what
+            else the volume holds then sees the same window twice); costs one more network pass.
     """
 
     spacing: float = WORKING_SPACING
@@ -81,6 +85,7 @@ class RegistrationConfig:
     inverse_consistent: bool = True
     net_spacing: float | None = None
     net_share: float | None = None
+    matched_fov: bool = False
 
     def __post_init__(self) -> None:
         if self.net_spacing is not None and not (self.net_spacing > 0 and math.isfinite(self.net_spacing)):

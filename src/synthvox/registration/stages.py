@@ -139,6 +139,7 @@ class State:
     feat_moving: torch.Tensor | None = None
     residual: np.ndarray = field(default_factory=lambda: np.eye(4))
     feat_moving_w: torch.Tensor | None = None
+    cover_w: torch.Tensor | None = None
     moving_weight_w: torch.Tensor | None = None
     disp: torch.Tensor | None = None
     adam_steps: int = 0
@@ -283,15 +284,39 @@ def fit_residual_affine(st: State) -> str:
 # ------------------------------------------------------------------------------------------ deformable
 
 
-def moving_onto_working_grid(st: State) -> None:
+def moving_onto_working_grid(st: State) -> str:
     """MOVING's features and cover through the residual affine onto the working grid; its weight there
-    (None when MOVING covers all of FIXED's compared region and has no mask)."""
-    to_w = np.linalg.inv(st.residual) @ st.frame.affine  # type: ignore[union-attr]
-    st.feat_moving_w = resample_to_grid(Volume(st.feat_moving, to_w), *st.grid).data  # type: ignore[arg-type, misc]
-    cover_w = resample_to_grid(Volume(st.cover_f[None], to_w), *st.grid).data[0]  # type: ignore[index, misc]
+    (None when MOVING covers all of FIXED's compared region and has no mask). With ``matched_fov`` and
+    a network, MOVING itself goes onto the working grid and its features are computed there."""
+    if st.cfg.matched_fov and st.network.model is not None:
+        detail = moving_features_on_working_grid(st)
+        cover_w = st.cover_w
+    else:
+        detail = ""
+        to_w = np.linalg.inv(st.residual) @ st.frame.affine  # type: ignore[union-attr]
+        st.feat_moving_w = resample_to_grid(Volume(st.feat_moving, to_w), *st.grid).data  # type: ignore[arg-type, misc]
+        cover_w = resample_to_grid(Volume(st.cover_f[None], to_w), *st.grid).data[0]  # type: ignore[index, misc]
     inside = cover_w[st.weight > 0]  # type: ignore[operator]
     partial = inside.numel() > 0 and float(inside.min()) < 0.999  # MOVING does not cover all of FIXED
     st.moving_weight_w = cover_w if st.moving_mask is not None or partial else None
+    return detail
+
+
+def moving_features_on_working_grid(st: State) -> str:
+    """MOVING through the start and the residual affine onto the working grid (edge values beyond its
+    field of view, as FIXED there) and its features computed on it, from the same field of view as
+    FIXED's; sets ``feat_moving_w`` and ``cover_w``."""
+    to = st.start @ st.residual
+    margins = edge_margins(st.grid.shape, FOV_MARGIN)  # type: ignore[union-attr]
+    moving_w, cover = run_tasks([lambda: resample_through(st.moving, to, *st.grid, padding="border"),  # type: ignore[misc]
+                                 lambda: fov_weight(st.moving, to, *st.grid, margins)], st.workers)  # type: ignore[misc]
+    if st.moving_mask is not None:
+        mask = Volume(st.moving_mask[None].float(), st.moving.affine)
+        cover = cover * (resample_through(mask, to, *st.grid).data[0] > 0.5).float()  # type: ignore[misc]
+    raw = st.extractor.raw(moving_w.data, "moving")  # type: ignore[union-attr]
+    st.feat_moving_w = combine(raw, st.scales, st.network.shares)
+    st.cover_w = cover
+    return "MOVING's features again on the working grid"
 
 
 def convex_search(st: State) -> str:
