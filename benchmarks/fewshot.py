@@ -257,8 +257,8 @@ def run_atlas(methods: list[str], train: list[str], test: list[str], data: dict[
             if m == "finetuned+atlas":
                 probs = A.model_probabilities(models[len(train)], image, device, False)
             fusion = "majority" if m == "atlas-majority" else "weighted"
-            seg, _ = A.fuse(target, registered, sorted(set(ids) | set(probs[1] if probs else [])), fusion=fusion,
-                            model_probabilities=probs)
+            seg = A.fuse(target, registered, sorted(set(ids) | set(probs[1] if probs else [])), fusion=fusion,
+                         model_probabilities=probs).labels
             secs[m].append(t_reg + time.perf_counter() - t)
             per[m][s] = score(seg[None], ref.data, names)
     return [_scored(m, len(train), per[m], names, secs[m], {"registration_s_per_target": float(np.mean(reg_s))})

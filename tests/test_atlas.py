@@ -46,10 +46,29 @@ def blocks(shape=(12, 10, 8)) -> list[torch.Tensor]:
 def test_majority_vote_keeps_ids_and_follows_the_majority():
     maps = blocks()
     t = target_of(maps[0].shape[1:])
-    seg, w = fuse(t, [on_grid(m) for m in maps], [0, 5, 900], fusion="majority")
+    f = fuse(t, [on_grid(m) for m in maps], [0, 5, 900], fusion="majority")
+    seg, w = f.labels, f.mean_weights
     assert seg.dtype == torch.int64 and tuple(seg.shape) == tuple(maps[0].shape[1:])
     assert torch.equal(seg, maps[2][0])  # each disagreement is one atlas against two
     assert w == [1.0, 1.0, 1.0]
+
+
+def test_fused_probabilities_and_the_atlases_agreement():
+    maps = blocks()
+    maps[0][:, 4:6, 2:8, 2:6] = 900  # atlas a also dissents inside the structure
+    t = target_of(maps[0].shape[1:])
+    f = fuse(t, [on_grid(m) for m in maps], [0, 5, 900], fusion="majority", probabilities=True)
+    p = f.probabilities
+    assert p.shape == (3, *maps[0].shape[1:])
+    torch.testing.assert_close(p.sum(0), torch.ones(p.shape[1:]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor([0, 5, 900])[p.argmax(0)], f.labels, rtol=0, atol=0)
+    # where the three agree the share is 1, where one atlas dissents 2/3; the figure averages the
+    # fused foreground (every voxel but background)
+    fg = f.labels != 0
+    expected = float(torch.where((maps[0][0] == maps[1][0]) & (maps[1][0] == maps[2][0]), 1.0, 2 / 3)[fg].mean())
+    assert f.agreement == pytest.approx(expected, abs=1e-6) and 2 / 3 < f.agreement < 1
+    same = fuse(t, [on_grid(maps[2])] * 3, [0, 5, 900], fusion="majority")
+    assert same.agreement == pytest.approx(1.0) and same.probabilities is None
 
 
 def test_weighted_vote_prefers_the_atlas_that_matches_locally():
@@ -58,7 +77,8 @@ def test_weighted_vote_prefers_the_atlas_that_matches_locally():
     d_good, d_bad = torch.zeros(shape), torch.ones(shape) * 10
     # atlas a matches the target far better than b and c: its claim on the first slabs wins there
     reg = [on_grid(maps[0], d_good), on_grid(maps[1], d_bad), on_grid(maps[2], d_bad)]
-    seg, w = fuse(target_of(shape), reg, [0, 5, 900], fusion="weighted", beta=0.5)
+    f = fuse(target_of(shape), reg, [0, 5, 900], fusion="weighted", beta=0.5)
+    seg, w = f.labels, f.mean_weights
     assert (seg[0:2] == 900).all()
     assert (seg[10:] == 0).all()  # b's claim is outvoted by the better atlas a (and c)
     assert w[0] > w[1] == pytest.approx(w[2])
@@ -74,14 +94,14 @@ def test_model_probabilities_are_one_more_voter_and_uncovered_voxels_are_backgro
     prob[1, :, :3] = 1.0  # the model says label 8 on the first half of the second axis
     prob[0, :, 3:] = 1.0
     reg = [on_grid(lab), on_grid(lab)]
-    seg, _ = fuse(target_of(shape), reg, [0, 3, 8], fusion="majority", model_probabilities=(prob, [0, 8]))
+    seg = fuse(target_of(shape), reg, [0, 3, 8], fusion="majority", model_probabilities=(prob, [0, 8])).labels
     # two atlases outvote the model where they disagree; where they say background, so does the model
     assert torch.equal(seg, lab[0])
-    seg, _ = fuse(target_of(shape), reg[:1], [0, 3, 8], fusion="majority", model_probabilities=(prob * 2, [0, 8]))
+    seg = fuse(target_of(shape), reg[:1], [0, 3, 8], fusion="majority", model_probabilities=(prob * 2, [0, 8])).labels
     assert (seg[:3, :3] == 8).all()  # a confident model outvotes a single atlas
     far = on_grid(lab)
     far.displacement[0] += 100.0  # every voxel maps outside the atlas
-    seg, _ = fuse(target_of(shape), [far], [0, 3], fusion="majority")
+    seg = fuse(target_of(shape), [far], [0, 3], fusion="majority").labels
     assert (seg == 0).all()
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,7 +55,7 @@ def atlas_args(d, n=2):
 def test_segment_with_atlases_writes_labels_on_the_image_grid(files, tmp_path):
     out = tmp_path / "seg.nii.gz"
     r = runner.invoke(app, ["segment", str(files / "targets" / "case_a.nii.gz"), "--out", str(out), *atlas_args(files),
-                            "--fusion", "majority", "--device", "cpu"])
+                            "--fusion", "majority", "--device", "cpu", "--probabilities"])
     assert r.exit_code == 0, r.output
     seg = io.load_labels(out)
     ref = io.load_labels(files / "target_seg.nii.gz")
@@ -60,6 +63,13 @@ def test_segment_with_atlases_writes_labels_on_the_image_grid(files, tmp_path):
     assert set(torch.unique(seg.data).tolist()) <= {0, 7, 1042}
     assert mean_dice(seg.data[0], ref.data[0]) > 0.85
     assert "registered" in r.output and "wrote" in r.output  # progress per atlas on stderr, summary on stdout
+    assert "quality" in r.output and "atlas agreement" in r.output
+    # the fused votes as probabilities: one channel per label, summing to one, their argmax the label map
+    prob = io.load(tmp_path / "seg_probabilities.nii.gz", allow_4d=True)
+    ids = json.loads((tmp_path / "seg_probabilities.json").read_text())["label_ids"]
+    assert prob.data.shape == (len(ids), *seg.shape) and np.allclose(prob.affine, seg.affine)
+    torch.testing.assert_close(prob.data.sum(0), torch.ones(seg.shape), rtol=0, atol=1e-5)
+    assert torch.equal(torch.tensor(ids)[prob.data.argmax(0)], seg.data[0])
 
 
 def test_segment_a_folder_with_atlases(files, tmp_path):
@@ -67,6 +77,8 @@ def test_segment_a_folder_with_atlases(files, tmp_path):
     r = runner.invoke(app, ["segment", "-i", str(files / "targets"), "-o", str(out), *atlas_args(files, 1), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "case_b.nii.gz", "quality.csv"]
+    rows = list(csv.DictReader((out / "quality.csv").open()))
+    assert {r["measure"] for r in rows} == {"atlas agreement"} and all(0 < float(r["quality"]) <= 1 for r in rows)
     seg = io.load_labels(out / "case_a.nii.gz")
     assert mean_dice(seg.data[0], io.load_labels(files / "target_seg.nii.gz").data[0]) > 0.8
 

@@ -48,66 +48,38 @@ def finetune_command(
 
     from synthvox import io
     from synthvox.cli.common import check_at_least, check_number, resolve_device
+    from synthvox.config import apply_overrides
     from synthvox.errors import InputError
-    from synthvox.segmentation import AugmentConfig, finetune
-    from synthvox.segmentation.config import TRAIN_MODES
+    from synthvox.segmentation import AugmentConfig, FinetuneConfig, finetune
     from synthvox.segmentation.loop import RUN_ENTRIES
     from synthvox.train.rundir import check_run_dir
 
-    # Every option is checked before any input is read or anything is written.
+    # Every option is checked before any input is read or anything is written. The options left out
+    # are not passed: finetune fills them with what suits the device (FinetuneConfig.for_device).
     check_at_least(**{"--steps": (steps, 1), "--batch": (batch, 1), "--patch": (patch, 8), "--val-every": (val_every, 1)})
-    if train not in TRAIN_MODES:
-        raise InputError(f"--train must be one of {', '.join(TRAIN_MODES)}, got {train!r}")
-    if modality.lower() not in ("auto", "mr", "ct"):
-        raise InputError(f"--modality must be auto, mr or ct, got {modality!r}")
     if lr is not None:
         check_number("--lr", lr, 0.0, low_open=True)
-    from synthvox.config import apply_overrides
-
-    augment = apply_overrides(dataclasses.replace(AugmentConfig(), flip=flip), settings, "--set")
     if spacing is not None:
         check_number("--spacing", spacing, 0.0, 100.0, low_open=True)
     if minutes is not None:
         check_number("--minutes", minutes, 0.0, 7 * 24 * 60.0, low_open=True)
+    augment = apply_overrides(dataclasses.replace(AugmentConfig(), flip=flip), settings, "--set")
+    given = {"steps": steps, "minutes": minutes, "patch_size": patch, "lr": lr, "spacing": spacing, "val_every": val_every}
+    chosen = dict(init=init, variant=variant, train=train, batch_size=batch, modality=modality.lower(), seed=seed,
+                  augment=augment, **{k: v for k, v in given.items() if v is not None})
     if len(image) != len(label):
         raise InputError(f"got {len(image)} --image but {len(label)} --label: give one label map per image, in the same order")
     if (val_image is None) != (val_label is None):
         raise InputError("--val-image and --val-label go together: give both or neither")
     check_run_dir(out, RUN_ENTRIES, resume, force, what="a model")
     dev = resolve_device(device)
-    from synthvox.segmentation.config import device_defaults
-
-    budget = device_defaults(str(dev))
-    if steps is not None or minutes is not None:  # what the user says replaces the device's budget
-        budget.update(steps=steps if steps is not None else 1_000_000, minutes=minutes)
+    FinetuneConfig.for_device(dev, **chosen).checked()  # --train, --modality, ...: before any image is read
     images = [io.load(p, what=f"image {p.name}") for p in image]
     labels = [io.load_labels(p, what=f"label map {p.name}") for p in label]
     val = None
     if val_image is not None and val_label is not None:
         val = (io.load(val_image, what="validation image"), io.load_labels(val_label, what="validation label map"))
-    model = finetune(
-        images,
-        labels,
-        out_dir=out,
-        init=init,
-        variant=variant,
-        steps=budget["steps"],
-        minutes=budget["minutes"],
-        patch_size=patch if patch is not None else budget["patch_size"],
-        min_spacing=budget["min_spacing"],
-        batch_size=batch,
-        lr=lr if lr is not None else budget["lr"],
-        train=train,
-        val=val,
-        device=dev,
-        seed=seed,
-        resume=resume,
-        force=force,
-        spacing=spacing,
-        modality=modality,
-        val_every=val_every,
-        augment=augment,
-    )
+    model = finetune(images, labels, out_dir=out, val=val, device=dev, resume=resume, force=force, **chosen)
     from synthvox.segmentation.modeldir import read_meta
 
     meta = read_meta(model)
@@ -175,8 +147,6 @@ def segment_command(
         for extra in outputs_of(out, probabilities)[1:]:
             io.check_output(extra, force)
     dev = resolve_device(device)
-    if atlas_image and probabilities:
-        raise InputError("--probabilities is written for --model segmentation; atlas fusion does not give probability maps yet")
     if atlas_image:
         segmenter = _atlas_segmenter(atlas_image, atlas_label, model, fusion, features, weights, dev, tta, folder,
                                      probabilities)
@@ -236,7 +206,7 @@ def _atlas_segmenter(images: list[Path], labels: list[Path], model: Path | None,
         typer.echo("  " + line, err=True)
 
     return atlas_segmenter(atlases, fusion=fusion, features=features, weights=weights, model=model, tta=tta,
-                           device=device, log=None if quiet else say)
+                           device=device, log=None if quiet else say, probabilities=probabilities)
 
 
 def register(app: typer.Typer) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from synthvox.errors import InputError
+from synthvox.segmentation.result import AGREEMENT, Segmentation
 from synthvox.volume import Volume, same_grid, spacing_of
 
 FUSION_METHODS = ("majority", "weighted")
@@ -63,17 +64,47 @@ class Atlas:
 
 
 @dataclass
+class Fused:
+    """What :func:`fuse` returns.
+
+    Attributes:
+        labels: ``int64`` ``(X, Y, Z)`` fused label map.
+        mean_weights: each atlas's mean weight over the target's foreground.
+        agreement: the share of the atlases whose label is the fused one, averaged over the fused
+            foreground (the quality figure; 0 when only background was fused).
+        probabilities: with ``probabilities=True``, ``(C, X, Y, Z)`` each label's share of the fused
+            votes (channel ``k`` for the ``k``-th label id), summing to one, their argmax ``labels``.
+    """
+
+    labels: torch.Tensor
+    mean_weights: list[float]
+    agreement: float
+    probabilities: torch.Tensor | None = None
+
+
+@dataclass
 class AtlasSegmentation:
     """What :func:`segment_with_atlases` returns.
 
     Attributes:
         labels: ``int64`` label map on the target's grid (atlas label ids).
-        report: fusion method, label ids, seconds per stage, and per atlas its registration summary
-            (seconds, initial choice, similarity check, folding) and its mean local weight.
+        report: fusion method, label ids, seconds per stage, per atlas its registration summary
+            (seconds, initial choice, similarity check, folding) and its mean local weight, and the
+            atlases' agreement.
+        agreement: the quality figure (see :class:`Fused`).
+        probabilities: with ``probabilities=True``, each label's share of the fused votes on the
+            target's grid, ``(C, X, Y, Z)`` in the order of ``report["label_ids"]``.
     """
 
     labels: Volume
     report: dict[str, Any] = field(default_factory=dict)
+    agreement: float | None = None
+    probabilities: Volume | None = None
+
+    def segmentation(self) -> Segmentation:
+        """As the :class:`~synthvox.segmentation.result.Segmentation` a segmenter returns."""
+        return Segmentation(self.labels, self.probabilities, tuple(self.report.get("label_ids", ())),
+                            self.agreement, AGREEMENT)
 
 
 def check_atlases(atlases: Sequence[Atlas]) -> list[int]:
@@ -213,10 +244,13 @@ def fuse(
     fusion: str = "weighted",
     beta: float = DEFAULT_BETA,
     model_probabilities: tuple[torch.Tensor, list[int]] | None = None,
-) -> tuple[torch.Tensor, list[float]]:
+    probabilities: bool = False,
+) -> Fused:
     """Fuse registered atlases (and a model's probabilities) into an ``int64`` ``(X, Y, Z)`` label map.
 
-    Returns the label map and each atlas's mean weight over the target's foreground.
+    Returns the label map, each atlas's mean weight over the target's foreground, the atlases'
+    agreement (the quality figure, see :mod:`synthvox.segmentation.result`) and, with
+    ``probabilities``, each label's share of the fused votes.
     """
     from synthvox.registration.warp import apply_displacement
 
@@ -237,13 +271,18 @@ def fuse(
     ids = list(label_ids)
     best = torch.full(shape, -1.0)
     best_id = torch.zeros(shape, dtype=torch.int64)
+    agree = torch.zeros(shape)  # the share of the atlases voting for the fused label
+    scores = []
     for c0 in range(0, len(ids), LABEL_CHUNK):
         chunk = ids[c0:c0 + LABEL_CHUNK]
         score = torch.zeros((len(chunk), *shape))
+        votes = torch.zeros((len(chunk), *shape))
         for r, wi in zip(registered, w):
             lab = r.atlas.labels.data[0].round().long()
             onehot = torch.stack([(lab == lid).float() for lid in chunk])
-            score += apply_displacement(Volume(onehot, r.atlas.labels.affine), r.displacement, target.image.affine).data * wi
+            moved = apply_displacement(Volume(onehot, r.atlas.labels.affine), r.displacement, target.image.affine).data
+            score += moved * wi
+            votes += moved
         if model_probabilities is not None and w_net is not None:
             prob, net_ids = model_probabilities
             for k, lid in enumerate(chunk):
@@ -253,9 +292,21 @@ def fuse(
         better = top > best
         best = torch.where(better, top, best)
         best_id = torch.where(better, torch.as_tensor(chunk)[arg], best_id)
+        agree = torch.where(better, votes.gather(0, arg[None])[0] / max(len(registered), 1), agree)
+        if probabilities:
+            scores.append(score)
     # voxels no voter reaches get background (0 when it is a label, else the first id)
-    best_id[best <= 0] = 0 if 0 in ids else ids[0]
-    return best_id, mean_w
+    background = 0 if 0 in ids else ids[0]
+    unreached = best <= 0
+    best_id[unreached] = background
+    counted = best_id != 0 if 0 in ids else torch.ones(shape, dtype=torch.bool)
+    quality = float(agree[counted].mean().clamp(0.0, 1.0)) if bool(counted.any()) else 0.0
+    prob = None
+    if probabilities:
+        prob = torch.cat(scores).clamp_min(0.0)
+        prob[ids.index(background)][unreached] = 1.0
+        prob /= prob.sum(0, keepdim=True)
+    return Fused(best_id, mean_w, quality, prob)
 
 
 def segment_with_atlases(
@@ -271,6 +322,7 @@ def segment_with_atlases(
     device: torch.device | str = "cpu",
     config: Any = None,
     log: Callable[[str], None] | None = None,
+    probabilities: bool = False,
 ) -> AtlasSegmentation:
     """Segment ``image`` by registering every atlas onto it and fusing the carried labels.
 
@@ -288,6 +340,7 @@ def segment_with_atlases(
         config: a :class:`synthvox.registration.RegistrationConfig` for every registration (default:
             its defaults on a :data:`ATLAS_SPACING` grid).
         log: called with one progress line per atlas and stage (``None``: silent).
+        probabilities: also return each label's share of the fused votes.
 
     Returns:
         An :class:`AtlasSegmentation` whose ``labels`` lie on exactly ``image``'s grid.
@@ -332,7 +385,9 @@ def segment_with_atlases(
     times["registration"] = sum(r.entry["seconds"] for r in registered)
 
     t = time.perf_counter()
-    labels, mean_w = fuse(target, registered, label_ids, fusion=fusion, beta=beta, model_probabilities=probs)
+    fused = fuse(target, registered, label_ids, fusion=fusion, beta=beta, model_probabilities=probs,
+                 probabilities=probabilities)
+    labels, mean_w = fused.labels, fused.mean_weights
     times["fusion"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     say(f"fusion     {times['fusion']:6.1f} s  {fusion} of {len(atlases)} atlas(es)" + (" + model" if model is not None else ""))
@@ -347,9 +402,11 @@ def segment_with_atlases(
         "label_ids": label_ids,
         "atlases": entries,
         "model": None if model is None else ("loaded model" if isinstance(model, tuple) else str(model)),
+        "agreement": round(fused.agreement, 4),
         "seconds": {k: round(v, 2) for k, v in times.items()},
     }
-    return AtlasSegmentation(Volume(labels[None], image.affine.copy()), report)
+    prob = None if fused.probabilities is None else Volume(fused.probabilities, image.affine.copy())
+    return AtlasSegmentation(Volume(labels[None], image.affine.copy()), report, fused.agreement, prob)
 
 
 def atlas_segmenter(
@@ -364,9 +421,11 @@ def atlas_segmenter(
     device: torch.device | str = "cpu",
     config: Any = None,
     log: Callable[[str], None] | None = None,
-) -> Callable[[Volume], Volume]:
+    probabilities: bool = False,
+) -> Callable[[Volume], Segmentation]:
     """A per-image segmenter (:data:`synthvox.segmentation.folder.Segmenter`) that fuses ``atlases``
-    (checked now, once for every image) with :func:`segment_with_atlases`."""
+    (checked now, once for every image) with :func:`segment_with_atlases`: the label map, the atlases'
+    agreement as its quality figure and, with ``probabilities``, each label's share of the votes."""
     check_fusion(fusion, beta)
     check_atlases(atlases)
     if model is not None:  # loaded once for every image; a clear error for a non-model directory now
@@ -374,8 +433,9 @@ def atlas_segmenter(
 
         model = load_model_dir(model, device)
 
-    def segmenter(image: Volume) -> Volume:
+    def segmenter(image: Volume) -> Segmentation:
         return segment_with_atlases(image, atlases, fusion=fusion, beta=beta, features=features, weights=weights,
-                                    model=model, tta=tta, device=device, config=config, log=log).labels
+                                    model=model, tta=tta, device=device, config=config, log=log,
+                                    probabilities=probabilities).segmentation()
 
     return segmenter
