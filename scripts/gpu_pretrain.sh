@@ -5,8 +5,12 @@
 #              bash scripts/gpu_pretrain.sh 420
 #
 # 1. installs the carried wheels (nibabel, monai, ...; scripts/gpu_wheels.sh downloads them into .whl/),
-# 2. puts training/carry.safetensors (if present) into the run folder as its newest checkpoint,
-# 3. trains the `gpu` preset (the ablation's recipe at 128^3) for BUDGET seconds (SIGTERM at the end makes pretrain checkpoint and exit),
+# 2. puts training/carry.safetensors (if present, and unless FROM_SCRATCH=1) into the run folder as its
+#    newest checkpoint,
+# 3. trains SYNTHVOX_CONFIG (default `gpu`, the ablation's recipe at 128^3 that the carry was trained with;
+#    `gpu_local` is the field-of-view-independent recipe of issue 22, with batch normalisation: start it
+#    with FROM_SCRATCH=1 unless the carry is of that recipe) for BUDGET seconds (SIGTERM at the end makes
+#    pretrain checkpoint and exit),
 # 4. writes into $OUT: the new carry-over file (split in < 16 MiB parts), the half-precision model
 #    directory, log.csv and a summary with steps/s and samples seen.
 #
@@ -34,7 +38,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 
 mkdir -p "$RUN" "$OUT"
-if [ -f training/carry.safetensors ]; then
+if [ -z "${FROM_SCRATCH:-}" ] && [ -f training/carry.safetensors ]; then
   python3 scripts/weights.py install training/carry.safetensors "$RUN" || exit 4
 fi
 

@@ -180,6 +180,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every": 10,
         "tensorboard": False,
     },
+    # The field-of-view-independent recipe below at 128^3 for the lent GPU (scripts/gpu_pretrain.sh):
+    # batch normalisation over two scenes (four views) a step.
+    "gpu_local": {
+        "loss.layer_weights": {"enc3": 0.5, "bottleneck": 0.5, "dec3": 1.0, "dec2": 1.0, "dec1": 2.0, "out": 3.0},
+        "model.padding": "reflect",
+        "model.norm": "batch",
+    },
     # The field-of-view-independent recipe (issue 22), trained from scratch on one CPU thread: the
     # `cpu` preset with batch normalisation, as the reference's backbone (in eval mode, with its
     # running statistics, features do not move when the image is padded or cropped beyond their
