@@ -8,6 +8,7 @@ The Python API mirrors the command line (each command is a thin layer on one of 
     fixed, moving = io.load("ct.nii.gz"), io.load("mr.nii.gz")
     result = synthvox.register(fixed, moving, features="net")        # synthvox register
     io.save(result.moved, "moved.nii.gz")
+    synthvox.register_many("pairs.csv", "study")                     # synthvox register --pairs
 
     model_dir = synthvox.finetune([image], [labels], out_dir="MODEL")  # synthvox finetune
     seg = synthvox.segment(model_dir, new_image)                     # synthvox segment
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 #: Public name -> (module, attribute), imported on first access.
 _LAZY: dict[str, tuple[str, str]] = {
     "register": ("synthvox.registration", "register"),
+    "register_many": ("synthvox.registration.batch", "register_many"),
     "apply_warp": ("synthvox.registration", "apply_warp"),
     "RegistrationConfig": ("synthvox.registration", "RegistrationConfig"),
     "finetune": ("synthvox.segmentation", "finetune"),

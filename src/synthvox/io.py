@@ -469,3 +469,27 @@ def load_warp(path: str | os.PathLike, what: str = "warp") -> Volume:
         raise InputError(f"{what} contains NaN or infinite values (or values beyond float32): {p}")
     affine = check_affine(img.affine, what, p)
     return Volume(torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0))), affine)
+
+
+def grid(path: str | os.PathLike, what: str = "image") -> tuple[tuple[int, ...], np.ndarray]:
+    """The spatial shape and voxel-to-world affine of a NIfTI file from its header alone (no data read),
+    as :func:`load` would give them: for checking many files' grids before any work (a batch of pairs).
+
+    Raises:
+        InputError: missing file, not NIfTI, an unreadable header, or an unusable affine.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} not found: {p}" if not p.exists() else f"{what} is not a file: {p}")
+    if not is_nifti_path(p):
+        raise InputError(f"{what} is not a NIfTI file (.nii or .nii.gz): {p}")
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:
+        raise InputError(f"cannot read {what} {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape[:3], check_affine(img.affine, what, p)

@@ -54,13 +54,19 @@ def resolve_network(features: str, weights: Any, config: RegistrationConfig, dev
     Args:
         features: ``"mind"``, ``"net"`` or ``"both"``.
         weights: a model directory, a network in memory (its card is its ``model_card`` attribute, set
-            by :func:`synthvox.models.load_model`), or ``None`` for the shipped default weights.
+            by :func:`synthvox.models.load_model`), ``None`` for the shipped default weights, or a
+            :class:`FeatureNetwork` already resolved (returned as it is: a batch of pairs loads the
+            network once, and every pair's report still names the weights' file).
         config: its ``net_spacing`` and ``net_share``, when set, win over the card.
         device: where the network runs.
 
     Raises:
         InputError: an unknown feature kind, or ``net``/``both`` without weights.
     """
+    if isinstance(weights, FeatureNetwork):
+        if weights.kind != features:
+            raise InputError(f"a network resolved for --features {weights.kind} was given for --features {features}")
+        return weights
     model = feature_model(features, weights, device)
     if model is None:
         return FeatureNetwork(features)
