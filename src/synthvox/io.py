@@ -169,6 +169,48 @@ def load_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
     return load(path, labels=True, what=what)
 
 
+#: Transform files :func:`load_transform` reads (through SimpleITK).
+TRANSFORM_SUFFIXES = (".txt", ".tfm", ".mat")
+
+
+def _simpleitk(why: str):  # noqa: ANN202 - the module
+    """SimpleITK, or a one-line :class:`InputError` saying how to install it."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise InputError(f"{why} needs SimpleITK: pip install 'synthvox[formats]' (or SimpleITK)") from None
+    return sitk
+
+
+def load_transform(path: str | os.PathLike, what: str = "initial transform") -> np.ndarray:
+    """Read a linear transform file as a 4x4 fixed-world to moving-world matrix in RAS (synthvox's
+    world affines; see :mod:`synthvox.registration.transforms`).
+
+    Reads, through SimpleITK's ``ReadTransform``: ITK text transforms (``.txt``, ``.tfm``; the
+    ``affine.txt`` that ``synthvox register`` writes), ANTs' ``.mat`` (MATLAB v4) affines, and any
+    rigid, similarity or affine ITK transform (centre and offset included). The file maps FIXED's points
+    to MOVING's, as ``antsApplyTransforms`` reads it.
+
+    Raises:
+        InputError: a missing or unreadable file, another suffix, a transform that is not linear.
+    """
+    from synthvox.registration.transforms import check_world_matrix, itk_to_ras_matrix, matrix_of_points
+
+    p = Path(path)
+    accepted = "an ITK transform (.txt, .tfm) or an ANTs affine (.mat)"
+    if not p.is_file():
+        raise InputError(f"{what} not found: {p}" if not p.exists() else f"{what} is not a file: {p}")
+    if not p.name.lower().endswith(TRANSFORM_SUFFIXES):
+        raise InputError(f"{what} must be {accepted}: {p}")
+    sitk = _simpleitk(f"reading the {what}")
+    try:
+        tx = sitk.ReadTransform(str(p))
+    except RuntimeError:
+        raise InputError(f"cannot read {what} {p}: not {accepted}") from None
+    m = matrix_of_points(tx.TransformPoint, f"{what} {p}")
+    return check_world_matrix(itk_to_ras_matrix(m), f"{what} {p}")
+
+
 def check_output(path: str | os.PathLike, force: bool = False, nifti: bool = False) -> Path:
     """Check that ``path`` may be written, before any work: refuse an existing file unless ``force``,
     a folder in its place, a place that cannot be written (see :func:`check_writable`), and with

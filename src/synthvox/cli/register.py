@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
         init: str = typer.Option("moments", "--init", help="none (headers), com (headers, centres of mass) or moments (also principal axes)."),
         no_affine: bool = typer.Option(False, "--no-affine", help="Skip the affine stage."),
         no_deformable: bool = typer.Option(False, "--no-deformable", help="Stop after the affine stage."),
+        transform: str = typer.Option("deformable", "--transform", help="How far to go: rigid, affine or deformable; the same files are written (warp.nii.gz then holds the rigid or affine map)."),
+        initial_transform: Path = typer.Option(None, "--initial-transform", help="Start from this transform instead of the --init search: an ITK .txt/.tfm, an ANTs .mat or a synthvox affine.txt, mapping FIXED's points to MOVING's (as antsApplyTransforms reads it)."),
         fixed_mask: Path = typer.Option(None, "--fixed-mask", help="Region of FIXED to match."),
         moving_mask: Path = typer.Option(None, "--moving-mask", help="Region of MOVING to match."),
         spacing: float | None = typer.Option(None, "--spacing", help="Working spacing in mm (default: RegistrationConfig's, in report.json as working_spacing_mm; FIXED's when coarser). Finer is slower: 2 mm takes about 1.4x as long as the default."),
@@ -75,10 +77,11 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device)
         if spacing is not None:
             check_number("--spacing", spacing, 0.0, low_open=True)
-        config = apply_overrides(RegistrationConfig() if spacing is None else RegistrationConfig(spacing=spacing),
-                                 settings, "--set")
+        config = apply_overrides(RegistrationConfig(transform=transform) if spacing is None
+                                 else RegistrationConfig(transform=transform, spacing=spacing), settings, "--set")
         features = resolve_features(features, weights)
         check_out_dir(out, force, output_names(moving_labels is not None))
+        start = io.load_transform(initial_transform) if initial_transform else None
         names = _label_names(label_names)
         fx = io.load(fixed, what="fixed image")
         mv = io.load(moving, what="moving image")
@@ -94,12 +97,13 @@ def register(app: typer.Typer) -> None:
         res = run_registration(
             fx, mv, features=features, weights=weights, device=dev, moving_labels=ml, fixed_labels=fl,
             fixed_mask=fm, moving_mask=mm, init=init, affine=not no_affine, deformable=not no_deformable,
-            config=config, seed=seed, log=log, label_names=names,
+            config=config, seed=seed, log=log, label_names=names, initial_transform=start,
         )
         res.report["inputs"] = {"fixed": str(fixed), "moving": str(moving),
                                 "moving_labels": str(moving_labels) if moving_labels else None,
                                 "fixed_labels": str(fixed_labels) if fixed_labels else None,
-                                "label_names": str(label_names) if label_names else None}
+                                "label_names": str(label_names) if label_names else None,
+                                "initial_transform": str(initial_transform) if initial_transform else None}
         res.save(out, force=force, title=f"{moving.name} -> {fixed.name} ({features})")
         summary = f"folding {res.report['folding_percent']:.3f}%, {res.report['seconds']['total']:.1f} s"
         if "mean_dice" in res.report:

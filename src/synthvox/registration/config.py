@@ -10,6 +10,7 @@ from synthvox.errors import InputError
 from synthvox.registration.grids import MAX_WORKING_SIZE, MIN_WORKING_SIZE, WORKING_SPACING
 from synthvox.registration.initial import REFINE
 from synthvox.registration.rotation import PRIOR_WEIGHT
+from synthvox.registration.transforms import TRANSFORM_KINDS
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,9 @@ class RegistrationConfig:
     """Settings of the solver (distances in mm, converted to working-grid voxels).
 
     Attributes:
+        transform: how far to go (``--transform``): ``"rigid"`` (the start, then a rigid fit),
+            ``"affine"`` (the start, then an affine fit) or ``"deformable"`` (those and the deformable
+            stages). The outputs are the same files; the warp then holds the rigid or affine map.
         spacing: working spacing; FIXED's finest spacing is used instead when coarser (default
             :data:`~synthvox.registration.grids.WORKING_SPACING`, the one default of every entry point
             but atlas segmentation's :data:`~synthvox.segmentation.atlas.ATLAS_SPACING`).
@@ -61,6 +65,7 @@ class RegistrationConfig:
             else the volume holds then sees the same window twice); costs one more network pass.
     """
 
+    transform: str = "deformable"
     spacing: float = WORKING_SPACING
     max_size: int = MAX_WORKING_SIZE
     min_size: int = MIN_WORKING_SIZE
@@ -88,6 +93,8 @@ class RegistrationConfig:
     matched_fov: bool = False
 
     def __post_init__(self) -> None:
+        if self.transform not in TRANSFORM_KINDS:
+            raise InputError(f"unknown transform {self.transform!r}: use one of {', '.join(TRANSFORM_KINDS)}")
         if self.net_spacing is not None and not (self.net_spacing > 0 and math.isfinite(self.net_spacing)):
             raise InputError(f"net_spacing must be a positive number of mm, got {self.net_spacing}")
         if self.net_share is not None and not 0 < self.net_share < 1:

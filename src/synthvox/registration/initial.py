@@ -102,7 +102,8 @@ REFINE = 2
 
 def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, candidates: list[Candidate],
                      *, search_mm: float = 64.0, factor: int = 2, iters: int = 30,
-                     prior_weight: float = PRIOR_WEIGHT, workers: int = 1, refine: int = REFINE) -> list[dict]:
+                     prior_weight: float = PRIOR_WEIGHT, workers: int = 1, refine: int = REFINE,
+                     rigid_only: bool = False) -> list[dict]:
     """Score every candidate after a translation search, and the best ``refine`` of them after a short
     coarse affine too, with a rotation prior.
 
@@ -128,6 +129,7 @@ def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, ca
         workers: threads scoring candidates side by side (:func:`synthvox.registration.parallel.run_tasks`).
         refine: how many of the best candidates after the translation search get the short affine
             (0: all).
+        rigid_only: the short fit is rigid (a rotation and a translation), for a rigid registration.
 
     Returns:
         One dict per candidate, in order: ``name``, ``start`` (the candidate), ``matrix`` (after the
@@ -162,7 +164,7 @@ def score_candidates(fixed_w: Volume, weight_w: torch.Tensor, moving: Volume, ca
         q = fit_affine(ff, caff, feats["fm"], feats["eaff"], levels=(2,), iters=(n_iter,),
                        search_mm=search_mm if start is None else 0.0,
                        start_translation=(q0 if start is None else start)[:3, 3],
-                       start_rotation=rotation_part(frame), prior_weight=prior_weight, **kw)
+                       start_rotation=rotation_part(frame), prior_weight=prior_weight, rigid_only=rigid_only, **kw)
         cost = affine_cost(ff, caff, feats["fm"], feats["eaff"], q, factor=2, **kw)
         cost0 = affine_cost(ff, caff, feats["fm"], feats["eaff"], q0, factor=2, **kw)
         if not improves(cost0 + rotation_prior(cand, prior_weight), cost + rotation_prior(frame @ q, prior_weight)):

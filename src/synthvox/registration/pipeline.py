@@ -24,7 +24,8 @@ from synthvox.metrics import dice_per_label
 from synthvox.registration.config import RegistrationConfig
 from synthvox.registration.network import resolve_network
 from synthvox.registration.parallel import single_op_threads
-from synthvox.registration.stages import State, run_stages, stages
+from synthvox.registration.stages import State, run_stages, stages, use_start
+from synthvox.registration.transforms import check_world_matrix
 from synthvox.registration.warp import warp_to_itk_volume
 from synthvox.volume import Volume, same_grid
 
@@ -120,6 +121,7 @@ def register(
     fixed_mask: Volume | None = None,
     moving_mask: Volume | None = None,
     init: str = "moments",
+    initial_transform: np.ndarray | None = None,
     affine: bool = True,
     deformable: bool = True,
     modality_fixed: str = "auto",
@@ -151,8 +153,11 @@ def register(
         fixed_mask: region of FIXED to match (same grid as FIXED).
         moving_mask: region of MOVING to match (same grid as MOVING).
         init: ``"none"``, ``"com"`` or ``"moments"``.
-        affine: run the affine stage.
-        deformable: run the deformable stage.
+        initial_transform: a 4x4 fixed-world to moving-world (RAS) matrix to start from instead of the
+            ``init`` search (:func:`synthvox.io.load_transform` reads ITK/ANTs files into one).
+        affine: run the affine stage (rigid with ``config.transform == "rigid"``).
+        deformable: run the deformable stage (only with ``config.transform == "deformable"``, the
+            default: ``"rigid"`` and ``"affine"`` stop after the affine stage).
         modality_fixed: intensity normalisation for the network: ``"auto"``, ``"mr"`` or ``"ct"``.
         modality_moving: the same for MOVING.
         ct_window: optional CT window ``(low, high)`` in HU for the network.
@@ -171,6 +176,8 @@ def register(
     """
     dev = torch.device(device)
     cfg = config or RegistrationConfig()
+    start = None if initial_transform is None else check_world_matrix(initial_transform)
+    deformable = deformable and cfg.transform == "deformable"
     _check_inputs(fixed, moving, fixed_labels, moving_labels, fixed_mask, moving_mask)
     progress = _Progress(log)
     # one intra-op thread, independent tasks side by side instead (see registration.parallel)
@@ -184,7 +191,7 @@ def register(
                    modality_fixed=modality_fixed, modality_moving=modality_moving, ct_window=ct_window,
                    device=dev, workers=workers, warn=progress.warn)
         st.times["load_model"] = time.perf_counter() - t_start
-        run_stages(st, stages(affine, deformable), progress.stage)
+        run_stages(st, stages(affine, deformable, start=None if start is None else use_start(start)), progress.stage)
         st.times["total"] = time.perf_counter() - t_start
         return _result(st, _report(st, affine=affine, deformable=deformable, seed=seed, warnings=progress.warnings),
                        moving_labels, fixed_labels, label_names)
@@ -219,7 +226,8 @@ def _report(st: State, *, affine: bool, deformable: bool, seed: int, warnings: l
 
     return {
         "features": st.network.kind,
-        "init": st.init,
+        "init": st.init if st.choice != "given" else "given",
+        "transform": st.cfg.transform,
         "affine": bool(affine),
         "deformable": bool(deformable),
         "device": str(st.device),

@@ -24,7 +24,7 @@ timed (and reported) under one name:
 7. ``compose``: :func:`compose_outputs`, one displacement field on FIXED's grid (ITK/ANTs convention),
    the deformable part alone and the inverse on MOVING's grid, moved image and labels, the folding.
 
-A step that replaces another (a given initial transform instead of :func:`choose_start`, MOVING's
+A step that replaces another (a given initial transform instead of :func:`choose_start`: :func:`use_start`, MOVING's
 features computed again on the working grid instead of :func:`moving_onto_working_grid`) is a function
 of the state setting the same fields; stopping after a stage leaves the later ones out of the list.
 """
@@ -161,9 +161,16 @@ class Stage:
     steps: tuple[Step, ...]
 
 
-def stages(affine: bool = True, deformable: bool = True) -> list[Stage]:
-    """The stages of a registration, in order (the affine and deformable ones when asked for)."""
-    out = [Stage("init", (find_working_grid, choose_start, frame_moving)), Stage("features", (compute_features,))]
+def stages(affine: bool = True, deformable: bool = True, start: Step | None = None) -> list[Stage]:
+    """The stages of a registration, in order (the affine and deformable ones when asked for).
+
+    Args:
+        affine: the affine stage (rigid with ``cfg.transform == "rigid"``, see :func:`fit_residual_affine`).
+        deformable: the convex and Adam stages.
+        start: the step that sets the start instead of :func:`choose_start` (see :func:`use_start`).
+    """
+    out = [Stage("init", (find_working_grid, start or choose_start, frame_moving)),
+           Stage("features", (compute_features,))]
     if affine:
         out.append(Stage("affine", (fit_residual_affine,)))
     if deformable:
@@ -211,11 +218,25 @@ def choose_start(st: State) -> str:
         cfg = st.cfg
         st.scored = score_candidates(st.fixed_w, st.foreground_w, st.moving, st.candidates,  # type: ignore[arg-type]
                                      search_mm=cfg.init_search_mm, iters=cfg.init_iters, prior_weight=cfg.rotation_prior,
-                                     workers=st.workers, refine=cfg.init_refine)
+                                     workers=st.workers, refine=cfg.init_refine, rigid_only=cfg.transform == "rigid")
         best = min((c for c in st.scored if c["refined"]), key=lambda c: c["score"])
         st.start, st.choice = best["matrix"], best["name"]
     return (f"{len(st.candidates)} candidates, chose {st.choice}"
             + (f" (rotation {rotation_angle_deg(st.start):.0f} deg from the headers)" if st.scored else ""))
+
+
+def use_start(matrix: np.ndarray) -> Step:
+    """The step that starts from ``matrix`` (4x4, fixed world to moving world, RAS; an initial
+    transform file as :func:`synthvox.io.load_transform` reads it) instead of :func:`choose_start`."""
+    return functools.partial(given_start, matrix=np.asarray(matrix, np.float64).copy())
+
+
+def given_start(st: State, matrix: np.ndarray) -> str:
+    """Set the start to ``matrix`` (no search: the candidates are that one, named ``given``)."""
+    st.candidates = [("given", matrix)]
+    st.start, st.choice = matrix, "given"
+    return (f"the given initial transform: rotation {rotation_angle_deg(matrix):.1f} deg, "
+            f"translation {float(np.linalg.norm(matrix[:3, 3])):.1f} mm from the headers")
 
 
 def frame_moving(st: State) -> None:
@@ -224,6 +245,8 @@ def frame_moving(st: State) -> None:
     padding, and inside its mask): the weight of the moving side everywhere."""
     fixed, moving, cfg, start = st.fixed, st.moving, st.cfg, st.start
     if not bounding_boxes_overlap(fixed.shape, fixed.affine, moving.shape, moving.affine, start):
+        if st.choice == "given":
+            raise InputError("the fixed and moving images do not overlap in world space after the initial transform (check that it maps FIXED's points to MOVING's, as ITK's and ANTs' files do)")
         raise InputError(f"the fixed and moving images do not overlap in world space after --init {st.init} (check their headers, or use --init com/moments)")
     align = int(np.lcm.reduce([int(v) for v in cfg.affine_levels])) if cfg.affine_levels else 1
     st.frame = Grid(*extended_grid(st.grid.affine, moving, start, max_size=max(cfg.max_size, 256), align=align))  # type: ignore[union-attr]
@@ -261,22 +284,25 @@ def compute_features(st: State) -> str:
 
 
 def fit_residual_affine(st: State) -> str:
-    """A residual affine after the start on the features, kept only when it improves on the start
-    (an image onto itself keeps the identity)."""
+    """A residual affine after the start on the features (a rotation and translation with
+    ``transform="rigid"``), kept only when it improves on the start (an image onto itself keeps the
+    identity)."""
     cfg, (wshape, waff), (_, eaff) = st.cfg, st.grid, st.frame  # type: ignore[misc]
+    # the rotation prior holds the whole rotation near the headers', or near a given start's
+    prior_ref = np.eye(4) if st.choice == "given" else st.start
     # half a coarsest cell more: no pooled fixed point starts on the moving edge
     weight_fit = st.weight * inner_box(wshape, edge_margins(wshape, FOV_MARGIN, max(cfg.affine_levels) // 2),
                                        device=st.device)
     pooled: dict = {}  # the pooled moving features of each level, made once for the fit and the costs
     kw = {"weight_fixed": weight_fit, "weight_moving": st.cover_f, "cache": pooled, "workers": st.workers}
     residual = fit_affine(st.feat_fixed, waff, st.feat_moving, eaff, levels=cfg.affine_levels, iters=cfg.affine_iters,
-                          search_mm=cfg.search_mm, start_rotation=rotation_part(st.start),
-                          prior_weight=cfg.rotation_prior, **kw)
+                          search_mm=cfg.search_mm, start_rotation=rotation_part(prior_ref),
+                          prior_weight=cfg.rotation_prior, rigid_only=cfg.transform == "rigid", **kw)
     finest = min(cfg.affine_levels)
     cost_fit = affine_cost(st.feat_fixed, waff, st.feat_moving, eaff, residual, factor=finest, **kw)
     cost_0 = affine_cost(st.feat_fixed, waff, st.feat_moving, eaff, np.eye(4), factor=finest, **kw)
-    if improves(cost_0 + rotation_prior(st.start, cfg.rotation_prior),
-                cost_fit + rotation_prior(st.start @ residual, cfg.rotation_prior)):
+    if improves(cost_0 + rotation_prior(prior_ref, cfg.rotation_prior),
+                cost_fit + rotation_prior(prior_ref @ residual, cfg.rotation_prior)):
         st.residual = residual
     return f"rotation {rotation_angle_deg(st.start @ st.residual):.1f} deg from the headers"
 
