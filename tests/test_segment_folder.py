@@ -90,20 +90,68 @@ def test_everything_is_checked_before_any_work(images, tmp_path):
     assert len(folder_jobs(images, out, force=True)) == 2
 
 
-def test_an_unreadable_image_is_named_and_nothing_is_half_written(images, tmp_path):
-    (images / "case_003_0000.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+def test_an_unreadable_image_is_named_recorded_and_the_run_goes_on(images, tmp_path):
+    (images / "case_000_0000.nii.gz").write_bytes(b"\x1f\x8b not really gzip")  # sorted first
     out = tmp_path / "pred"
-    with pytest.raises(InputError, match="case_003_0000.nii.gz"):
+    with pytest.raises(InputError, match="1 of 3 image.*case_000_0000.nii.gz"):
         segment_folder(images, out, threshold)
-    assert tree(out) == ["case_001_0000.nii.gz", "case_002_0000.nii"]  # complete maps, no temporary files
+    # complete maps, the failure's one line, the table; no temporary files
+    assert tree(out) == ["case_000_0000.nii.gz.error.txt", "case_001_0000.nii.gz", "case_002_0000.nii", "quality.csv"]
     io.load_labels(out / "case_002_0000.nii")
-    # when the first image already fails, the output folder this call made goes again
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "a.nii.gz").write_bytes(b"junk")
-    with pytest.raises(InputError, match="a.nii.gz"):
-        segment_folder(bad, tmp_path / "new" / "pred", threshold)
-    assert not (tmp_path / "new").exists()
+    rows = quality_rows(out)
+    assert rows[0]["image"] == "case_000_0000.nii.gz" and rows[0]["status"] == "failed"
+    assert "cannot read" in rows[0]["error"] and [r["status"] for r in rows[1:]] == ["done", "done"]
+    # fixed, the rerun tries it again and only it
+    io.save(Volume(layout().float(), AFFINE), images / "case_000_0000.nii.gz", force=True)
+    calls = []
+    done = segment_folder(images, out, lambda im: calls.append(1) or threshold(im))
+    assert len(calls) == 1 and [d.image.name for d in done] == ["case_000_0000.nii.gz"]
+    assert "case_000_0000.nii.gz.error.txt" not in tree(out)
+    assert [r["status"] for r in quality_rows(out)] == ["done"] * 3
+
+
+def quality_rows(out) -> list[dict[str, str]]:
+    import csv
+
+    with open(out / "quality.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_interrupted_and_sharded_runs_give_the_table_of_one_run(images, tmp_path):
+    for i in (3, 4, 5):
+        io.save(Volume(layout().float() * i, AFFINE), images / f"case_00{i}_0000.nii.gz")
+    one = tmp_path / "one"
+    segment_folder(images, one, threshold)
+
+    def interrupted(image):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return threshold(image)
+
+    calls: list[int] = []
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        segment_folder(images, out, interrupted)
+    assert tree(out) == ["case_001_0000.nii.gz", "case_002_0000.nii"]
+    calls = [1, 1, 1]  # no more interruptions
+    again = segment_folder(images, out, interrupted)
+    assert [d.image.name for d in again] == ["case_003_0000.nii.gz", "case_004_0000.nii.gz", "case_005_0000.nii.gz"]
+
+    def table(folder):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in quality_rows(folder)]
+
+    assert table(out) == table(one)
+    sharded = tmp_path / "sharded"
+    a = segment_folder(images, sharded, threshold, num_parts=2, part_id=0)
+    b = segment_folder(images, sharded, threshold, num_parts=2, part_id=1)
+    assert [d.image.name for d in a] == ["case_001_0000.nii.gz", "case_003_0000.nii.gz", "case_005_0000.nii.gz"]
+    assert [d.image.name for d in b] == ["case_002_0000.nii", "case_004_0000.nii.gz"]
+    assert segment_folder(images, sharded, threshold) == []  # everything finished: nothing to do
+    assert table(sharded) == table(one)
+    assert len(segment_folder(images, sharded, threshold, force=True)) == 5
+    with pytest.raises(InputError, match="--part-id"):
+        segment_folder(images, sharded, threshold, num_parts=2, part_id=-1)
 
 
 def test_interrupted_run_leaves_no_partial_file(images, tmp_path):
@@ -150,10 +198,16 @@ def test_segment_a_folder_from_the_command_line(images, model, tmp_path):
     assert tree(out) == ["case_001_0000.nii.gz", "case_002_0000.nii", "quality.csv"]
     seg = io.load_labels(out / "case_002_0000.nii")
     assert seg.shape == (32, 28, 20) and (seg.data == 9).all()
-    # existing outputs: refused in one line before any work; --force --tta redo them
-    assert "--force" in one_line_error(runner.invoke(app, args))
+    # a rerun skips the finished images; --force --tta redo them; a label map not written by a folder
+    # run is refused in one line before any work
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "wrote 0 label maps, 2 finished before and quality.csv" in r.output, r.output
     r = runner.invoke(app, [*args, "--force", "--tta"])
     assert r.exit_code == 0, r.output
+    io.save(seg, out / "case_002_0000.nii", labels=True, force=True)  # the same map, without its record
+    assert "--force" in one_line_error(runner.invoke(app, args))
+    r = runner.invoke(app, [*args, "--force", "--num-parts", "2", "--part-id", "1"])
+    assert r.exit_code == 0 and "wrote 1 label maps (share 1 of 2)" in r.output, r.output
     # a folder given as IMAGE works the same; a single image still takes -o / --out as a file
     r = runner.invoke(app, ["segment", str(images), "-o", str(tmp_path / "p2"), "--model", str(model), "--device", "cpu"])
     assert r.exit_code == 0 and tree(tmp_path / "p2") == tree(out), r.output
@@ -189,7 +243,9 @@ def test_segment_folder_errors_are_one_line(images, model, tmp_path, monkeypatch
         for expect, args in cases.items():
             assert expect in one_line_error(runner.invoke(app, args)), expect
     assert not (tmp_path / "o").exists()
-    (images / "case_000_0000.nii.gz").write_bytes(b"junk")  # sorted first: fails before anything is written
+    (images / "case_000_0000.nii.gz").write_bytes(b"junk")  # sorted first: recorded, the others still segmented
     line = one_line_error(runner.invoke(app, ["segment", "-i", str(images), "-o", str(tmp_path / "o"), *base]))
-    assert "case_000_0000.nii.gz" in line
-    assert not (tmp_path / "o").exists()
+    assert "case_000_0000.nii.gz" in line and "1 of 3 image(s) failed" in line
+    assert tree(tmp_path / "o") == ["case_000_0000.nii.gz.error.txt", "case_001_0000.nii.gz", "case_002_0000.nii", "quality.csv"]
+    assert "--part-id" in one_line_error(runner.invoke(app, ["segment", "-i", str(images), "-o", str(tmp_path / "o"), *base,
+                                                              "--num-parts", "2", "--part-id", "2"]))

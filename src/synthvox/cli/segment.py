@@ -109,6 +109,8 @@ def segment_command(
         False, "--probabilities",
         help="Also write NAME_probabilities.nii.gz (one channel per label, summing to one; their ids in NAME_probabilities.json) beside each label map.",
     ),
+    num_parts: int = typer.Option(1, "--num-parts", help="For a folder: split the images into N shares (a job array)."),
+    part_id: int = typer.Option(0, "--part-id", help="For a folder: segment share K (0..N-1) only."),
     device: str = DeviceOption,
     seed: int = SeedOption,
     force: bool = ForceOption,
@@ -139,7 +141,9 @@ def segment_command(
     from synthvox.segmentation import folder_jobs
 
     if folder:
-        jobs = folder_jobs(source, out, force, probabilities)
+        jobs = folder_jobs(source, out, force, probabilities, num_parts=num_parts, part_id=part_id)
+    elif num_parts != 1 or part_id != 0:
+        raise InputError("--num-parts and --part-id split a folder of images (-i DIR), not one image")
     else:
         from synthvox.segmentation.folder import outputs_of
 
@@ -155,21 +159,32 @@ def segment_command(
 
     from synthvox.segmentation import segment_files
 
-    done = segment_files(jobs, segmenter, progress=None if folder else False, out_dir=out if folder else None,
-                         probabilities=probabilities)
     if folder:
-        from synthvox.segmentation.folder import QUALITY_TABLE
+        _segment_folder(source, out, jobs, segmenter, probabilities, num_parts, part_id)
+        return
+    done = segment_files(jobs, segmenter, progress=False, probabilities=probabilities)
+    d = done[0]
+    quality = f", quality {d.quality:.3f} ({d.measure})" if d.quality is not None else ""
+    typer.echo(f"wrote {out} (labels present: {d.labels_present}{quality})")
 
-        seconds = sum(d.seconds for d in done)
-        rated = [d for d in done if d.quality is not None]
-        worst = min(rated, key=lambda d: d.quality) if rated else None
-        tail = f"; lowest quality {worst.quality:.3f} ({worst.measure}): {worst.image.name}" if worst else ""
-        typer.echo(f"wrote {len(done)} label maps and {QUALITY_TABLE} to {out} ({seconds:.1f} s, "
-                   f"{seconds / max(len(done), 1):.1f} s per image{tail})")
-    else:
-        d = done[0]
-        quality = f", quality {d.quality:.3f} ({d.measure})" if d.quality is not None else ""
-        typer.echo(f"wrote {out} (labels present: {d.labels_present}{quality})")
+
+def _segment_folder(source: Path, out: Path, jobs: list, segmenter: Segmenter, probabilities: bool,
+                    num_parts: int, part_id: int) -> None:
+    """A folder run (the images of this share not finished yet), its table covering every image, and a summary."""
+    from synthvox.segmentation import segment_files
+    from synthvox.segmentation.folder import QUALITY_TABLE, folder_outputs
+
+    every = folder_outputs(source, out)
+    mine = len(every[part_id::num_parts])
+    done = segment_files(jobs, segmenter, progress=None, out_dir=out, probabilities=probabilities, table_jobs=every)
+    seconds = sum(d.seconds for d in done)
+    rated = [d for d in done if d.quality is not None]
+    worst = min(rated, key=lambda d: d.quality) if rated else None
+    tail = f"; lowest quality {worst.quality:.3f} ({worst.measure}): {worst.image.name}" if worst else ""
+    skipped = f", {mine - len(jobs)} finished before" if mine > len(jobs) else ""
+    share = f" (share {part_id} of {num_parts})" if num_parts > 1 else ""
+    typer.echo(f"wrote {len(done)} label maps{share}{skipped} and {QUALITY_TABLE} to {out} ({seconds:.1f} s, "
+               f"{seconds / max(len(done), 1):.1f} s per image{tail})")
 
 
 def _segmenter(model: Path | None, device: torch.device, tta: bool, overlap: float, probabilities: bool) -> Segmenter:
