@@ -36,15 +36,72 @@ def _label_names(path: Path | None) -> dict[int, str] | None:
     return names
 
 
+def _check_batch_options(pairs: Path | None, fixed: Path | None, moving: Path | None, **per_pair: object) -> None:
+    """``--pairs`` or FIXED MOVING, not both; the per-pair options belong in the CSV's columns."""
+    from synthvox.errors import InputError
+
+    if pairs is None:
+        raise InputError("give FIXED and MOVING, or --pairs PAIRS.csv for a batch")
+    if fixed is not None or moving is not None:
+        raise InputError("give either FIXED MOVING or --pairs PAIRS.csv, not both")
+    given = [f"--{k.replace('_', '-')}" for k, v in per_pair.items() if v]
+    if given:
+        raise InputError(f"with --pairs, {', '.join(given)} cannot be given: labels and masks are columns of the CSV "
+                         "(moving_labels, fixed_labels, fixed_mask, moving_mask)")
+
+
+def _register_pairs(pairs: Path, out: Path, *, num_parts: int, part_id: int, label_names: Path | None,
+                    weights: str | None, features: str, init: str, affine: bool, deformable: bool,
+                    spacing: float | None, quiet: bool, settings: list[str], transform: str | None, device: str,
+                    seed: int, force: bool) -> None:
+    """``synthvox register --pairs PAIRS.csv --out DIR``: :func:`synthvox.registration.batch.register_many`
+    with the command's options; bad rows one line each, a summary, exit status 1 when a pair failed."""
+    from synthvox.cli.common import check_number, resolve_device
+    from synthvox.config import apply_overrides
+    from synthvox.demo import resolve_features
+    from synthvox.registration import RegistrationConfig
+    from synthvox.registration.batch import RESULTS_TABLE, PairsError, register_many
+
+    dev = resolve_device(device)
+    base = {} if transform is None else {"transform": transform}
+    if spacing is not None:
+        base["spacing"] = check_number("--spacing", spacing, 0.0, low_open=True)
+    config = apply_overrides(RegistrationConfig(**base), settings, "--set")
+    features = resolve_features(features, weights)
+    names = _label_names(label_names)
+    try:
+        res = register_many(pairs, out, features=features, weights=weights, device=dev, init=init, affine=affine,
+                            deformable=deformable, config=config, seed=seed, label_names=names, num_parts=num_parts,
+                            part_id=part_id, force=force, progress=False if quiet else None,
+                            log=lambda line: typer.echo(line, err=True))
+    except PairsError as exc:
+        for line in exc.problems:
+            typer.echo(f"error: {pairs}: {line}", err=True)
+        raise typer.Exit(2) from None
+    flagged = [r["name"] for r in res.rows if r["quality"] == "check"]
+    share = f" (share {part_id} of {num_parts})" if num_parts > 1 else ""
+    typer.echo(f"registered {len(res.registered)} pair(s){share}, {len(res.skipped)} finished before, "
+               f"{len(res.failed)} failed; wrote {res.table}"
+               + (f"; {len(flagged)} to check: {', '.join(flagged[:5])}{' ...' if len(flagged) > 5 else ''}" if flagged else ""))
+    if res.failed:
+        name, error = next(iter(res.failed.items()))
+        more = f" and {len(res.failed) - 1} more" if len(res.failed) > 1 else ""
+        typer.echo(f"error: {len(res.failed)} pair(s) failed (see {RESULTS_TABLE}): {name}: {error}{more}", err=True)
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``register`` and ``apply`` commands to ``app``."""
 
     @app.command("register")
     @user_errors
     def register_cmd(
-        fixed: Path = typer.Argument(..., help="Fixed (reference) 3D NIfTI image."),
-        moving: Path = typer.Argument(..., help="Moving 3D NIfTI image (any grid, spacing, orientation)."),
-        out: Path = typer.Option(..., "--out", help="Output directory."),
+        fixed: Path = typer.Argument(None, help="Fixed (reference) 3D NIfTI image (not with --pairs)."),
+        moving: Path = typer.Argument(None, help="Moving 3D NIfTI image (any grid, spacing, orientation)."),
+        out: Path = typer.Option(..., "--out", help="Output directory (with --pairs: DIR/NAME/ per pair and DIR/results.csv)."),
+        pairs: Path = typer.Option(None, "--pairs", help="CSV of pairs (columns fixed, moving; optional moving_labels, fixed_labels, fixed_mask, moving_mask, name; paths relative to the CSV): all registered in one process, finished pairs skipped."),
+        num_parts: int = typer.Option(1, "--num-parts", help="With --pairs: split the pairs into N shares (a job array)."),
+        part_id: int = typer.Option(0, "--part-id", help="With --pairs: register share K (0..N-1) only."),
         moving_labels: Path = typer.Option(None, "--moving-labels", help="Label map of MOVING (on its grid)."),
         fixed_labels: Path = typer.Option(None, "--fixed-labels", help="Label map of FIXED: Dice in the report."),
         label_names: Path = typer.Option(None, "--label-names", help="JSON file of label name -> id, for the report."),
@@ -66,6 +123,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Register MOVING onto FIXED; writes moved.nii.gz, warp.nii.gz, affine.txt, deformable_warp.nii.gz,
         inverse_warp.nii.gz (ITK/ANTs), qc.png, report.json."""
+        if pairs is not None or fixed is None or moving is None:
+            _check_batch_options(pairs, fixed, moving, moving_labels=moving_labels, fixed_labels=fixed_labels,
+                                 fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                 initial_transform=initial_transform)
+            return _register_pairs(pairs, out, num_parts=num_parts, part_id=part_id, label_names=label_names,
+                                   weights=weights, features=features, init=init, affine=not no_affine,
+                                   deformable=not no_deformable, spacing=spacing, quiet=quiet, settings=settings,
+                                   transform=transform, device=device, seed=seed, force=force)
         from synthvox import io
         from synthvox.cli.common import check_number, check_out_dir, resolve_device
         from synthvox.config import apply_overrides
