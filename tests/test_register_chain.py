@@ -1,10 +1,10 @@
 """Registration in the chain researchers run (issue 25): an initial transform file (ITK/ANTs, fixed
-points to moving points), ``transform`` rigid / affine / deformable.
+points to moving points), ``transform`` rigid / affine / deformable, and the Jacobian map.
 
 Each test can fail: reading the file's map the other way (``inv``), or in LPS as if it were RAS, moves
 the image elsewhere (checked against SimpleITK's resampling of the same file, which is ITK's, as
 antsApplyTransforms'); an affine fit where a rigid one is asked changes landmark distances by about
-10% (checked).
+10% (checked); a Jacobian written in float64 and folded with another rule than ``<= 0`` differs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from test_registration import CFG, phantom
 
 from synthvox import io
 from synthvox.errors import InputError
+from synthvox.metrics import folding_percent, jacobian_determinant
 from synthvox.registration import RegistrationConfig, register
 from synthvox.registration.outputs import itk_affine_text
 from synthvox.registration.stages import stages, use_start
@@ -179,6 +180,44 @@ def test_rigid_keeps_distances_affine_does_not():
         assert "convex" not in res.report["seconds"]
     assert np.abs(out["rigid"]).max() < 0.1, np.abs(out["rigid"]).max()
     assert np.abs(out["affine"]).max() > 0.5 and np.median(out["affine"] / d0[iu]) > 0.02, out["affine"]
+
+
+def test_jacobian_non_positive_share_is_the_reports_folding(tmp_path):
+    """A folding deformable result (no regularisation: about 24% of voxels fold): the written map's
+    share of values <= 0 is the report's folding %. The determinant along the array axes instead of
+    the oblique grid's world axes gives 27% (checked when written)."""
+    from test_registration import warped_pair
+
+    fixed_affine = make_affine(spacing=(1.0, 1.1, 1.2), angles=(0.2, -0.1, 0.3), origin=(-15.0, -18.0, -20.0))
+    img = phantom(N)
+    fixed, moving = Volume(img, fixed_affine), Volume(warped_pair(img, amp=4.0)[0], fixed_affine)
+    cfg = replace(CFG, fold_weight=0.0, lam=0.0, adam_lr=2.0, adam_iters=40, adam_tol=0.0, convex_grid_mm=4.0)
+    res = register(fixed, moving, features="mind", config=cfg, init="none", jacobian=True)
+    assert res.report["fallback"] is None and res.report["folding_percent"] > 1.0
+    written = res.save(tmp_path / "out")
+    assert tmp_path / "out" / "jacobian.nii.gz" in written
+    jac = io.load(tmp_path / "out" / "jacobian.nii.gz")
+    assert jac.shape == fixed.shape and np.allclose(jac.affine, fixed.affine)
+    share = 100.0 * float((jac.data <= 0).double().mean())
+    assert share == res.report["folding_percent"], (share, res.report["folding_percent"])
+    det = jacobian_determinant(res.displacement, affine=fixed.affine)
+    assert torch.allclose(jac.data[0].double(), det, rtol=1e-6, atol=1e-6)
+    assert folding_percent(res.displacement, affine=fixed.affine) == share
+    # no Jacobian unless asked; the command writes it with --jacobian
+    assert register(fixed, moving, features="mind", config=replace(CFG, transform="rigid")).jacobian is None
+    import json
+
+    from typer.testing import CliRunner
+
+    from synthvox.cli import app
+
+    io.save(fixed, tmp_path / "f.nii.gz")
+    io.save(moving, tmp_path / "m.nii.gz")
+    r = CliRunner().invoke(app, ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--out",
+                                 str(tmp_path / "cli"), "--transform", "affine", "--jacobian", "--spacing", "1"])
+    assert r.exit_code == 0, r.output
+    jac = io.load(tmp_path / "cli" / "jacobian.nii.gz").data
+    assert 100.0 * float((jac <= 0).double().mean()) == json.loads((tmp_path / "cli" / "report.json").read_text())["folding_percent"]
 
 
 @pytest.mark.ants

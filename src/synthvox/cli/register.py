@@ -112,6 +112,7 @@ def register(app: typer.Typer) -> None:
         no_deformable: bool = typer.Option(False, "--no-deformable", help="Stop after the affine stage."),
         transform: str = typer.Option("deformable", "--transform", help="How far to go: rigid, affine or deformable; the same files are written (warp.nii.gz then holds the rigid or affine map)."),
         initial_transform: Path = typer.Option(None, "--initial-transform", help="Start from this transform instead of the --init search: an ITK .txt/.tfm, an ANTs .mat or a synthvox affine.txt, mapping FIXED's points to MOVING's (as antsApplyTransforms reads it)."),
+        jacobian: bool = typer.Option(False, "--jacobian", help="Also write jacobian.nii.gz, the whole map's Jacobian determinant on FIXED's grid (its share <= 0 is the report's folding %)."),
         fixed_mask: Path = typer.Option(None, "--fixed-mask", help="Region of FIXED to match."),
         moving_mask: Path = typer.Option(None, "--moving-mask", help="Region of MOVING to match."),
         spacing: float | None = typer.Option(None, "--spacing", help="Working spacing in mm (default: RegistrationConfig's, in report.json as working_spacing_mm; FIXED's when coarser). Finer is slower: 2 mm takes about 1.4x as long as the default."),
@@ -145,7 +146,7 @@ def register(app: typer.Typer) -> None:
         config = apply_overrides(RegistrationConfig(transform=transform) if spacing is None
                                  else RegistrationConfig(transform=transform, spacing=spacing), settings, "--set")
         features = resolve_features(features, weights)
-        check_out_dir(out, force, output_names(moving_labels is not None))
+        check_out_dir(out, force, output_names(moving_labels is not None, jacobian))
         start = io.load_transform(initial_transform) if initial_transform else None
         names = _label_names(label_names)
         fx = io.load(fixed, what="fixed image")
@@ -162,7 +163,7 @@ def register(app: typer.Typer) -> None:
         res = run_registration(
             fx, mv, features=features, weights=weights, device=dev, moving_labels=ml, fixed_labels=fl,
             fixed_mask=fm, moving_mask=mm, init=init, affine=not no_affine, deformable=not no_deformable,
-            config=config, seed=seed, log=log, label_names=names, initial_transform=start,
+            config=config, seed=seed, log=log, label_names=names, initial_transform=start, jacobian=jacobian,
         )
         res.report["inputs"] = {"fixed": str(fixed), "moving": str(moving),
                                 "moving_labels": str(moving_labels) if moving_labels else None,

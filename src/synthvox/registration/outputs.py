@@ -11,7 +11,9 @@ Files (all on FIXED's grid unless said otherwise; fields in the ITK/ANTs convent
 * ``deformable_warp.nii.gz``: the deformable stage alone, applied before ``affine.txt``:
   ``antsApplyTransforms -t deformable_warp.nii.gz -t affine.txt`` equals ``-t warp.nii.gz``;
 * ``inverse_warp.nii.gz``: on MOVING's grid, the moving -> fixed map (moves FIXED onto MOVING);
-* ``moved_labels.nii.gz`` (when moving labels were given), ``qc.png``, ``report.json``.
+* ``moved_labels.nii.gz`` (when moving labels were given), ``qc.png``, ``report.json``;
+* ``jacobian.nii.gz`` (when the result holds it: ``register(..., jacobian=True)``, ``--jacobian``): the
+  Jacobian determinant of the whole map; its share of values ``<= 0`` is the report's folding %.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from synthvox.registration.warp import RAS_TO_LPS
 
 #: Every file :func:`save` may write, in order.
 OUTPUTS = ("moved.nii.gz", "warp.nii.gz", "affine.txt", "deformable_warp.nii.gz", "inverse_warp.nii.gz",
-           "moved_labels.nii.gz", "qc.png", "report.json")
+           "moved_labels.nii.gz", "jacobian.nii.gz", "qc.png", "report.json")
 
 
-def output_names(has_labels: bool) -> list[str]:
-    """The files :func:`save` writes for a result with (or without) moved labels."""
-    return [n for n in OUTPUTS if n != "moved_labels.nii.gz" or has_labels]
+def output_names(has_labels: bool, has_jacobian: bool = False) -> list[str]:
+    """The files :func:`save` writes for a result with (or without) moved labels (and the Jacobian)."""
+    return [n for n in OUTPUTS if (n != "moved_labels.nii.gz" or has_labels) and (n != "jacobian.nii.gz" or has_jacobian)]
 
 
 def itk_affine_text(world_affine: np.ndarray) -> str:
@@ -73,7 +75,7 @@ def save(result: Any, out: str | Path, *, force: bool = False, title: str | None
     from synthvox.registration.qc import qc_png_bytes
 
     out = Path(out)
-    names = output_names(result.moved_labels is not None)
+    names = output_names(result.moved_labels is not None, getattr(result, "jacobian", None) is not None)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out must be a directory, but a file is there: {out}")
     if out.is_dir() and not force and any((out / n).exists() for n in names):
@@ -94,6 +96,8 @@ def save(result: Any, out: str | Path, *, force: bool = False, title: str | None
         io.save(result.inverse_warp, stage / "inverse_warp.nii.gz", force=True, vector=True)
         if result.moved_labels is not None:
             io.save(result.moved_labels, stage / "moved_labels.nii.gz", labels=True, force=True)
+        if getattr(result, "jacobian", None) is not None:
+            io.save(result.jacobian, stage / "jacobian.nii.gz", force=True)
         (stage / "qc.png").write_bytes(png)
         (stage / "report.json").write_text(report)
     return [out / n for n in names]

@@ -48,6 +48,8 @@ class RegistrationResult:
         inverse_warp: the moving -> fixed map on MOVING's grid (ITK convention).
         fixed: the fixed image (for the QC picture).
         fixed_labels: the fixed label map, when given.
+        jacobian: the Jacobian determinant of the whole map on FIXED's grid (asked with
+            ``jacobian=True``); its share of values ``<= 0`` is the report's ``folding_percent``.
     """
 
     moved: Volume
@@ -60,6 +62,7 @@ class RegistrationResult:
     inverse_warp: Volume | None = None
     fixed: Volume | None = None
     fixed_labels: Volume | None = None
+    jacobian: Volume | None = None
 
     def save(self, out: str | Path, *, force: bool = False, title: str | None = None) -> list[Path]:
         """Write every output into the folder ``out`` as ``synthvox register`` does (see
@@ -131,6 +134,7 @@ def register(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     label_names: Mapping[int, str] | None = None,
+    jacobian: bool = False,
 ) -> RegistrationResult:
     """Register MOVING onto FIXED.
 
@@ -166,6 +170,7 @@ def register(
         log: called with one line per stage (progress) and per warning; ``None``: warnings go to
             stderr, progress nowhere.
         label_names: label id -> name, recorded in the report (and Dice by name).
+        jacobian: also return the whole map's Jacobian determinant on FIXED's grid.
 
     Returns:
         A :class:`RegistrationResult`.
@@ -194,14 +199,19 @@ def register(
         run_stages(st, stages(affine, deformable, start=None if start is None else use_start(start)), progress.stage)
         st.times["total"] = time.perf_counter() - t_start
         return _result(st, _report(st, affine=affine, deformable=deformable, seed=seed, warnings=progress.warnings),
-                       moving_labels, fixed_labels, label_names)
+                       moving_labels, fixed_labels, label_names, jacobian=jacobian)
 
 
 def _result(st: State, report: dict[str, Any], moving_labels: Volume | None, fixed_labels: Volume | None,
-            label_names: Mapping[int, str] | None) -> RegistrationResult:
-    """The result of a registration's state (on the CPU), its report with the labels' names and Dice."""
+            label_names: Mapping[int, str] | None, jacobian: bool = False) -> RegistrationResult:
+    """The result of a registration's state (on the CPU), its report with the labels' names and Dice,
+    and with ``jacobian`` the whole map's Jacobian determinant (as the folding was measured)."""
     out = st.outputs
     assert out is not None
+    det = None
+    if jacobian:
+        with torch.no_grad():
+            det = jacobian_volume(out.displacement, st.fixed.affine)
     if label_names:
         report["label_names"] = {str(int(k)): str(v) for k, v in sorted(label_names.items())}
     if out.moved_labels is not None and fixed_labels is not None:
@@ -217,7 +227,20 @@ def _result(st: State, report: dict[str, Any], moving_labels: Volume | None, fix
         inverse_warp=warp_to_itk_volume(out.inverse.cpu(), st.moving.affine),
         fixed=Volume(st.fixed.data.cpu(), st.fixed.affine),
         fixed_labels=fixed_labels,
+        jacobian=det,
     )
+
+
+def jacobian_volume(displacement: torch.Tensor, affine: np.ndarray) -> Volume:
+    """The Jacobian determinant of ``x -> x + d(x)`` (RAS displacement on the grid ``affine``) as a
+    float32 volume on the CPU whose values ``<= 0`` are exactly those of
+    :func:`synthvox.metrics.folding_percent` (a positive determinant too small for float32 stays positive)."""
+    from synthvox.metrics import jacobian_determinant
+
+    det = jacobian_determinant(displacement, affine=affine)
+    out = det.float()
+    out = torch.where((det > 0) & (out <= 0), torch.finfo(torch.float32).tiny, out)
+    return Volume(out.cpu()[None], np.asarray(affine, np.float64).copy())
 
 
 def _report(st: State, *, affine: bool, deformable: bool, seed: int, warnings: list[str]) -> dict[str, Any]:
