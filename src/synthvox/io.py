@@ -211,6 +211,99 @@ def load_transform(path: str | os.PathLike, what: str = "initial transform") -> 
     return check_world_matrix(itk_to_ras_matrix(m), f"{what} {p}")
 
 
+#: Landmark files :func:`load_points` reads and :func:`save_points` writes.
+POINT_SUFFIXES = (".csv", ".fcsv", ".mrk.json")
+
+
+def load_points(path: str | os.PathLike, what: str = "points") -> tuple[np.ndarray, list[str]]:
+    """Read landmarks as ``(N, 3)`` RAS millimetres and their labels (``""`` when none).
+
+    Formats: a CSV of ``x,y,z`` in RAS mm with an optional ``label`` column (a header row naming the
+    columns is optional); Slicer's ``.fcsv`` (its ``CoordinateSystem`` line, RAS when absent) and
+    Slicer's markups ``.mrk.json`` (``coordinateSystem`` LPS or RAS).
+
+    Raises:
+        InputError: a missing file, another suffix, no points, or a row that is not three numbers.
+    """
+    import csv
+    import json
+
+    p = Path(path)
+    name = p.name.lower()
+    if not p.is_file():
+        raise InputError(f"{what} not found: {p}" if not p.exists() else f"{what} is not a file: {p}")
+    if not name.endswith(POINT_SUFFIXES):
+        raise InputError(f"{what} must be a CSV of x,y,z (RAS mm), a Slicer .fcsv or a .mrk.json: {p}")
+    pts: list[list[float]] = []
+    labels: list[str] = []
+    lps = False
+    try:
+        if name.endswith(".mrk.json"):
+            doc = json.loads(p.read_text())
+            for m in doc.get("markups", []):
+                flip = str(m.get("coordinateSystem", "LPS")).upper() == "LPS"
+                for cp in m.get("controlPoints", []):
+                    x = [float(v) for v in cp["position"]]
+                    pts.append([-x[0], -x[1], x[2]] if flip else x)
+                    labels.append(str(cp.get("label", "")))
+        else:
+            text = p.read_text().splitlines()
+            if name.endswith(".fcsv"):
+                for line in text:
+                    if line.startswith("#") and "coordinatesystem" in line.lower().replace(" ", ""):
+                        lps = line.split("=")[-1].strip().upper() in ("LPS", "1")
+                rows = [r for r in csv.reader(line for line in text if line.strip() and not line.startswith("#"))]
+                cols, start = (1, 2, 3, 11), 0
+            else:
+                rows = [r for r in csv.reader(line for line in text if line.strip())]
+                head = [c.strip().lower() for c in rows[0]] if rows else []
+                start = 1 if head and all(k in head for k in ("x", "y", "z")) else 0
+                cols = ((head.index("x"), head.index("y"), head.index("z"), head.index("label") if "label" in head else -1)
+                        if start else (0, 1, 2, 3))
+            for r in rows[start:]:
+                x = [float(r[c]) for c in cols[:3]]
+                pts.append([-x[0], -x[1], x[2]] if lps else x)
+                labels.append(r[cols[3]].strip() if 0 <= cols[3] < len(r) else "")
+    except (ValueError, IndexError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {what} {p}: each point needs x, y, z numbers ({type(exc).__name__})") from None
+    arr = np.asarray(pts, np.float64).reshape(-1, 3)
+    if len(arr) == 0:
+        raise InputError(f"{what} has no points: {p}")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{what} has non-finite coordinates: {p}")
+    return arr, labels
+
+
+def save_points(points: np.ndarray, labels: list[str] | None, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write landmarks (``(N, 3)`` RAS mm) as :func:`load_points` reads them: a CSV ``label,x,y,z``,
+    or, by the name's suffix, a Slicer ``.fcsv`` or ``.mrk.json`` (both in LPS, as Slicer writes)."""
+    import json
+
+    p = check_output(path, force)
+    name = p.name.lower()
+    if not name.endswith(POINT_SUFFIXES):
+        raise InputError(f"points output must end in .csv, .fcsv or .mrk.json: {p}")
+    pts = np.asarray(points, np.float64).reshape(-1, 3)
+    labels = list(labels) if labels else [""] * len(pts)
+    lps = pts * [-1.0, -1.0, 1.0]
+    if name.endswith(".mrk.json"):
+        doc = {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#",
+               "markups": [{"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
+                            "controlPoints": [{"id": str(i + 1), "label": lab, "position": q.tolist()}
+                                              for i, (lab, q) in enumerate(zip(labels, lps))]}]}
+        text = json.dumps(doc, indent=2) + "\n"
+    elif name.endswith(".fcsv"):
+        text = ("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+                "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+                + "".join(f"{i + 1},{q[0]:.6f},{q[1]:.6f},{q[2]:.6f},0,0,0,1,1,1,0,{lab},,\n"
+                          for i, (lab, q) in enumerate(zip(labels, lps))))
+    else:
+        text = "label,x,y,z\n" + "".join(f"{lab},{q[0]:.6f},{q[1]:.6f},{q[2]:.6f}\n" for lab, q in zip(labels, pts))
+    with atomic_path(p) as tmp:
+        tmp.write_text(text)
+    return p
+
+
 def check_output(path: str | os.PathLike, force: bool = False, nifti: bool = False) -> Path:
     """Check that ``path`` may be written, before any work: refuse an existing file unless ``force``,
     a folder in its place, a place that cannot be written (see :func:`check_writable`), and with

@@ -113,6 +113,8 @@ def register(app: typer.Typer) -> None:
         transform: str = typer.Option("deformable", "--transform", help="How far to go: rigid, affine or deformable; the same files are written (warp.nii.gz then holds the rigid or affine map)."),
         initial_transform: Path = typer.Option(None, "--initial-transform", help="Start from this transform instead of the --init search: an ITK .txt/.tfm, an ANTs .mat or a synthvox affine.txt, mapping FIXED's points to MOVING's (as antsApplyTransforms reads it)."),
         jacobian: bool = typer.Option(False, "--jacobian", help="Also write jacobian.nii.gz, the whole map's Jacobian determinant on FIXED's grid (its share <= 0 is the report's folding %)."),
+        fixed_points: Path = typer.Option(None, "--fixed-points", help="Landmarks of FIXED: a CSV of x,y,z in RAS mm (optional label column), a Slicer .fcsv or .mrk.json; with --moving-points, TRE before and after in report.json."),
+        moving_points: Path = typer.Option(None, "--moving-points", help="The corresponding landmarks of MOVING, in the same order."),
         fixed_mask: Path = typer.Option(None, "--fixed-mask", help="Region of FIXED to match."),
         moving_mask: Path = typer.Option(None, "--moving-mask", help="Region of MOVING to match."),
         spacing: float | None = typer.Option(None, "--spacing", help="Working spacing in mm (default: RegistrationConfig's, in report.json as working_spacing_mm; FIXED's when coarser). Finer is slower: 2 mm takes about 1.4x as long as the default."),
@@ -127,7 +129,8 @@ def register(app: typer.Typer) -> None:
         if pairs is not None or fixed is None or moving is None:
             _check_batch_options(pairs, fixed, moving, moving_labels=moving_labels, fixed_labels=fixed_labels,
                                  fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                 initial_transform=initial_transform)
+                                 initial_transform=initial_transform, jacobian=jacobian,
+                                 fixed_points=fixed_points, moving_points=moving_points)
             return _register_pairs(pairs, out, num_parts=num_parts, part_id=part_id, label_names=label_names,
                                    weights=weights, features=features, init=init, affine=not no_affine,
                                    deformable=not no_deformable, spacing=spacing, quiet=quiet, settings=settings,
@@ -136,6 +139,7 @@ def register(app: typer.Typer) -> None:
         from synthvox.cli.common import check_number, check_out_dir, resolve_device
         from synthvox.config import apply_overrides
         from synthvox.demo import resolve_features
+        from synthvox.errors import InputError
         from synthvox.registration import RegistrationConfig
         from synthvox.registration.outputs import output_names
         from synthvox.registration.pipeline import register as run_registration
@@ -148,6 +152,12 @@ def register(app: typer.Typer) -> None:
         features = resolve_features(features, weights)
         check_out_dir(out, force, output_names(moving_labels is not None, jacobian))
         start = io.load_transform(initial_transform) if initial_transform else None
+        if (fixed_points is None) != (moving_points is None):
+            raise InputError("give --fixed-points and --moving-points together")
+        fp, point_labels = io.load_points(fixed_points, what="fixed points") if fixed_points else (None, None)
+        mp = io.load_points(moving_points, what="moving points")[0] if moving_points else None
+        if fp is not None and len(fp) != len(mp):  # type: ignore[arg-type]
+            raise InputError(f"--fixed-points has {len(fp)} points, --moving-points {len(mp)}: they must correspond one to one")  # type: ignore[arg-type]
         names = _label_names(label_names)
         fx = io.load(fixed, what="fixed image")
         mv = io.load(moving, what="moving image")
@@ -164,12 +174,15 @@ def register(app: typer.Typer) -> None:
             fx, mv, features=features, weights=weights, device=dev, moving_labels=ml, fixed_labels=fl,
             fixed_mask=fm, moving_mask=mm, init=init, affine=not no_affine, deformable=not no_deformable,
             config=config, seed=seed, log=log, label_names=names, initial_transform=start, jacobian=jacobian,
+            fixed_points=fp, moving_points=mp, point_labels=point_labels,
         )
         res.report["inputs"] = {"fixed": str(fixed), "moving": str(moving),
                                 "moving_labels": str(moving_labels) if moving_labels else None,
                                 "fixed_labels": str(fixed_labels) if fixed_labels else None,
                                 "label_names": str(label_names) if label_names else None,
-                                "initial_transform": str(initial_transform) if initial_transform else None}
+                                "initial_transform": str(initial_transform) if initial_transform else None,
+                                "fixed_points": str(fixed_points) if fixed_points else None,
+                                "moving_points": str(moving_points) if moving_points else None}
         res.save(out, force=force, title=f"{moving.name} -> {fixed.name} ({features})")
         summary = f"folding {res.report['folding_percent']:.3f}%, {res.report['seconds']['total']:.1f} s"
         if "mean_dice" in res.report:
@@ -179,21 +192,37 @@ def register(app: typer.Typer) -> None:
     @app.command("apply")
     @user_errors
     def apply_cmd(
-        image: Path = typer.Argument(..., help="Image or label map to move (in MOVING's space)."),
+        image: Path = typer.Argument(None, help="Image or label map to move (in MOVING's space); or --points."),
         warp: Path = typer.Option(..., "--warp", help="warp.nii.gz written by synthvox register."),
-        out: Path = typer.Option(..., "--out", help="Output NIfTI."),
+        out: Path = typer.Option(..., "--out", help="Output NIfTI (with --points: .csv, .fcsv or .mrk.json)."),
+        points: Path = typer.Option(None, "--points", help="Landmarks to carry instead of an image (CSV x,y,z RAS mm, .fcsv, .mrk.json): p -> p + d(p), so warp.nii.gz takes FIXED's points to MOVING's and inverse_warp.nii.gz MOVING's to FIXED's (following the moved image)."),
         fixed: Path = typer.Option(None, "--fixed", help="Grid to write onto (default: the warp's, i.e. FIXED's)."),
         labels: bool = typer.Option(False, "--labels", help="Nearest neighbour; label ids kept."),
         device: str = DeviceOption,
         seed: int = SeedOption,
         force: bool = ForceOption,
     ) -> None:
-        """Apply a saved warp to IMAGE (linear, or nearest neighbour with --labels)."""
+        """Apply a saved warp to IMAGE (linear, or nearest neighbour with --labels), or to --points."""
         from synthvox import io
         from synthvox.cli.common import resolve_device
+        from synthvox.errors import InputError
         from synthvox.registration.warp import apply_warp
 
         dev = resolve_device(device)
+        if (image is None) == (points is None):
+            raise InputError("give IMAGE or --points (one of them)")
+        if points is not None:
+            from synthvox.registration.landmarks import apply_warp_to_points
+
+            io.check_output(out, force)
+            pts, names = io.load_points(points)
+            mapped, inside = apply_warp_to_points(pts, io.load_warp(warp))
+            if not inside.all():
+                typer.echo(f"warning: {int((~inside).sum())} point(s) lie outside the warp's grid (given the "
+                           "displacement at its nearest border)", err=True)
+            io.save_points(mapped, names, out, force=force)
+            typer.echo(f"wrote {out} ({len(pts)} points)")
+            return
         io.check_output(out, force, nifti=True)
         w = io.load_warp(warp)
         img = io.load_labels(image, what="label map") if labels else io.load(image)

@@ -135,6 +135,9 @@ def register(
     log: Callable[[str], None] | None = None,
     label_names: Mapping[int, str] | None = None,
     jacobian: bool = False,
+    fixed_points: np.ndarray | None = None,
+    moving_points: np.ndarray | None = None,
+    point_labels: list[str] | None = None,
 ) -> RegistrationResult:
     """Register MOVING onto FIXED.
 
@@ -171,6 +174,12 @@ def register(
             stderr, progress nowhere.
         label_names: label id -> name, recorded in the report (and Dice by name).
         jacobian: also return the whole map's Jacobian determinant on FIXED's grid.
+        fixed_points: ``(N, 3)`` landmarks in FIXED's world (RAS mm), with ``moving_points`` the
+            corresponding ones in MOVING's: the report's ``landmarks`` holds the target registration
+            error before (the headers) and after, mean and per point (see
+            :mod:`synthvox.registration.landmarks`).
+        moving_points: ``(N, 3)`` the corresponding landmarks in MOVING's world.
+        point_labels: the landmarks' names, for the report.
 
     Returns:
         A :class:`RegistrationResult`.
@@ -184,6 +193,9 @@ def register(
     start = None if initial_transform is None else check_world_matrix(initial_transform)
     deformable = deformable and cfg.transform == "deformable"
     _check_inputs(fixed, moving, fixed_labels, moving_labels, fixed_mask, moving_mask)
+    if (fixed_points is None) != (moving_points is None) or (
+            fixed_points is not None and np.shape(fixed_points) != np.shape(moving_points)):
+        raise InputError("landmarks need both fixed and moving points, as many of each (in the same order)")
     progress = _Progress(log)
     # one intra-op thread, independent tasks side by side instead (see registration.parallel)
     with single_op_threads(dev) as workers:
@@ -198,16 +210,26 @@ def register(
         st.times["load_model"] = time.perf_counter() - t_start
         run_stages(st, stages(affine, deformable, start=None if start is None else use_start(start)), progress.stage)
         st.times["total"] = time.perf_counter() - t_start
+        landmarks = None
+        if fixed_points is not None:
+            from synthvox.registration.landmarks import map_points_through, tre_report
+
+            mapped = map_points_through(fixed_points, st.world, st.outputs.deformable, st.fixed.affine)  # type: ignore[union-attr]
+            landmarks = tre_report(fixed_points, moving_points, mapped, point_labels)  # type: ignore[arg-type]
         return _result(st, _report(st, affine=affine, deformable=deformable, seed=seed, warnings=progress.warnings),
-                       moving_labels, fixed_labels, label_names, jacobian=jacobian)
+                       moving_labels, fixed_labels, label_names, jacobian=jacobian,
+                       landmarks=landmarks)
 
 
 def _result(st: State, report: dict[str, Any], moving_labels: Volume | None, fixed_labels: Volume | None,
-            label_names: Mapping[int, str] | None, jacobian: bool = False) -> RegistrationResult:
+            label_names: Mapping[int, str] | None, jacobian: bool = False,
+            landmarks: dict[str, Any] | None = None) -> RegistrationResult:
     """The result of a registration's state (on the CPU), its report with the labels' names and Dice,
     and with ``jacobian`` the whole map's Jacobian determinant (as the folding was measured)."""
     out = st.outputs
     assert out is not None
+    if landmarks is not None:
+        report["landmarks"] = landmarks
     det = None
     if jacobian:
         with torch.no_grad():
