@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -343,6 +344,18 @@ def check_writable(folder: str | os.PathLike, what: str = "output") -> Path:
     return target
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it, under a lock: files may be written from
+    several threads at once, and two interleaved reads would leave the umask at 0)."""
+    with _UMASK_LOCK:
+        umask = os.umask(0)
+        os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
@@ -352,8 +365,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp_path
@@ -487,8 +499,7 @@ def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
                     for sig in (signal.SIGINT, signal.SIGTERM):
                         old[sig] = signal.signal(sig, lambda signum, frame: deferred.append(signum))
                 try:
-                    umask = os.umask(0)
-                    os.umask(umask)
+                    umask = _umask()
                     for f in sorted(stage.iterdir()):
                         if f.is_file():
                             os.chmod(f, 0o666 & ~umask)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synthvox.registration.adam import Adam
 from synthvox.registration.convex import pool
 from synthvox.registration.grids import pooled_affine
 from synthvox.registration.rotation import PRIOR_FREE_DEG
@@ -76,7 +77,8 @@ def _translation_search(ff: torch.Tensor, wf: torch.Tensor, fa: np.ndarray, mv: 
     d = conv(val, w)
     total = w.sum()
     cost = (a - 2 * b + c + 2.0 * (total - d)) / total.clamp_min(1e-6)
-    idx = torch.unravel_index(cost.argmin(), cost.shape) if hasattr(torch, "unravel_index") else np.unravel_index(int(cost.argmin()), tuple(cost.shape))
+    # numpy's: torch.unravel_index imports sympy (1 s) on its first call
+    idx = np.unravel_index(int(cost.argmin()), tuple(cost.shape))
     k = torch.tensor([float(i) - n for i in idx], dtype=torch.float64, device=ff.device)
     # a shift of k lattice steps along the fixed axes, in world mm; through the (near-rigid) start transform
     shift_fixed = torch.as_tensor(fa[:3, :3], device=ff.device) @ k
@@ -275,9 +277,9 @@ def fit_affine(
                 best, _ = _translation_search(ff, wf, pooled_affine(fixed_affine, factor), mv, ma,
                                               matrix().detach(), search_mm)
                 trans.data += best / radius
-        opt = torch.optim.Adam([rot, log_scale, shear, trans], lr=lr, eps=ADAM_EPS)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k, n=max(n_iter, 1): _settle(k, n))
-        for _ in range(n_iter):
+        opt = Adam([rot, log_scale, shear, trans], lr=lr, eps=ADAM_EPS)
+        for k in range(n_iter):
+            opt.lr = lr * _settle(k, max(n_iter, 1))  # as torch's LambdaLR with _settle
             opt.zero_grad(set_to_none=True)
             r = rotation()  # once per step, for the transform and the prior
             m = matrix(r)
@@ -287,6 +289,5 @@ def fit_affine(
                 loss = loss + prior_weight * torch.relu(float(np.cos(np.radians(PRIOR_FREE_DEG))) - cos)
             loss.backward()
             opt.step()
-            sched.step()
     with torch.no_grad():
         return matrix().cpu().numpy()

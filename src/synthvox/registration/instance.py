@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from synthvox.registration.adam import Adam
 from synthvox.registration.convex import box3, pool, upsample_field
 from synthvox.registration.sampling import sample_points
 from synthvox.volume import normalise_coords, sample_at, voxel_grid
@@ -107,7 +108,7 @@ def instance_optimise(
         centres = voxel_grid(cshape, device=ff.device) * stride + (stride - 1) / 2.0  # type: ignore[arg-type]
         start = sample_at(init.float(), centres, mode="linear", padding="border") / stride
     param = torch.nn.Parameter(start.clone())
-    opt = torch.optim.Adam([param], lr=lr)
+    opt = Adam([param], lr=lr)
     n_ch = ff.shape[0]
     grid = voxel_grid(cshape, device=ff.device).reshape(-1, 3)  # type: ignore[arg-type]
     points = torch.arange(grid.shape[0], device=ff.device)

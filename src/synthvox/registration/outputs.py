@@ -19,6 +19,7 @@ Files (all on FIXED's grid unless said otherwise; fields in the ITK/ANTs convent
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,28 @@ def itk_affine_text(world_affine: np.ndarray) -> str:
             f"Parameters: {params}\nFixedParameters: 0 0 0\n")
 
 
+#: gzip level of the float volumes (moved image, fields, Jacobian): 0, stored. Their noisy float32 values
+#: shrink by about 11% at level 1, for 5x the writing time (0.8 s per field of a 2 mm brain); label
+#: maps keep nibabel's level 1, which shrinks them many times over.
+FLOAT_COMPRESSION = 0
+
+
+def _run_side_by_side(tasks: list[Callable[[], object]]) -> None:
+    """Run ``tasks`` on a few threads; the first error is raised once all have stopped."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(3, os.cpu_count() or 1))) as pool:
+        futures = [pool.submit(t) for t in tasks]
+    for f in futures:
+        f.result()
+
+
 def save(result: Any, out: str | Path, *, force: bool = False, title: str | None = None) -> list[Path]:
     """Write a :class:`~synthvox.registration.RegistrationResult` into the folder ``out``.
 
-    Everything is computed before the first file is written, the files are written into a staging
-    folder and moved into ``out`` together, and an existing output is refused unless ``force`` (before
-    anything is written).
+    The files are written side by side into a staging folder (``report.json`` last) and moved into
+    ``out`` together, and an existing output is refused unless ``force`` (before anything is written).
 
     Args:
         result: what :func:`synthvox.registration.register` returned.
@@ -81,23 +98,33 @@ def save(result: Any, out: str | Path, *, force: bool = False, title: str | None
     if out.is_dir() and not force and any((out / n).exists() for n in names):
         raise InputError(f"output directory {out} already holds outputs (use --force to overwrite)")
     io.check_writable(out)
-    png = qc_png_bytes(result.fixed, result.moved, title=title or "registration", fixed_labels=result.fixed_labels,
-                       moved_labels=result.moved_labels, label_names=result.report.get("label_names"),
-                       dice=result.report.get("dice"))
     report = json.dumps(result.report, indent=2, allow_nan=True)
     affine_txt = itk_affine_text(result.world_affine)
+
+    def qc_png() -> bytes:
+        return qc_png_bytes(result.fixed, result.moved, title=title or "registration", fixed_labels=result.fixed_labels,
+                            moved_labels=result.moved_labels, label_names=result.report.get("label_names"),
+                            dice=result.report.get("dice"))
+
     # everything into a staging folder first, then moved into place: an error or Ctrl-C leaves no
-    # part of a set of outputs
+    # part of a set of outputs. The files are written side by side (gzip and PNG encoding release the
+    # GIL); float volumes are stored uncompressed inside their .nii.gz (FLOAT_COMPRESSION)
     with io.staging_dir(out) as stage:
-        io.save(result.moved, stage / "moved.nii.gz", force=True)
-        io.save(result.warp, stage / "warp.nii.gz", force=True, vector=True)
-        (stage / "affine.txt").write_text(affine_txt)
-        io.save(result.deformable_warp, stage / "deformable_warp.nii.gz", force=True, vector=True)
-        io.save(result.inverse_warp, stage / "inverse_warp.nii.gz", force=True, vector=True)
+        writes: list[Callable[[], object]] = [
+            lambda: (stage / "qc.png").write_bytes(qc_png()),
+            lambda: io.save(result.inverse_warp, stage / "inverse_warp.nii.gz", force=True, vector=True,
+                            compress_level=FLOAT_COMPRESSION),
+            lambda: io.save(result.warp, stage / "warp.nii.gz", force=True, vector=True, compress_level=FLOAT_COMPRESSION),
+            lambda: io.save(result.deformable_warp, stage / "deformable_warp.nii.gz", force=True, vector=True,
+                            compress_level=FLOAT_COMPRESSION),
+            lambda: io.save(result.moved, stage / "moved.nii.gz", force=True, compress_level=FLOAT_COMPRESSION),
+            lambda: (stage / "affine.txt").write_text(affine_txt),
+        ]
         if result.moved_labels is not None:
-            io.save(result.moved_labels, stage / "moved_labels.nii.gz", labels=True, force=True)
+            writes.append(lambda: io.save(result.moved_labels, stage / "moved_labels.nii.gz", labels=True, force=True))
         if getattr(result, "jacobian", None) is not None:
-            io.save(result.jacobian, stage / "jacobian.nii.gz", force=True)
-        (stage / "qc.png").write_bytes(png)
+            writes.append(lambda: io.save(result.jacobian, stage / "jacobian.nii.gz", force=True,
+                                          compress_level=FLOAT_COMPRESSION))
+        _run_side_by_side(writes)
         (stage / "report.json").write_text(report)
     return [out / n for n in names]

@@ -208,10 +208,104 @@ def qc_figure(fixed: Volume, moved: Volume, title: str = "", fixed_labels: Volum
 def qc_png_bytes(fixed: Volume, moved: Volume, title: str = "", fixed_labels: Volume | None = None,
                  moved_labels: Volume | None = None, *, label_names: Mapping[Any, str] | None = None,
                  dice: Mapping[Any, float] | None = None, radiological: bool = True) -> bytes:
-    """The QC figure rendered as PNG bytes (the caller writes them); arguments as :func:`qc_figure`."""
+    """The QC picture as PNG bytes (the caller writes them); arguments as :func:`qc_figure`.
+
+    Drawn directly with Pillow, not through matplotlib (about 0.1 s instead of 1-3 s with its import):
+    the same rows, columns, panel titles, orientation markers, label outlines, legend and convention
+    line as :func:`qc_figure`, each panel at its voxels' aspect ratio, nearest-neighbour as there.
+    """
     import io as _io
 
+    from PIL import Image, ImageDraw
+
+    f = display_orientation(Volume(fixed.data[:1].float().cpu(), fixed.affine), radiological)
+    m = display_orientation(Volume(moved.data[:1].float().cpu(), moved.affine), radiological)
+    fa, ma = _unit(f.data[0].numpy()), _unit(m.data[0].numpy())
+    sp = np.asarray(f.spacing, float)
+    markers = panel_markers(f.affine)
+
+    def as_array(lab: Volume | None) -> np.ndarray | None:
+        if lab is None:
+            return None
+        return display_orientation(Volume(lab.data[:1].cpu(), lab.affine), radiological).data[0].numpy()
+
+    fla, mla = as_array(fixed_labels), as_array(moved_labels)
+    fl = None if fla is None else _planes(fla)
+    ml = None if mla is None else _planes(mla)
+    ids = sorted({int(i) for a in (fla, mla) if a is not None for i in np.unique(a)} - {0})
+    if dice is None and fla is not None and mla is not None:
+        from synthvox.metrics import dice_per_label
+
+        shared = sorted(({int(i) for i in np.unique(fla)} & {int(i) for i in np.unique(mla)}) - {0})
+        dice = dice_per_label(mla, fla, shared) if shared else {}
+    entries = legend_entries(ids, label_names, dice) if ids else []
+    rows = [("fixed", _planes(fa), [fl]), ("moved", _planes(ma), [ml]),
+            ("overlay (checkerboard)", [checkerboard(x, y) for x, y in zip(_planes(fa), _planes(ma))], [fl, ml])]
+
+    cell, head, pad = 290, 20, 8
+    # one scale (pixels per mm) for every panel, so the planes keep their relative sizes and aspect
+    extents = [(f.shape[h] * sp[h], f.shape[v] * sp[v]) for h, v in _PLANE_AXES.values()]
+    scale = (cell - 4) / max(max(e) for e in extents)
+    top = 34 if title else 8
+    legend_w, line_h = 0, 13
+    body_h = 3 * (cell + head + pad)
+    if entries:
+        per_col = max(1, (body_h - 30) // line_h)
+        ncol = -(-len(entries) // per_col)
+        legend_w = 20 + ncol * 210
+    width, height = 3 * (cell + pad) + pad + legend_w, top + body_h + 22
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font, small, bold = _font(13), _font(11), _font(14)
+    if title:
+        draw.text((width / 2, 8), title, fill="black", font=_font(16), anchor="ma")
+    for r, (name, planes, overlays) in enumerate(rows):
+        for c, img in enumerate(planes):
+            plane = PLANES[c]
+            x0, y0 = pad + c * (cell + pad), top + r * (cell + head + pad)
+            draw.text((x0 + cell / 2, y0 + 2), f"{plane} \u00b7 {name}", fill="black", font=font, anchor="ma")
+            rgb = np.repeat((np.clip(img, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+            for lab in overlays:
+                if lab is not None:
+                    edges = label_edges_rgba(lab[c])
+                    on = edges[..., 3] > 0
+                    rgb[on] = (edges[on, :3] * 255).astype(np.uint8)
+            w_mm, h_mm = extents[c]
+            size = (max(1, int(round(w_mm * scale))), max(1, int(round(h_mm * scale))))
+            panel = Image.fromarray(np.ascontiguousarray(rgb[::-1])).resize(size, Image.NEAREST)  # origin lower
+            px, py = int(x0 + (cell - size[0]) / 2), int(y0 + head + (cell - size[1]) / 2)
+            draw.rectangle((x0, y0 + head, x0 + cell - 1, y0 + head + cell - 1), fill="black")
+            canvas.paste(panel, (px, py))
+            mk = markers[plane]
+            for (tx, ty), edge, anchor in (((px + 3, py + size[1] / 2), "left", "lm"),
+                                           ((px + size[0] - 3, py + size[1] / 2), "right", "rm"),
+                                           ((px + size[0] / 2, py + size[1] - 3), "bottom", "md"),
+                                           ((px + size[0] / 2, py + 3), "top", "ma")):
+                draw.text((tx, ty), mk[edge], fill="yellow", font=bold, anchor=anchor, stroke_width=1, stroke_fill="black")
+    convention = ("radiological convention: the patient's right (R) is on the viewer's left" if radiological
+                  else "neurological convention: the patient's right (R) is on the viewer's right")
+    draw.text((3 * (cell + pad) / 2, height - 6), convention + "; markers from the image affine", fill="black",
+              font=small, anchor="md")
+    if entries:
+        lx, ly = 3 * (cell + pad) + pad + 10, top + 4
+        vals = [float(v) for v in (dice or {}).values() if float(v) == float(v)]
+        draw.text((lx, ly), "label outlines" + (f" (mean Dice {np.mean(vals):.2f})" if vals else ""), fill="black", font=font)
+        per_col = max(1, (body_h - 30) // line_h)
+        for k, (i, text) in enumerate(entries):
+            cx, cy = lx + (k // per_col) * 210, ly + 24 + (k % per_col) * line_h
+            colour = tuple(int(round(v * 255)) for v in label_colour(i)[:3])
+            draw.rectangle((cx, cy + 1, cx + 10, cy + 10), fill=colour, outline="black")
+            draw.text((cx + 15, cy), text.replace("\u2014", "-"), fill="black", font=small)
     buf = _io.BytesIO()
-    qc_figure(fixed, moved, title, fixed_labels, moved_labels, label_names=label_names, dice=dice,
-              radiological=radiological).savefig(buf, format="png")
+    canvas.save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
+
+
+def _font(size: int) -> Any:
+    """Pillow's bundled scalable font at ``size`` pixels (its fixed bitmap font without FreeType)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError, ImportError):
+        return ImageFont.load_default()
