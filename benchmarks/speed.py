@@ -202,15 +202,17 @@ def time_segmentation(device: torch.device, variant: str, steps: int, patch: int
     """Finetune seconds per step and inference seconds per volume (random-init network, a few steps)."""
     from fewshot import load_subject, step_seconds
 
-    from synthvox.segmentation import finetune, load_model_dir, segment_with
+    from synthvox.segmentation import FinetuneConfig, finetune, load_model_dir, segment_with
 
     groups = common.dlmuse_groups()
     image, labels = load_subject("Subj1", groups)
     test, _ = load_subject("Subj2", groups)
     with tempfile.TemporaryDirectory(prefix="speed_seg_") as tmp:
         out = Path(tmp) / "model"
-        finetune([image], [labels], out_dir=out, init="random", variant=variant, steps=steps, patch_size=patch,
-                 batch_size=batch, device=device, seed=0, spacing=spacing, val_every=steps, progress=False)
+        # the same settings on every device (not the device's defaults): the timings compare
+        cfg = FinetuneConfig(init="random", variant=variant, steps=steps, patch_size=[patch] * 3, batch_size=batch,
+                             seed=0, spacing=spacing, val_every=steps)
+        finetune([image], [labels], cfg, out_dir=out, device=device, progress=False)
         timing = step_seconds(out / "log.csv")
         net, meta = load_model_dir(out, device)
         segment_with(net, meta, corner_crop(test, 40), device=device)  # warm-up

@@ -41,7 +41,9 @@ def dice(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
 
 
 def quick(tmp, images, labels, **kw):
-    args = dict(out_dir=tmp, init="random", variant="tiny", model_overrides=LEAKY, steps=2, patch_size=32, batch_size=1, device="cpu", progress=False)
+    # an explicit config: these tiny volumes at their own spacing, not the CPU's defaults (48³ at 3 mm or coarser)
+    args = dict(config=FinetuneConfig(), out_dir=tmp, init="random", variant="tiny", model_overrides=LEAKY, steps=2,
+                patch_size=32, batch_size=1, device="cpu", progress=False)
     args.update(kw)
     return finetune(images, labels, **args)
 
@@ -50,7 +52,7 @@ def quick(tmp, images, labels, **kw):
 def trained(tmp_path_factory):
     lab = layout()
     img = Volume(render(lab, {0: 10.0, 7: 80.0, 42: 150.0}, 5.0, 0), AFFINE)
-    out = finetune([img], [Volume(lab, AFFINE)], out_dir=tmp_path_factory.mktemp("seg") / "model", init="random",
+    out = finetune([img], [Volume(lab, AFFINE)], FinetuneConfig(), out_dir=tmp_path_factory.mktemp("seg") / "model", init="random",
                    variant="tiny", model_overrides=LEAKY, steps=STEPS, patch_size=32, batch_size=2, lr=3e-3, device="cpu", seed=0,
                    progress=False, val_every=STEPS)
     return out, lab

@@ -75,7 +75,7 @@ def test_demo_mr_labels_have_sides_and_are_never_scored_mirrored():
 def test_single_volume_without_sides_is_scored_mirrored(tmp_path):
     lab = symmetric_layout()
     img = Volume(lab.float() * 60 + 10 + torch.rand(lab.shape) * 5, AFFINE)
-    model = finetune([img], [Volume(lab, AFFINE)], out_dir=tmp_path / "m", init="random", variant="tiny",
+    model = finetune([img], [Volume(lab, AFFINE)], FinetuneConfig(), out_dir=tmp_path / "m", init="random", variant="tiny",
                      steps=2, patch_size=32, batch_size=1, val_every=2, device="cpu", progress=False)
     h = read_meta(model).history
     assert h["val_kind"] == "mirrored copy" and h["last_val_on"] == "mirrored copy of training volume 1"
@@ -85,7 +85,7 @@ def test_single_volume_without_sides_is_scored_mirrored(tmp_path):
 def test_single_volume_with_sides_is_a_training_fit_check(tmp_path):
     lab = layout()
     img = Volume(lab.float() + 10 + torch.rand(lab.shape) * 5, AFFINE)
-    model = finetune([img], [Volume(lab, AFFINE)], out_dir=tmp_path / "m", init="random", variant="tiny",
+    model = finetune([img], [Volume(lab, AFFINE)], FinetuneConfig(), out_dir=tmp_path / "m", init="random", variant="tiny",
                      steps=2, patch_size=32, batch_size=1, val_every=2, device="cpu", progress=False)
     meta = read_meta(model)
     assert meta.history["val_kind"] == "training fit" and meta.history["val_held_out"] is False
@@ -122,7 +122,7 @@ def test_several_volumes_are_held_out_in_turn_and_resume_exactly(tmp_path):
     labs = [Volume(lab, AFFINE)] * 2
     kw = dict(init="random", variant="tiny", steps=6, patch_size=32, batch_size=1, val_every=2, checkpoint_every=3,
               device="cpu", progress=False, seed=3)
-    full = finetune(imgs, labs, out_dir=tmp_path / "a", **kw)
+    full = finetune(imgs, labs, FinetuneConfig(), out_dir=tmp_path / "a", **kw)
     rows = [r for r in csv.DictReader(open(full / "log.csv")) if r["val_dice"]]
     assert [(r["step"], r["val_on"]) for r in rows] == [
         ("2", "training subject 1, left out of the draws since step 0"),
@@ -135,7 +135,7 @@ def test_several_volumes_are_held_out_in_turn_and_resume_exactly(tmp_path):
     part = tmp_path / "b"
     (part / "checkpoints").mkdir(parents=True)
     shutil.copy(full / "checkpoints" / checkpoint_name(3), part / "checkpoints")
-    resumed = finetune(imgs, labs, out_dir=part, resume=True, **kw)
+    resumed = finetune(imgs, labs, FinetuneConfig(), out_dir=part, resume=True, **kw)
     a, _ = load_model_dir(full)
     b, _ = load_model_dir(resumed)
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -147,7 +147,7 @@ def test_several_volumes_are_held_out_in_turn_and_resume_exactly(tmp_path):
 def test_a_validation_pair_is_scored_when_given(tmp_path, n):
     lab = layout()
     img = Volume(lab.float() + 10 + torch.rand(lab.shape) * 5, AFFINE)
-    model = finetune([img] * n, [Volume(lab, AFFINE)] * n, out_dir=tmp_path / "m", init="random", variant="tiny",
+    model = finetune([img] * n, [Volume(lab, AFFINE)] * n, FinetuneConfig(), out_dir=tmp_path / "m", init="random", variant="tiny",
                      steps=1, patch_size=32, batch_size=1, device="cpu", progress=False, val=(img, Volume(lab, AFFINE)))
     h = read_meta(model).history
     assert h["val_kind"] == "validation pair" and h["val_held_out"] and h["last_val_on"] == "validation pair"

@@ -67,7 +67,7 @@ class FakeClock:
 
 def budget_run(out, minutes: float, **kw):
     img, lab = pair()
-    return finetune([img, img], [lab, lab], out_dir=out, init="random", variant="tiny", minutes=minutes,
+    return finetune([img, img], [lab, lab], FinetuneConfig(), out_dir=out, init="random", variant="tiny", minutes=minutes,
                     patch_size=32, batch_size=1, device="cpu", progress=False, **kw)
 
 
@@ -156,3 +156,61 @@ def test_device_defaults_and_the_cli_budget_options(tmp_path):
     meta = read_meta(tmp_path / "m")
     assert meta.train["steps"] == 2 and meta.train["minutes"] is None and meta.train["lr"] == 3e-3
     assert meta.spacing == [3.0, 3.0, 3.0]  # 1.5 mm inputs trained at the CPU's 3 mm
+    # the API, given what the command was given, resolves the same settings (the device's defaults are the API's)
+    api = finetune([img], [lab], out_dir=tmp_path / "api", device="cpu", progress=False, steps=2, init="random",
+                   variant="tiny", patch_size=32)
+    assert read_meta(api).train == meta.train and read_meta(api).spacing == meta.spacing
+
+
+def test_the_api_applies_the_device_budget(tmp_path, monkeypatch):
+    """Without a config, finetune on a CPU gets the CPU's 30-minute budget of 48³ patches at 3 mm or coarser
+    (FinetuneConfig.for_device), as the command does; a step count alone replaces the minutes."""
+    img, lab = pair()
+    planned = []
+
+    def calibration(cfg0, *args, **kwargs):
+        planned.append(cfg0)
+        raise KeyboardInterrupt  # stop before 30 minutes of training
+
+    monkeypatch.setattr(loop, "budget_config", calibration)
+    with pytest.raises(KeyboardInterrupt):
+        finetune([img], [lab], out_dir=tmp_path / "m", device="cpu", init="random", variant="tiny", progress=False)
+    (cfg0,) = planned
+    assert cfg0.minutes == 30.0 and cfg0.patch_size == [48] * 3 and cfg0.lr == 3e-3 and cfg0.min_spacing == 3.0
+    assert cfg0.spacing == [3.0] * 3  # 1.5 mm inputs at the CPU's coarsest
+    assert not (tmp_path / "m").exists()  # nothing written before the run
+    # steps alone: no budget (no calibration), the CPU's other defaults kept
+    meta = read_meta(finetune([img], [lab], out_dir=tmp_path / "s", device="cpu", init="random", variant="tiny",
+                              progress=False, steps=2, patch_size=32))
+    assert meta.train["steps"] == 2 and meta.train["minutes"] is None and meta.train["lr"] == 3e-3
+    assert len(planned) == 1
+    # the same settings on a GPU: the method's 2000 steps of 96³ patches at the inputs' spacing
+    gpu = FinetuneConfig.for_device("cuda:0")
+    assert (gpu.steps, gpu.minutes, gpu.patch_size, gpu.min_spacing, gpu.lr) == (2000, None, 96, None, 1e-3)
+
+
+def test_settings_on_top_of_a_config():
+    cpu = FinetuneConfig.for_device("cpu")
+    assert cpu.minutes == 30.0 and cpu.min_spacing == 3.0
+    assert FinetuneConfig.for_device("cpu", steps=300).minutes is None  # a step count replaces the budget
+    ten = FinetuneConfig.for_device("cpu", minutes=10)
+    assert ten.minutes == 10 and ten.steps >= 100_000  # the budget alone fixes the steps
+    assert FinetuneConfig.for_device("cpu", steps=None, minutes=None) == cpu  # None: not given (an option left out)
+    assert FinetuneConfig.for_device("cpu", min_spacing=None).min_spacing is None  # any other None is a value
+    mine = FinetuneConfig(steps=50, minutes=5.0, patch_size=[40, 40, 40])
+    assert mine.with_settings(steps=80) == FinetuneConfig(steps=80, patch_size=[40, 40, 40])
+    assert mine.with_settings(patch_size=32).checked().patch_size == [32] * 3 and mine.patch_size == [40] * 3
+    with pytest.raises(InputError, match="setting lr must be a number"):
+        FinetuneConfig.for_device("cpu", lr=None).checked()
+
+
+def test_an_unknown_setting_is_a_one_line_error(tmp_path):
+    img, lab = pair()
+    with pytest.raises(InputError) as err:
+        finetune([img], [lab], out_dir=tmp_path / "m", device="cpu", stepz=3, progress=False)
+    assert "unknown finetuning setting(s): stepz (did you mean steps?)" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(InputError, match="unknown finetuning setting.*patch"):
+        finetune([img], [lab], FinetuneConfig(), out_dir=tmp_path / "m", patch=32)
+    with pytest.raises(InputError, match="config must be a FinetuneConfig"):
+        finetune([img], [lab], {"steps": 3}, out_dir=tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +25,25 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The most steps a minutes budget may plan when the caller gives no step count.
+MINUTES_STEP_CAP = 1_000_000
+
+
 def device_defaults(device: str) -> dict[str, Any]:
     """:data:`DEVICE_DEFAULTS` for a device (``"cuda:1"`` is a GPU, anything else a CPU-like device)."""
     return dict(DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"])
+
+
+def _whole(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"finetuning setting {name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"finetuning setting {name} must be a number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -89,11 +107,58 @@ class FinetuneConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
-    def resolved(self) -> FinetuneConfig:
-        """A copy with the automatic values filled in and the inputs checked."""
+    @classmethod
+    def for_device(cls, device: Any, **settings: Any) -> FinetuneConfig:
+        """The settings that suit ``device`` (:data:`DEVICE_DEFAULTS`), with ``settings`` on top
+        (:meth:`with_settings`: a step count without ``minutes`` replaces a CPU's 30-minute budget).
+
+        Raises:
+            InputError: a setting that is not a :class:`FinetuneConfig` field.
+        """
+        d = device_defaults(str(device))
+        return cls(steps=d["steps"], minutes=d["minutes"], patch_size=d["patch_size"], min_spacing=d["min_spacing"],
+                   lr=d["lr"]).with_settings(**settings)
+
+    def with_settings(self, **settings: Any) -> FinetuneConfig:
+        """A copy with ``settings`` (field names) replacing these fields.
+
+        ``steps`` and ``minutes`` are the budget and go together: a step count without ``minutes``
+        drops a minutes budget (a fixed number of steps), ``minutes`` without a step count lets the
+        budget alone fix the steps; ``None`` for either means not given (what the CLI passes for an
+        option left out). Any other ``None`` is a value (``min_spacing=None``: no floor).
+
+        Raises:
+            InputError: a setting that is not a :class:`FinetuneConfig` field (one line).
+        """
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            close = [m for u in unknown for m in difflib.get_close_matches(u, names, 1)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else f" (the settings: {', '.join(names)})"
+            raise InputError(f"unknown finetuning setting(s): {', '.join(unknown)}{hint}")
+        given = {k: v for k, v in settings.items() if k not in ("steps", "minutes") or v is not None}
+        if "steps" in given or "minutes" in given:  # what the caller says replaces the budget
+            given = {"steps": MINUTES_STEP_CAP, "minutes": None, **given}
+        return dataclasses.replace(self, **given)
+
+    def checked(self) -> FinetuneConfig:
+        """A copy with the inputs checked and their types made plain (``patch_size=64`` -> three ints,
+        ``spacing=2`` -> three floats); the automatic values stay ``None``.
+
+        Raises:
+            InputError: a value out of its range or of the wrong type.
+        """
         c = dataclasses.replace(self)
         if c.train not in TRAIN_MODES:
             raise InputError(f"--train must be one of {', '.join(TRAIN_MODES)}, got {c.train!r}")
+        for name in ("steps", "batch_size", "seed", "keep_checkpoints", "warmup", "val_every", "checkpoint_every"):
+            v = getattr(c, name)
+            if v is not None or name in ("steps", "batch_size", "seed", "keep_checkpoints"):
+                setattr(c, name, _whole(name, v))
+        for name in ("lr", "head_lr_factor", "weight_decay", "foreground_fraction", "minutes", "min_spacing"):
+            v = getattr(c, name)
+            if v is not None or name not in ("minutes", "min_spacing"):
+                setattr(c, name, _number(name, v))
         if c.steps < 1:
             raise InputError(f"--steps must be at least 1, got {c.steps}")
         if c.batch_size < 1:
@@ -104,12 +169,24 @@ class FinetuneConfig:
             raise InputError(f"head_lr_factor must be a positive number, got {c.head_lr_factor}")
         if c.minutes is not None and not (c.minutes > 0 and math.isfinite(c.minutes)):
             raise InputError(f"--minutes must be a positive number, got {c.minutes}")
-        ps = [c.patch_size] * 3 if isinstance(c.patch_size, int) else list(c.patch_size)
-        if len(ps) != 3 or min(ps) < 8:
+        ps = [c.patch_size] * 3 if isinstance(c.patch_size, numbers.Integral) else list(c.patch_size or [])
+        if len(ps) != 3 or not all(isinstance(p, numbers.Integral) and not isinstance(p, bool) for p in ps) or min(ps) < 8:
             raise InputError(f"--patch must be at least 8 voxels along each axis, got {c.patch_size}")
         c.patch_size = [int(p) for p in ps]
+        if isinstance(c.spacing, numbers.Real):
+            c.spacing = [float(c.spacing)] * 3
+        elif c.spacing is not None:
+            c.spacing = [float(v) for v in c.spacing]
+        c.init = str(c.init)
+        c.model_overrides = dict(c.model_overrides or {})
+        c.augment = c.augment if c.augment is not None else AugmentConfig()
         if c.modality not in ("auto", "mr", "ct"):
             raise InputError(f"--modality must be auto, mr or ct, got {c.modality!r}")
+        return c
+
+    def resolved(self) -> FinetuneConfig:
+        """A :meth:`checked` copy with the automatic values (warm-up, check and checkpoint intervals) filled in."""
+        c = self.checked()
         if c.warmup is None:
             c.warmup = min(100, int(0.03 * c.steps))
         if c.val_every is None:

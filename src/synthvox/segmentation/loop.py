@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from synthvox.errors import InputError
-from synthvox.segmentation.augment import AugmentConfig
 from synthvox.segmentation.backbone import build_backbone, feature_channels, trainable_parameters
 from synthvox.segmentation.config import FinetuneConfig
 from synthvox.segmentation.data import (
@@ -199,64 +198,39 @@ def _restore(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]
 def finetune(
     images: Sequence[Volume],
     labels: Sequence[Volume],
+    config: FinetuneConfig | None = None,
     *,
     out_dir: str | os.PathLike,
-    init: str = "default",
-    variant: str = "default",
-    steps: int = 2000,
-    patch_size: int | Sequence[int] = 96,
-    batch_size: int = 2,
-    lr: float = 1e-3,
-    train: str = "all",
     val: tuple[Volume, Volume] | None = None,
     device: torch.device | str = "cpu",
-    seed: int = 0,
     resume: bool = False,
-    spacing: float | Sequence[float] | None = None,
-    modality: str = "auto",
-    val_every: int | None = None,
-    checkpoint_every: int | None = None,
-    augment: AugmentConfig | None = None,
-    model_overrides: dict[str, Any] | None = None,
-    minutes: float | None = None,
-    min_spacing: float | None = None,
     force: bool = False,
     progress: bool = True,
+    **settings: Any,
 ) -> Path:
     """Finetune a segmentation network on one to a few labelled volumes and write a model directory.
 
     Args:
         images: training images (single-channel 3D volumes of any grid and orientation).
         labels: one label map per image, on its image's grid; ids are kept (e.g. 0, 7, 42).
+        config: the settings (:class:`FinetuneConfig`); ``None``: what suits ``device``
+            (:meth:`FinetuneConfig.for_device`: on a GPU 2000 steps of 96³ patches, on a CPU a
+            30-minute budget of 48³ patches at 3 mm or coarser), with ``settings`` on top.
         out_dir: the model directory to write (checkpoints and log live inside it).
-        init: ``"default"`` (shipped pretrained weights), ``"random"`` or a model directory.
-        variant: network variant for ``init="random"`` (``"tiny"``, ``"default"``, ``"large"``).
-        steps: optimisation steps (2000 suits a GPU); with ``minutes``, the most the budget may give.
-        patch_size: training patch size (an int or three ints).
-        batch_size: patches per step.
-        lr: peak learning rate (AdamW, linear warm-up then cosine decay).
-        train: ``"all"``, ``"decoder"`` (freeze the encoder) or ``"head"`` (only the 1x1x1 head).
         val: an optional held-out ``(image, label map)``. Without it, several training volumes are
             held out in turn (each check scores the one the draws left out since the previous
             check); a single one is scored as a mirrored copy when its labels have no left/right
             sides, else as an augmented copy labelled a training-fit check
             (:mod:`synthvox.segmentation.validation`).
-        device: where training runs; bf16 autocast on CUDA.
-        seed: base seed (step ``i`` of seed ``s`` draws the same patches in every run).
+        device: where training runs (and, without ``config``, what the defaults suit); bf16 autocast on CUDA.
         resume: continue from the newest checkpoint in ``out_dir/checkpoints``.
-        spacing: training spacing in mm (default: median of the inputs).
-        modality: intensity normalisation preset (``"auto"``, ``"mr"``, ``"ct"``).
-        val_every: steps between held-out checks (default ``steps // 10``, at least 25).
-        checkpoint_every: steps between checkpoints (default ``val_every``).
-        augment: augmentation settings (default :class:`AugmentConfig()`).
-        model_overrides: UNet constructor arguments replacing the variant's, for ``init="random"``
-            (e.g. ``{"activation": "leaky"}``).
         force: start over in a model directory that already holds a run (its entries are removed).
-        minutes: a wall-clock budget instead of a step count (see :class:`FinetuneConfig`): timed
-            steps on a copy of the network fix ``steps`` before training starts; a resumed run keeps
-            the steps it fixed.
-        min_spacing: with the default ``spacing``, train no finer than this (mm).
         progress: show a progress bar.
+        **settings: :class:`FinetuneConfig` fields replacing those of ``config`` (``steps=300``,
+            ``patch_size=64``, ``init="random"``, ``minutes=10``, ``spacing=2.0``...;
+            :meth:`FinetuneConfig.with_settings`): ``steps`` without ``minutes`` drops a minutes
+            budget. A ``minutes`` budget: timed steps on a copy of the network fix ``steps`` before
+            training starts; a resumed run keeps the steps it fixed.
 
     Returns:
         The model directory (see :mod:`synthvox.segmentation.modeldir`).
@@ -270,24 +244,17 @@ def finetune(
     t_call = time.perf_counter()  # a minutes budget counts from here
     images, labels = list(images), list(labels)
     out = Path(out_dir)
+    device = torch.device(device)
+    if config is not None and not isinstance(config, FinetuneConfig):
+        raise InputError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    base = FinetuneConfig.for_device(device) if config is None else config
+    cfg0 = base.with_settings(**settings).checked()  # automatic values still open: a budget plans them
+    cfg = cfg0.resolved()
     check_run_dir(out, RUN_ENTRIES, resume, force, what="a model")  # before any work
     if len(images) == 0:
         raise InputError("finetuning needs at least one image with its label map")
     if len(images) != len(labels):
         raise InputError(f"got {len(images)} images but {len(labels)} label maps: give one label map per image")
-    device = torch.device(device)
-    if isinstance(spacing, (int, float)):
-        spacing = [float(spacing)] * 3
-    cfg0 = FinetuneConfig(
-        init=str(init), variant=variant, steps=int(steps),
-        patch_size=[patch_size] * 3 if isinstance(patch_size, int) else list(patch_size),
-        batch_size=int(batch_size), lr=float(lr), train=train,
-        spacing=None if spacing is None else [float(s) for s in spacing], modality=modality,
-        val_every=val_every, checkpoint_every=checkpoint_every, seed=int(seed),
-        augment=augment or AugmentConfig(), model_overrides=dict(model_overrides or {}),
-        minutes=None if minutes is None else float(minutes), min_spacing=min_spacing,
-    )
-    cfg = cfg0.resolved()
     if cfg.model_overrides and cfg.init != "random":
         raise InputError("model overrides apply only to --init random (pretrained weights fix the architecture)")
 
