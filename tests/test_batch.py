@@ -196,14 +196,20 @@ def test_the_command_line_runs_a_share_and_reports_failures(tmp_path):
     assert synthvox.register_many is register_many
 
 
-def _report(cost: float, fallback: str | None = None, folding: float = 0.0) -> dict:
-    return {"similarity": {"final": cost}, "fallback": fallback, "folding_percent": folding}
+def _report(cost: float, fallback: str | None = None, folding: float = 0.0, turn_deg: float = 10.0) -> dict:
+    c, s = np.cos(np.radians(turn_deg)), np.sin(np.radians(turn_deg))
+    world = [[c, -s, 0, 1.0], [s, c, 0, 2.0], [0, 0, 1.05, 0], [0, 0, 0, 1]]
+    return {"similarity": {"final": cost}, "fallback": fallback, "folding_percent": folding, "world_affine": world}
 
 
-def test_quality_flag_marks_the_outlier_the_fallback_and_folding():
-    costs = [0.50, 0.52, 0.49, 0.55, 0.51, 0.53, 0.95]
+def test_quality_flag_marks_the_costly_the_turned_the_fallback_and_folding():
+    # the dev batch's final costs (nichart, --init moments, the last a 90-degree turned moving image)
+    costs = [0.7454, 0.9884, 0.9843, 0.7535, 0.9313, 0.6913, 1.1068]
     flags = quality_flags([_report(c) for c in costs])
     assert [f.flag for f in flags] == ["ok"] * 6 + ["check"]
-    assert "robust SDs above" in flags[-1].reasons[0] and flags[-1].z > 3.5
+    assert "19% above the batch's median" in flags[-1].reasons[0] and flags[-1].cost_ratio == pytest.approx(1.1068 / 0.9313, abs=1e-4)
+    flags = quality_flags([_report(0.8, turn_deg=t) for t in (5, 20, 40, 108, 12)])
+    assert [f.flag for f in flags] == ["ok", "ok", "ok", "check", "ok"] and flags[3].rotation_deg == pytest.approx(108, abs=0.1)
+    assert "108 degrees away from its header" in flags[3].reasons[0]
     flags = quality_flags([_report(0.5), _report(0.5, fallback="headers"), _report(0.5, folding=3.0)])
-    assert [f.flag for f in flags] == ["ok", "check", "check"] and flags[0].z is None  # too few for the batch figure
+    assert [f.flag for f in flags] == ["ok", "check", "check"] and flags[0].cost_ratio is None  # too few for the batch figure

@@ -351,8 +351,8 @@ def _register_one(pair: Pair, out: Path, *, network: Any, device: torch.device, 
 
 
 #: The first columns of ``results.csv``; ``dice_ID`` columns (one per label id of any pair) follow.
-RESULT_COLUMNS = ("name", "status", "quality", "quality_reasons", "cost_z", "mean_dice", "folding_percent",
-                  "seconds", "similarity_final", "similarity_start", "similarity_headers", "fallback",
+RESULT_COLUMNS = ("name", "status", "quality", "quality_reasons", "cost_ratio", "rotation_deg", "mean_dice",
+                  "folding_percent", "seconds", "similarity_final", "similarity_start", "similarity_headers", "fallback",
                   "initial_choice", "warnings", "error", "fixed", "moving", "row")
 _STATUS_ORDER = {"failed": 0, "done": 1, "pending": 2}
 _QUALITY_ORDER = {"failed": 0, "check": 1, "ok": 2, "": 3}
@@ -385,7 +385,8 @@ def results_rows(pairs: Sequence[Pair], out: str | os.PathLike) -> list[dict[str
         if rep is not None:
             flag = next(it)
             sim = rep.get("similarity") or {}
-            row.update(quality=flag.flag, quality_reasons="; ".join(flag.reasons), cost_z=flag.z,
+            row.update(quality=flag.flag, quality_reasons="; ".join(flag.reasons), cost_ratio=flag.cost_ratio,
+                       rotation_deg=flag.rotation_deg,
                        mean_dice=rep.get("mean_dice"), folding_percent=rep.get("folding_percent"),
                        seconds=(rep.get("seconds") or {}).get("total"), similarity_final=sim.get("final"),
                        similarity_start=sim.get("start"), similarity_headers=sim.get("headers"),
@@ -396,8 +397,8 @@ def results_rows(pairs: Sequence[Pair], out: str | os.PathLike) -> list[dict[str
         rows.append(row)
 
     def key(r: dict[str, Any]) -> tuple:
-        z = r.get("cost_z")
-        return (_STATUS_ORDER[r["status"]], _QUALITY_ORDER[r["quality"]], -(z if z is not None else -1e9), r["row"])
+        ratio = r.get("cost_ratio")
+        return (_STATUS_ORDER[r["status"]], _QUALITY_ORDER[r["quality"]], -(ratio if ratio is not None else -1e9), r["row"])
 
     return sorted(rows, key=key)
 
