@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from synthvox.models import build_model
-from synthvox.train.batchnorm import has_batchnorm, recalibrate, synthetic_views
+from synthvox.models.blocks import has_batchnorm
+from synthvox.train.batchnorm import recalibrate, synthetic_views
 from synthvox.train.config import resolve_config, to_dict
 
 

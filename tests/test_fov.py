@@ -126,10 +126,15 @@ def test_foreground_scaling_puts_tissue_where_the_percentiles_did() -> None:
         normalise_intensity(x, scaling="otsu")
 
 
-def test_the_card_names_the_scaling_and_percentile_stays_the_default() -> None:
+def test_the_card_names_the_scaling_and_percentile_stays_the_default_for_instance_norm() -> None:
     net = UNet(levels=1, base_channels=4, out_channels=4)
     assert card_scaling(net) == "percentile"  # no card: the scaling every network so far was used with
     net.model_card = {"intensity_scaling": "foreground"}
     assert card_scaling(net) == "foreground"
     net.model_card = {"intensity_scaling": "bogus"}
     assert card_scaling(net) == "percentile"
+    # a batch-normalised network whose card names none is used with the scaling that ignores air
+    bn = UNet(levels=1, base_channels=4, out_channels=4, norm="batch")
+    assert card_scaling(bn) == "foreground"
+    bn.model_card = {"intensity_scaling": "percentile"}
+    assert card_scaling(bn) == "percentile"

@@ -53,6 +53,11 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown normalisation {kind!r}: use one of {', '.join(NORMS)}")
 
 
+def has_batchnorm(net: nn.Module) -> bool:
+    """Whether ``net`` has any batch-normalisation layer."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
 def make_activation(kind: str) -> nn.Module:
     """An activation: ``relu``, ``leaky`` (slope 0.2) or ``gelu``."""
     if kind == "relu":

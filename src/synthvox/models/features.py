@@ -72,10 +72,17 @@ def foreground_range(x: torch.Tensor, low: float = 0.5, iterations: int = 20) ->
 
 def card_scaling(model: Any) -> str:
     """The MR intensity scaling a network is used with: its card's :data:`CARD_SCALING_KEY` (the
-    ``model_card`` attribute :func:`synthvox.models.load_model` sets), else ``percentile``."""
+    ``model_card`` attribute :func:`synthvox.models.load_model` sets); else ``foreground`` for a
+    network with batch normalisation (its features move with nothing else in the volume, so neither
+    should its input: the whole-volume percentiles move when air is added), ``percentile`` otherwise
+    (instance normalisation absorbs the global scaling; the weights shipped before 2026-12-07)."""
     card = getattr(model, "model_card", None)
     choice = card.get(CARD_SCALING_KEY) if isinstance(card, dict) else None
-    return choice if choice in SCALINGS else "percentile"
+    if choice in SCALINGS:
+        return choice
+    from synthvox.models.blocks import has_batchnorm
+
+    return "foreground" if isinstance(model, torch.nn.Module) and has_batchnorm(model) else "percentile"
 
 
 def looks_like_ct(image: torch.Tensor) -> bool:

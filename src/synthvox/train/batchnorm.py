@@ -23,11 +23,6 @@ FIRST_INDEX = 10**12
 EXPORT_BATCHES = 64
 
 
-def has_batchnorm(net: nn.Module) -> bool:
-    """Whether ``net`` has any batch-normalisation layer."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-
-
 def recalibrate(net: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Set every batch-norm layer's running statistics to their average over ``batches``.
 

@@ -247,8 +247,9 @@ def checkpoint_network(tensors: dict[str, torch.Tensor], state: dict[str, Any], 
     re-estimated on that many batches of the run's synthetic views (:mod:`synthvox.train.batchnorm`);
     the network then records the count as ``net.bn_batches``.
     """
+    from synthvox.models.blocks import has_batchnorm
     from synthvox.models.unet import UNet
-    from synthvox.train.batchnorm import has_batchnorm, recalibrate, synthetic_views
+    from synthvox.train.batchnorm import recalibrate, synthetic_views
     from synthvox.train.config import ModelConfig, from_dict, model_kwargs
 
     net = UNet(**model_kwargs(from_dict(ModelConfig, state["config"]["model"])))
