@@ -80,7 +80,7 @@ def _bad_inputs(tmp_path, good):
     four = io.save(torch.ones(3, 16, 16, 16, dtype=torch.int64), tmp_path / "four.nii.gz", np.eye(4), labels=True)
     return {
         "missing": ([str(tmp_path / "nope.nii.gz")], "not found"),
-        "not nifti": ([str(text)], "not a NIfTI file"),
+        "not nifti": ([str(text)], "not in a format synthvox reads"),
         "image": ([str(image)], "not a label map"),
         "empty": ([str(good), str(empty)], "empty"),
         "2D": ([str(flat)], "3D"),

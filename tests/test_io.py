@@ -49,7 +49,7 @@ def test_rejects_bad_files(tmp_path):
         io.load(tmp_path / "missing.nii.gz")
     txt = tmp_path / "notes.txt"
     txt.write_text("hello")
-    with pytest.raises(InputError, match="not a NIfTI"):
+    with pytest.raises(InputError, match="not in a format synthvox reads"):
         io.load(txt)
     fake = tmp_path / "fake.nii.gz"
     fake.write_bytes(b"this is not gzip")

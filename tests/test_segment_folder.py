@@ -70,7 +70,7 @@ def test_everything_is_checked_before_any_work(images, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("")
-    with pytest.raises(InputError, match=r"no NIfTI images \(\*.nii, \*.nii.gz\) in"):
+    with pytest.raises(InputError, match=r"no images \(\*.nii, \*.nii.gz, \*.mgz, .*\) in"):
         segment_folder(empty, tmp_path / "o1", counting)
     (tmp_path / "a_file").write_text("")
     with pytest.raises(InputError, match="output folder is a file"):
@@ -230,7 +230,7 @@ def test_segment_folder_errors_are_one_line(images, model, tmp_path, monkeypatch
     (pred / "case_001_0000.nii.gz").write_text("")
     base = ["--model", str(model), "--device", "cpu"]
     cases = {
-        "no NIfTI images": ["segment", "-i", str(empty), "-o", str(tmp_path / "o"), *base],
+        "no images (*.nii, *.nii.gz": ["segment", "-i", str(empty), "-o", str(tmp_path / "o"), *base],
         "output folder is a file": ["segment", "-i", str(images), "-o", str(tmp_path / "a_file"), *base],
         "output exists, not overwriting (use --force)": ["segment", "-i", str(images), "-o", str(pred), *base],
         "not both": ["segment", str(images), "-i", str(images), "-o", str(tmp_path / "o"), *base],

@@ -1,4 +1,4 @@
-"""The only module that reads or writes image files (NIfTI through nibabel).
+"""The only module that reads or writes image files (nibabel; SimpleITK for NRRD, MetaImage, DICOM).
 
 Every reader checks its input and raises :class:`synthvox.errors.InputError` with a one-line message
 for a user's mistake; every writer writes to a temporary file beside the target and renames it into
@@ -8,6 +8,7 @@ place, so an output is never half-written, and refuses to overwrite unless ``for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import threading
@@ -21,6 +22,14 @@ from synthvox.errors import InputError
 from synthvox.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Image files :func:`load` reads with nibabel (NIfTI, FreeSurfer's MGH and its gzipped MGZ).
+NIBABEL_SUFFIXES = (*NIFTI_SUFFIXES, ".mgz", ".mgh")
+#: Image files :func:`load` reads with SimpleITK (NRRD with attached or detached header, MetaImage).
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIBABEL_SUFFIXES + SITK_SUFFIXES
+#: The formats :func:`load` reads, as the one-line errors name them.
+ACCEPTED_FORMATS = ("NIfTI (.nii, .nii.gz), MGZ/MGH (.mgz, .mgh), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) "
+                    "or a folder holding one DICOM series")
 #: Refuse volumes above this many voxels per channel (about 4 GB as float32 for one channel).
 MAX_VOXELS = 1024**3
 
@@ -28,6 +37,208 @@ MAX_VOXELS = 1024**3
 def is_nifti_path(path: str | os.PathLike) -> bool:
     name = str(path).lower()
     return name.endswith(NIFTI_SUFFIXES)
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """Whether the name of a file is one of the formats :func:`load` reads (DICOM series are folders)."""
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """A file's name without its image suffix (``scan.nii.gz`` -> ``scan``); a folder's name as it is."""
+    name = Path(path).name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _not_a_format(what: str, p: Path) -> InputError:
+    return InputError(f"{what} is not in a format synthvox reads ({ACCEPTED_FORMATS}): {p}")
+
+
+def _unreadable(what: str, p: Path, why: str) -> InputError:
+    return InputError(f"cannot read {what} {p} ({why}); synthvox reads {ACCEPTED_FORMATS}")
+
+
+def check_image_path(path: str | os.PathLike, what: str = "image") -> Path:
+    """Refuse, with one line naming :data:`ACCEPTED_FORMATS`, a path :func:`load` cannot read: missing,
+    another suffix, or a folder that holds no DICOM series (reads no voxel data; checks before slow work)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}")
+    if p.is_dir():
+        _dicom_files(p, what)
+    elif not is_image_path(p):
+        raise _not_a_format(what, p)
+    return p
+
+
+@dataclasses.dataclass
+class _Opened:
+    """An image file opened without its voxels: shape as ``(X, Y, Z[, C])``, the affine as stored
+    (RAS, unchecked) and the reader of the voxels in that axis order."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    read: Callable[[], np.ndarray]
+
+
+def _open_image(p: Path, what: str) -> _Opened:
+    """Open ``p`` by its format (see :data:`ACCEPTED_FORMATS`); reads the header only, except for a DICOM series."""
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}")
+    if p.is_dir():
+        return _open_dicom(p, what)
+    if not is_image_path(p):
+        raise _not_a_format(what, p)
+    if str(p).lower().endswith(NIBABEL_SUFFIXES):
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(p))
+        except Exception as exc:  # nibabel raises many types for corrupt files
+            raise _unreadable(what, p, _first_line(exc)) from None
+        return _Opened(tuple(int(s) for s in img.shape), np.asarray(img.affine, np.float64),
+                       lambda: np.asanyarray(img.dataobj))
+    sitk = _simpleitk(f"reading {p.name}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        with _itk_quiet(sitk):
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _unreadable(what, p, _itk_error(exc)) from None
+    dim = reader.GetDimension()
+    size = tuple(int(s) for s in reader.GetSize())
+    comps = int(reader.GetNumberOfComponents())
+    affine = _ras_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin(), dim)
+
+    def read() -> np.ndarray:
+        try:
+            with _itk_quiet(sitk):
+                image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"cannot read the data of {what} {p}: {_itk_error(exc)}") from None
+        return _xyz_array(sitk.GetArrayFromImage(image), dim)
+
+    return _Opened(size + ((comps,) if comps > 1 else ()), affine, read)
+
+
+def _ras_affine(direction: tuple[float, ...], spacing: tuple[float, ...], origin: tuple[float, ...],
+                dim: int) -> np.ndarray:
+    """The RAS voxel-to-world affine of an ITK image (direction x spacing and origin, in LPS); an image
+    of 2 dimensions gets a third axis of 1 mm, one of 4 or more its first 3 (the 4th is time or channels)."""
+    n = min(dim, 3)
+    d = np.eye(3)
+    d[:n, :n] = np.asarray(direction, np.float64).reshape(dim, dim)[:n, :n]
+    s = np.ones(3)
+    s[:n] = np.asarray(spacing, np.float64)[:n]
+    o = np.zeros(3)
+    o[:n] = np.asarray(origin, np.float64)[:n]
+    lps = np.eye(4)
+    lps[:3, :3] = d * s
+    lps[:3, 3] = o
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _xyz_array(arr: np.ndarray, dim: int) -> np.ndarray:
+    """SimpleITK's array (axes reversed: ``Z, Y, X`` then components) in ``X, Y, Z[, C]`` order."""
+    order = list(range(dim))[::-1] + list(range(dim, arr.ndim))
+    return arr.transpose(order)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _itk_error(exc: BaseException) -> str:
+    """The useful line of an ITK exception (its text starts with the source file and line)."""
+    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+    for line in lines:
+        if line.lower().startswith("description:"):
+            return line.split(":", 1)[1].strip()
+    text = lines[-1] if lines else type(exc).__name__
+    return text.removeprefix("sitk::ERROR:").strip()
+
+
+@contextlib.contextmanager
+def _itk_quiet(sitk) -> Iterator[None]:  # noqa: ANN001 - the module
+    """ITK's multi-line warnings off while reading (what matters is refused in one line instead)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _dicom_files(p: Path, what: str) -> list[str]:
+    """The files of the one DICOM series in folder ``p``, in slice order (GDCM's), or a one-line error."""
+    sitk = _simpleitk(f"reading the DICOM series {p}")
+    try:
+        with _itk_quiet(sitk):
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])) if len(ids) == 1 else []
+    except RuntimeError as exc:
+        raise InputError(f"cannot read {what} {p}: {_itk_error(exc)}") from None
+    if not ids:
+        raise InputError(f"{what} is a folder without a DICOM series; expected {ACCEPTED_FORMATS}: {p}")
+    if len(ids) > 1:
+        raise InputError(f"{what} folder holds {len(ids)} DICOM series; give a folder that holds one: {p}")
+    return files
+
+
+def is_dicom_series(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder that holds a DICOM series (one :func:`load` reads as an image)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # then no DICOM series can be read: the folder is what it otherwise is
+        return False
+    try:
+        with _itk_quiet(sitk):
+            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+    except RuntimeError:
+        return False
+
+
+def _open_dicom(p: Path, what: str) -> _Opened:
+    """Read the DICOM series in folder ``p`` with SimpleITK (GDCM): slices sorted along their normal,
+    rescale slope and intercept applied; refuses slices that are not evenly spaced."""
+    sitk = _simpleitk(f"reading the DICOM series {p}")
+    files = _dicom_files(p, what)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        with _itk_quiet(sitk):  # uneven slices are refused below, in one line
+            image = reader.Execute()
+    except RuntimeError as exc:
+        raise _unreadable(what, p, _itk_error(exc)) from None
+    if len(files) > 2:
+        _check_slice_spacing(reader, len(files), what, p)
+    dim = image.GetDimension()
+    arr = _xyz_array(sitk.GetArrayFromImage(image), dim)
+    return _Opened(tuple(int(s) for s in arr.shape),
+                   _ras_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin(), dim), lambda: arr)
+
+
+def _check_slice_spacing(reader, n: int, what: str, p: Path) -> None:  # noqa: ANN001 - a SimpleITK reader
+    """Refuse a series whose slice positions (ImagePositionPatient along the slice normal) are not
+    evenly spaced within 1% (a missing slice, a gap): one spacing for all would misplace them."""
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+        cos = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+    except (RuntimeError, ValueError):
+        return  # no positions (not a slice stack): nothing to check
+    normal = np.cross(cos[:3], cos[3:6])
+    steps = np.diff(pos @ normal)
+    if steps.size and np.abs(steps - steps.mean()).max() > 0.01 * max(abs(steps.mean()), 1e-6):
+        raise InputError(f"{what} has unevenly spaced slices ({abs(steps).min():.4g} to {abs(steps).max():.4g} mm "
+                         f"apart: a missing slice?): {p}")
 
 
 def load(
@@ -38,33 +249,26 @@ def load(
     allow_4d: bool = False,
     what: str = "image",
 ) -> Volume:
-    """Read a 3D NIfTI file into a :class:`Volume` of shape ``(1, X, Y, Z)``.
+    """Read a 3D image into a :class:`Volume` of shape ``(1, X, Y, Z)`` with its RAS affine.
+
+    Formats (:data:`ACCEPTED_FORMATS`): NIfTI and MGZ/MGH through nibabel; NRRD, MetaImage and a folder
+    holding one DICOM series through SimpleITK (``pip install 'synthvox[formats]'``), whose LPS
+    direction x spacing and origin become the RAS affine and whose ``Z, Y, X`` arrays become ``X, Y, Z``.
 
     Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
+        path: an image file, or a folder holding one DICOM series.
         dtype: tensor dtype for images (ignored for labels, which become ``int64``).
         labels: read as a label map: values must be whole numbers; returned as ``int64``.
-        allow_4d: accept a 4D file, whose last axis becomes the channel axis.
+        allow_4d: accept a 4D image (or a vector image), whose last axis becomes the channel axis.
         what: a word for error messages (``"fixed image"``, ``"label map"``, ...).
 
     Raises:
-        InputError: missing file, not NIfTI, wrong dimensionality, NaN or infinite values,
+        InputError: missing file, another format, wrong dimensionality, NaN or infinite values,
             non-integer labels, or a volume too large for memory.
     """
-    import nibabel as nib
-
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} not found: {p}")
-    if p.is_dir():
-        raise InputError(f"{what} is a directory, expected a NIfTI file: {p}")
-    if not is_nifti_path(p):
-        raise InputError(f"{what} is not a NIfTI file (.nii or .nii.gz): {p}")
-    try:
-        img = nib.load(str(p))
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise InputError(f"cannot read {what} {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    shape = tuple(int(s) for s in img.shape)
+    opened = _open_image(p, what)
+    shape = opened.shape
     # Drop trailing singleton dimensions (a 3D image stored as X, Y, Z, 1)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -75,7 +279,9 @@ def load(
     if int(np.prod(shape[:3])) > MAX_VOXELS:
         raise InputError(f"{what} is too large for memory: {shape} voxels in {p}")
     try:
-        arr = np.asanyarray(img.dataobj)
+        arr = opened.read()
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"cannot read the data of {what} {p}: {exc}") from None
     arr = arr.reshape(shape)
@@ -89,7 +295,7 @@ def load(
         arr = arr[None]
     else:
         arr = np.moveaxis(arr, -1, 0)
-    affine = check_affine(img.affine, what, p)
+    affine = check_affine(opened.affine, what, p)
     if labels:
         arr = _label_array(arr, what, p)
         data = torch.from_numpy(np.ascontiguousarray(arr))
@@ -623,27 +829,20 @@ def load_warp(path: str | os.PathLike, what: str = "warp") -> Volume:
 
 
 def grid(path: str | os.PathLike, what: str = "image") -> tuple[tuple[int, ...], np.ndarray]:
-    """The spatial shape and voxel-to-world affine of a NIfTI file from its header alone (no data read),
-    as :func:`load` would give them: for checking many files' grids before any work (a batch of pairs).
+    """The spatial shape and voxel-to-world affine of an image from its header alone (no data read; a
+    DICOM series is read whole), as :func:`load` would give them: for checking many files' grids before
+    any work (a batch of pairs).
 
     Raises:
-        InputError: missing file, not NIfTI, an unreadable header, or an unusable affine.
+        InputError: missing file, another format (see :data:`ACCEPTED_FORMATS`), an unreadable header,
+            or an unusable affine.
     """
-    import nibabel as nib
-
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{what} not found: {p}" if not p.exists() else f"{what} is not a file: {p}")
-    if not is_nifti_path(p):
-        raise InputError(f"{what} is not a NIfTI file (.nii or .nii.gz): {p}")
-    try:
-        img = nib.load(str(p))
-    except Exception as exc:
-        raise InputError(f"cannot read {what} {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    shape = tuple(int(s) for s in img.shape)
+    opened = _open_image(p, what)
+    shape = opened.shape
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    return shape[:3], check_affine(img.affine, what, p)
+    return shape[:3], check_affine(opened.affine, what, p)
 
 
 def read_comment(path: str | os.PathLike) -> str | None:

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @app.command("features")
     @user_errors
     def features_cmd(
-        image: Path = typer.Argument(..., help="3D NIfTI image."),
+        image: Path = typer.Argument(..., help="3D image (NIfTI, MGZ/MGH, NRRD, MHA/MHD, or a folder holding one DICOM series)."),
         out: Path = typer.Option(..., "--out", help="Output 4D NIfTI (X, Y, Z, C) on the image's grid."),
         weights: str = typer.Option(
             None, "--weights", help="Model directory (e.g. RUN/model); default: the shipped weights; 'random' for an untrained network."

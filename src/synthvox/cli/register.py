@@ -96,8 +96,8 @@ def register(app: typer.Typer) -> None:
     @app.command("register")
     @user_errors
     def register_cmd(
-        fixed: Path = typer.Argument(None, help="Fixed (reference) 3D NIfTI image (not with --pairs)."),
-        moving: Path = typer.Argument(None, help="Moving 3D NIfTI image (any grid, spacing, orientation)."),
+        fixed: Path = typer.Argument(None, help="Fixed (reference) 3D image: NIfTI, MGZ/MGH, NRRD, MHA/MHD, or a folder holding one DICOM series (not with --pairs)."),
+        moving: Path = typer.Argument(None, help="Moving 3D image, in any of those formats (any grid, spacing, orientation)."),
         out: Path = typer.Option(..., "--out", help="Output directory (with --pairs: DIR/NAME/ per pair and DIR/results.csv)."),
         pairs: Path = typer.Option(None, "--pairs", help="CSV of pairs (columns fixed, moving; optional moving_labels, fixed_labels, fixed_mask, moving_mask, name; paths relative to the CSV): all registered in one process, finished pairs skipped."),
         num_parts: int = typer.Option(1, "--num-parts", help="With --pairs: split the pairs into N shares (a job array)."),

@@ -89,13 +89,13 @@ def finetune_command(
 
 
 def segment_command(
-    image: Path | None = typer.Argument(None, help="Image to segment (any grid and orientation), or a folder of images."),
+    image: Path | None = typer.Argument(None, help="Image to segment (any grid and orientation; NIfTI, MGZ/MGH, NRRD, MHA/MHD, or a folder holding one DICOM series), or a folder of images."),
     input_dir: Path | None = typer.Option(
-        None, "-i", "--input", help="Folder of images (*.nii, *.nii.gz) to segment, nnU-Net style (or one image)."
+        None, "-i", "--input", help="Folder of image files (*.nii, *.nii.gz, *.mgz, *.mgh, *.nrrd, *.nhdr, *.mha, *.mhd) to segment, nnU-Net style (or one image); a DICOM series folder goes as IMAGE."
     ),
     out: Path = typer.Option(
         ..., "-o", "--out",
-        help="Label map to write (.nii or .nii.gz); for a folder of images, the output folder (names as the inputs').",
+        help="Label map to write (.nii or .nii.gz); for a folder of images, the output folder (names as the inputs', NAME.nii.gz for inputs in other formats).",
     ),
     model: Path | None = typer.Option(None, "--model", help="Model directory written by synthvox finetune (with atlases: one more voter)."),
     atlas_image: list[Path] = typer.Option([], "--atlas-image", help="Atlas image, any contrast (repeat for several): registered onto each image."),
@@ -137,7 +137,8 @@ def segment_command(
     source = image if image is not None else input_dir
     if source is None:
         raise InputError("nothing to segment: give IMAGE, or -i DIR for a folder of images")
-    folder = source.is_dir()
+    # A folder given with -i is a folder of image files; given as IMAGE, a folder holding a DICOM series is one image.
+    folder = source.is_dir() and not (image is not None and io.is_dicom_series(source))
     from synthvox.segmentation import folder_jobs
 
     if folder:

@@ -17,7 +17,7 @@ def source_name(path: Path) -> str:
 
 @user_errors
 def shapes(
-    label_maps: list[Path] = typer.Argument(..., help="Label maps (NIfTI) to cut into templates.", show_default=False),
+    label_maps: list[Path] = typer.Argument(..., help="Label maps (NIfTI, MGZ, NRRD, MHA/MHD or a DICOM series folder) to cut into templates.", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Output bank file (.npz).", show_default=False),
     spacing: float = typer.Option(2.0, "--spacing", help="Common isotropic spacing of the templates, mm."),
     min_voxels: int = typer.Option(
@@ -60,12 +60,7 @@ def shapes(
         raise InputError(f"--max-extent must be 0 (no cap) or at least 2, got {max_extent}")
     # Check every path before the slow part, so a typo in the last file fails at once.
     for p in label_maps:
-        if not p.exists():
-            raise InputError(f"label map not found: {p}")
-        if p.is_dir():
-            raise InputError(f"label map is a directory, expected a NIfTI file: {p}")
-        if not io.is_nifti_path(p):
-            raise InputError(f"label map is not a NIfTI file (.nii or .nii.gz): {p}")
+        io.check_image_path(p, what="label map")
     if len({p.resolve() for p in label_maps}) != len(label_maps):
         raise InputError("the same label map is given more than once")
     sources = [source_name(p) for p in label_maps]

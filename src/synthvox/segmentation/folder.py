@@ -1,10 +1,13 @@
 """Segmenting files and folders: ``synthvox segment IMAGE --out SEG`` and ``synthvox segment -i DIR -o DIR``.
 
-A folder is segmented nnU-Net style: every ``*.nii`` / ``*.nii.gz`` image in it (not its subfolders)
-gets a label map of the same name in the output folder. Everything that can be refused is refused
-before any work (no images, an output folder that is a file or is the input folder, outputs that
-exist without ``force``); each label map is written atomically, so an interrupted or failed run
-leaves complete label maps and nothing half-written.
+A folder is segmented nnU-Net style: every image file in it (not its subfolders; NIfTI, MGZ/MGH,
+NRRD, MHA/MHD) gets a label map of the same name in the output folder, ``NAME.nii.gz`` for an image
+in another format (``scan.nrrd`` -> ``scan.nii.gz``): outputs are NIfTI. A DICOM series is a folder,
+so it is one image (``synthvox segment SERIES_DIR --out SEG``), never one of a folder's images.
+Everything that can be refused is refused before any work (no images, an output folder that is a
+file or is the input folder, outputs that exist without ``force``, two images that would write one
+label map); each label map is written atomically, so an interrupted or failed run leaves complete
+label maps and nothing half-written.
 
 A folder run resumes and splits like ``register --pairs``: each label map carries its record (quality
 figure, labels present, seconds) in a NIfTI comment extension of its header, so an image whose
@@ -133,10 +136,20 @@ def model_segmenter(
 
 
 def nifti_images(folder: Path) -> list[Path]:
-    """The NIfTI images directly in ``folder`` (hidden files left out), sorted by name."""
-    from synthvox.io import is_nifti_path
+    """The image files directly in ``folder`` (hidden files left out), sorted by name: every format
+    :func:`synthvox.io.load` reads as a file (NIfTI, MGZ/MGH, NRRD, MHA/MHD); a DICOM series, a folder
+    itself, is not one of them (segment it as one image: ``synthvox segment SERIES_DIR --out SEG``)."""
+    from synthvox.io import is_image_path
 
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and is_nifti_path(p))
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and is_image_path(p))
+
+
+def label_map_name(image: Path) -> str:
+    """The label map's name in the output folder: the image's own for NIfTI, ``NAME.nii.gz`` for the
+    other formats (``scan.nrrd`` -> ``scan.nii.gz``): outputs are NIfTI."""
+    from synthvox.io import image_stem, is_nifti_path
+
+    return image.name if is_nifti_path(image) else image_stem(image) + ".nii.gz"
 
 
 def folder_outputs(in_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
@@ -159,8 +172,16 @@ def folder_outputs(in_dir: str | os.PathLike, out_dir: str | os.PathLike) -> lis
         raise InputError(f"the output folder is the input folder {src}: the label maps would replace the images")
     images = nifti_images(src)
     if not images:
-        raise InputError(f"no NIfTI images (*.nii, *.nii.gz) in {src}")
-    return [(p, dst / p.name) for p in images]
+        from synthvox.io import IMAGE_SUFFIXES, is_dicom_series
+
+        series = " (it holds a DICOM series: give it as IMAGE to segment it as one image)" if is_dicom_series(src) else ""
+        raise InputError(f"no images ({', '.join('*' + s for s in IMAGE_SUFFIXES)}) in {src}{series}")
+    names: dict[str, Path] = {}
+    for p in images:
+        other = names.setdefault(label_map_name(p), p)
+        if other != p:
+            raise InputError(f"{other.name} and {p.name} in {src} would both write {label_map_name(p)}: rename one")
+    return [(p, dst / label_map_name(p)) for p in images]
 
 
 def folder_jobs(
