@@ -42,9 +42,10 @@ def _pair() -> tuple[Volume, Volume]:
 
 def _features_on_working_grid(matched: bool, kind: str = "net") -> tuple[torch.Tensor, torch.Tensor, State]:
     fixed, moving = _pair()
-    model = build_model("tiny", seed=0).eval() if kind == "net" else None
+    model = build_model("tiny", seed=0).eval() if kind in ("net", "both") else None
+    shares = {"mind": 0.7, "net": 0.3} if kind == "both" else None
     st = State(fixed=fixed, moving=moving, fixed_mask=None, moving_mask=None, moving_labels=None,
-               network=FeatureNetwork(kind=kind, model=model), cfg=RegistrationConfig(spacing=2.0, matched_fov=matched),
+               network=FeatureNetwork(kind=kind, model=model, shares=shares), cfg=RegistrationConfig(spacing=2.0, matched_fov=matched),
                init="none", modality_fixed="mr", modality_moving="mr", ct_window=None, device=torch.device("cpu"),
                workers=1, warn=lambda _m: None)
     for step in (find_working_grid, choose_start, frame_moving, compute_features, moving_onto_working_grid):
@@ -73,3 +74,11 @@ def test_mind_alone_is_left_as_it_was():
     f1, m1, st1 = _features_on_working_grid(matched=True, kind="mind")
     torch.testing.assert_close(m0, m1, rtol=0, atol=0)
     assert st1.cover_w is None
+
+
+def test_with_both_only_the_network_channels_are_computed_again():
+    f0, m0, _ = _features_on_working_grid(matched=False, kind="both")
+    f1, m1, _ = _features_on_working_grid(matched=True, kind="both")
+    n_net = 16  # the tiny network's output channels; MIND-SSC's come first
+    torch.testing.assert_close(m1[:-n_net], m0[:-n_net], rtol=0, atol=0)  # MIND-SSC is local: kept as it was
+    assert _relative_change(f1[-n_net:], m1[-n_net:]) < 1e-6 < _relative_change(f0[-n_net:], m0[-n_net:])

@@ -99,14 +99,15 @@ class FeatureExtractor:
                 f = F.interpolate(f[None], size=shape, mode="trilinear", align_corners=True)[0]
         return f.to(self.device).float()
 
-    def raw(self, image: torch.Tensor, which: str) -> dict[str, torch.Tensor]:
-        """Unscaled feature sets of a ``(1, X, Y, Z)`` image; ``which`` is ``"fixed"`` or ``"moving"``."""
+    def raw(self, image: torch.Tensor, which: str, only: str | None = None) -> dict[str, torch.Tensor]:
+        """Unscaled feature sets of a ``(1, X, Y, Z)`` image; ``which`` is ``"fixed"`` or ``"moving"``;
+        ``only``: just that set (``"mind"`` or ``"net"``)."""
         modality = self.modality_fixed if which == "fixed" else self.modality_moving
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            if self.kind in ("mind", "both"):
+            if self.kind in ("mind", "both") and only in (None, "mind"):
                 out["mind"] = self._mind(image)
-            if self.kind in ("net", "both"):
+            if self.kind in ("net", "both") and only in (None, "net"):
                 out["net"] = self._net(image, modality)
         return out
 
@@ -128,9 +129,15 @@ def combine(sets: dict[str, torch.Tensor], scales: dict[str, float],
 
     ``shares``: each set's share of that variance (summing to one); equal shares when None.
     """
-    shares = shares or {k: 1.0 / len(sets) for k in sets}
-    parts = [sets[k] * (shares[k] ** 0.5 / scales[k]) for k in sorted(sets)]
+    parts = [sets[k] * set_weight(k, scales, shares) for k in sorted(sets)]
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def set_weight(name: str, scales: dict[str, float], shares: dict[str, float] | None = None) -> float:
+    """The factor :func:`combine` gives the feature set ``name`` among the sets of ``scales``: its
+    share's square root (equal shares when None) over its scale."""
+    share = shares[name] if shares else 1.0 / len(scales)
+    return share**0.5 / scales[name]
 
 
 def feature_scales(sets: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, float]:

@@ -45,7 +45,7 @@ from synthvox.metrics import folding_percent
 from synthvox.registration.affine import affine_cost, fit_affine, improves
 from synthvox.registration.config import RegistrationConfig
 from synthvox.registration.convex import box3, convex_stage
-from synthvox.registration.features import FeatureExtractor, combine, feature_scales
+from synthvox.registration.features import FeatureExtractor, combine, feature_scales, set_weight
 from synthvox.registration.foreground import foreground
 from synthvox.registration.fov import FOV_MARGIN, bounding_boxes_overlap, edge_margins, fov_weight, inner_box
 from synthvox.registration.grids import extended_grid, resample_through, working_grid
@@ -314,14 +314,13 @@ def moving_onto_working_grid(st: State) -> str:
     """MOVING's features and cover through the residual affine onto the working grid; its weight there
     (None when MOVING covers all of FIXED's compared region and has no mask). With ``matched_fov`` and
     a network, MOVING itself goes onto the working grid and its features are computed there."""
+    to_w = np.linalg.inv(st.residual) @ st.frame.affine  # type: ignore[union-attr]
+    st.feat_moving_w = resample_to_grid(Volume(st.feat_moving, to_w), *st.grid).data  # type: ignore[arg-type, misc]
+    cover_w = resample_to_grid(Volume(st.cover_f[None], to_w), *st.grid).data[0]  # type: ignore[index, misc]
+    detail = ""
     if st.cfg.matched_fov and st.network.model is not None:
         detail = moving_features_on_working_grid(st)
         cover_w = st.cover_w
-    else:
-        detail = ""
-        to_w = np.linalg.inv(st.residual) @ st.frame.affine  # type: ignore[union-attr]
-        st.feat_moving_w = resample_to_grid(Volume(st.feat_moving, to_w), *st.grid).data  # type: ignore[arg-type, misc]
-        cover_w = resample_to_grid(Volume(st.cover_f[None], to_w), *st.grid).data[0]  # type: ignore[index, misc]
     inside = cover_w[st.weight > 0]  # type: ignore[operator]
     partial = inside.numel() > 0 and float(inside.min()) < 0.999  # MOVING does not cover all of FIXED
     st.moving_weight_w = cover_w if st.moving_mask is not None or partial else None
@@ -330,8 +329,9 @@ def moving_onto_working_grid(st: State) -> str:
 
 def moving_features_on_working_grid(st: State) -> str:
     """MOVING through the start and the residual affine onto the working grid (edge values beyond its
-    field of view, as FIXED there) and its features computed on it, from the same field of view as
-    FIXED's; sets ``feat_moving_w`` and ``cover_w``."""
+    field of view, as FIXED there) and its network features computed on it, from the same field of
+    view as FIXED's, in place of the network's channels of ``feat_moving_w`` (MIND-SSC, local, keeps
+    its own); sets ``cover_w`` too."""
     to = st.start @ st.residual
     margins = edge_margins(st.grid.shape, FOV_MARGIN)  # type: ignore[union-attr]
     moving_w, cover = run_tasks([lambda: resample_through(st.moving, to, *st.grid, padding="border"),  # type: ignore[misc]
@@ -339,10 +339,12 @@ def moving_features_on_working_grid(st: State) -> str:
     if st.moving_mask is not None:
         mask = Volume(st.moving_mask[None].float(), st.moving.affine)
         cover = cover * (resample_through(mask, to, *st.grid).data[0] > 0.5).float()  # type: ignore[misc]
-    raw = st.extractor.raw(moving_w.data, "moving")  # type: ignore[union-attr]
-    st.feat_moving_w = combine(raw, st.scales, st.network.shares)
+    net = st.extractor.raw(moving_w.data, "moving", only="net")["net"]  # type: ignore[union-attr]
+    net = net * set_weight("net", st.scales, st.network.shares)  # type: ignore[arg-type]
+    others = st.feat_moving_w[: st.feat_moving_w.shape[0] - net.shape[0]]  # type: ignore[index]
+    st.feat_moving_w = torch.cat([others, net]) if others.shape[0] else net  # combine's order: mind, net
     st.cover_w = cover
-    return "MOVING's features again on the working grid"
+    return "MOVING's network features again on the working grid"
 
 
 def convex_search(st: State) -> str:
