@@ -47,8 +47,32 @@ def dice_per_label(
     p, r = _as_int_tensor(pred), _as_int_tensor(ref)
     if p.shape != r.shape:
         raise ValueError(f"label maps differ in shape: {tuple(p.shape)} vs {tuple(r.shape)}")
+    sets = _label_sets(labels, p, r)
+    # one pass over the voxels: the joint histogram of (pred, ref) ids, then every structure's counts
+    # from it (a brain parcellation's 140 labels took 4 s one mask at a time, 0.2 s so)
+    values, inverse = torch.unique(torch.cat([p.reshape(-1), r.reshape(-1)]), return_inverse=True)
+    k = int(values.numel())
+    if k > MAX_JOINT_IDS:
+        return _dice_by_masks(p, r, sets)
+    n = p.numel()
+    joint = torch.bincount(inverse[:n] * k + inverse[n:], minlength=k * k).reshape(k, k)
+    count_p, count_r = joint.sum(1), joint.sum(0)
+    index = {int(v): i for i, v in enumerate(values.tolist())}
     out: dict[str, float] = {}
-    for name, ids in _label_sets(labels, p, r).items():
+    for name, ids in sets.items():
+        sel = torch.as_tensor(sorted({index[i] for i in ids if i in index}), dtype=torch.long, device=joint.device)
+        denom = int(count_p[sel].sum() + count_r[sel].sum())
+        out[name] = float("nan") if denom == 0 else 2.0 * int(joint[sel][:, sel].sum()) / denom
+    return out
+
+
+#: Most distinct ids for the joint histogram of :func:`dice_per_label` (more: one mask per structure).
+MAX_JOINT_IDS = 2048
+
+
+def _dice_by_masks(p: torch.Tensor, r: torch.Tensor, sets: Mapping[str, list[int]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, ids in sets.items():
         ids_t = torch.as_tensor(ids, device=p.device)
         a, b = torch.isin(p, ids_t), torch.isin(r, ids_t)
         denom = int(a.sum() + b.sum())
