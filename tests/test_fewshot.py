@@ -175,6 +175,42 @@ def test_resume_continues_exactly(tmp_path):
         quick(old, [img], [Volume(lab, AFFINE)], resume=True, **kw)
 
 
+def test_a_signal_stops_finetuning_with_a_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch):
+    """SIGTERM during step 3 (the training runner's stop flag): the step finishes, a checkpoint at step 3
+    is written, finetune exits with status 143 without a model; --resume then gives the network of the
+    run that was never stopped, and the log reads as one run."""
+    import os
+    import signal
+
+    import synthvox.segmentation.loop as loop
+
+    lab = layout()
+    img = Volume(render(lab, {0: 10.0, 7: 80.0, 42: 150.0}, 5.0, 0), AFFINE)
+    kw = dict(steps=5, checkpoint_every=4, val_every=2, seed=2)
+    full = quick(tmp_path / "a", [img], [Volume(lab, AFFINE)], **kw)
+    real = loop.draw_batch
+
+    def draw(subjects, cfg, step, *args):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(subjects, cfg, step, *args)
+
+    monkeypatch.setattr(loop, "draw_batch", draw)
+    with pytest.raises(SystemExit) as stopped:
+        quick(tmp_path / "b", [img], [Volume(lab, AFFINE)], **kw)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert [s for s, _ in list_checkpoints(tmp_path / "b" / "checkpoints")] == [3]
+    assert not (tmp_path / "b" / "segmentation.json").exists()
+    monkeypatch.setattr(loop, "draw_batch", real)
+    resumed = quick(tmp_path / "b", [img], [Volume(lab, AFFINE)], resume=True, **kw)
+    a, _ = load_model_dir(full)
+    b, _ = load_model_dir(resumed)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), k
+    rows = [line.split(",")[:2] for line in (resumed / "log.csv").read_text().splitlines()[1:]]
+    assert rows == [line.split(",")[:2] for line in (full / "log.csv").read_text().splitlines()[1:]]
+
+
 def test_train_modes_freeze_what_they_say(tmp_path):
     lab = layout()
     img = Volume(render(lab, {0: 10.0, 7: 80.0, 42: 150.0}, 5.0, 0), AFFINE)

@@ -2,7 +2,8 @@
 
 The (pretrained) UNet gets a 1x1x1 head and learns from augmented patches (:mod:`.data`) with
 MONAI's Dice + cross-entropy under AdamW and the schedule pretraining uses
-(:func:`synthvox.train.schedule.warmup_decay`). The model directory is a run folder like
+(:func:`synthvox.train.schedule.warmup_decay`), one step of :class:`_Finetuning` at a time in
+the training runner shared with pretraining (:class:`synthvox.train.runner.Runner`). The model directory is a run folder like
 pretraining's (:mod:`synthvox.train.rundir`: ``--force``/``--resume``, ``log.csv`` appended per step
 and cut back to the checkpoint on resume) and keeps its checkpoints in the one training format
 (:mod:`synthvox.train.checkpointing`: safetensors with a digest, written atomically). Step ``i`` of seed
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -45,21 +47,12 @@ from synthvox.segmentation.modeldir import (
     write_json,
 )
 from synthvox.segmentation.validation import ValidationPlan, plan_validation, validate
-from synthvox.train.checkpointing import (
-    checkpoint_name,
-    list_checkpoints,
-    load_latest,
-    load_optimizer,
-    optimizer_tensors,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from synthvox.train.rundir import RunLog, check_run_dir, prepare_run_dir
+from synthvox.train.checkpointing import load_latest
+from synthvox.train.rundir import check_run_dir
+from synthvox.train.runner import CHECKPOINT_DIR, LOG_NAME, Runner, Task, run_folder
 from synthvox.train.schedule import warmup_decay
 from synthvox.volume import Volume
 
-CHECKPOINT_DIR = "checkpoints"
-LOG_NAME = "log.csv"
 LOG_FIELDS = ["step", "loss", "lr", "val_dice", "seconds", "val_on"]
 #: The entries of a model directory that belong to the run (what ``--force`` removes).
 RUN_ENTRIES = (META_NAME, HEAD_NAME, BACKBONE_DIR, "finetune.json", LOG_NAME, CHECKPOINT_DIR)
@@ -185,16 +178,6 @@ def _checked_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _restore(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], net: nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Load a finetuning checkpoint's network and optimizer state in place."""
-    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        net.load_state_dict(model_sd)
-    except RuntimeError as exc:
-        raise InputError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
-    load_optimizer(opt, tensors, state["optimizer"])
-
-
 def finetune(
     images: Sequence[Volume],
     labels: Sequence[Volume],
@@ -303,12 +286,9 @@ def finetune(
                 print(f"finetune: {cfg.minutes:g} min budget: {cfg.steps} steps at {budget['s_per_step']:.2f} s/step, "
                       f"a check every {cfg.val_every} steps", file=sys.stderr)
     plan = plan_validation(subjects, val_subject, cfg, label_ids, device)
-    from synthvox.io import cleanup_on_failure
-
     # A run that fails (out of memory, a bad value, Ctrl-C) before its first checkpoint leaves
     # nothing behind: what it wrote is removed, and so is the folder when this call made it.
-    with cleanup_on_failure(out, keep=lambda: bool(list_checkpoints(ckpt_dir))):
-        prepare_run_dir(out, RUN_ENTRIES, resume, force, what="a model")
+    with run_folder(out, RUN_ENTRIES, resume, force, what="a model"):
         return _finetune_into(
             out, cfg, latest, backbone, source, subjects, plan, label_ids, train_spacing,
             normalisation, device, progress, deadline,
@@ -330,42 +310,24 @@ def _finetune_into(
     progress: bool,
     deadline: float | None = None,
 ) -> Path:
-    """The training loop of :func:`finetune`, writing into the existing folder ``out``.
+    """The training run of :func:`finetune` (:class:`synthvox.train.runner.Runner` around
+    :class:`_Finetuning`), writing into the prepared folder ``out``; then the model directory.
 
     ``deadline`` (a ``time.perf_counter()`` value) is the end of a minutes budget: at every check the
     remaining steps are planned again from the pace so far (a busy machine slows down after the
     calibration), so the cosine schedule still ends at the budget."""
-    from tqdm.auto import tqdm
-
-    has_background = label_ids[0] == 0
     n_classes = len(label_ids)
-
     c_feat = feature_channels(backbone, device)
     with torch.random.fork_rng(devices=[]):  # the head's initialisation from the seed, global RNG untouched
         torch.manual_seed(cfg.seed)
         net = SegmentationNet(backbone, c_feat, n_classes).to(device)
-    params = trainable_parameters(net, cfg.train)
-    opt = make_optimizer(net, params, cfg)
-    loss_fn = make_loss(cfg, has_background)
-
     compat = _compat_key(cfg, label_ids, train_spacing)
     # training volumes held out in turn change which subject each step draws from
     compat["held_out_in_turn"] = [plan.val_every, plan.window] if plan.kind == "left out in turn" else None
-    start, best, last_val, last_on = 0, float("nan"), float("nan"), ""
-    if latest is not None:
-        path, tensors, state = latest
-        state = _checked_state(path, state)
-        if state["compat"] != compat:
-            raise InputError(
-                f"--resume: the checkpoint in {out} was made with different settings or data "
-                f"({_diff(state['compat'], compat)}); use another --out or drop --resume"
-            )
-        _restore(path, tensors, state, net, opt)
-        start = int(state["step"])
-        best = float(state.get("best_val_dice", float("nan")))
-        last_val = float(state.get("last_val_dice", float("nan")))
-        last_on = str(state.get("last_val_on", ""))
-        del tensors
+    task = _Finetuning(net, cfg, subjects, plan, label_ids, compat, device, deadline)
+    run = Runner(task, out, task.opt, task.lr, cfg.steps, LOG_FIELDS, cfg.checkpoint_every, cfg.keep_checkpoints,
+                 "finetune", progress=progress)
+    run.restore(latest)
 
     meta = SegmentationMeta(
         label_ids=label_ids,
@@ -379,88 +341,117 @@ def _finetune_into(
         flip_augmented=bool(cfg.augment.flip),
     )
     write_json(out / "finetune.json", {"finetune": cfg.to_json(), "label_ids": label_ids, "spacing": meta.spacing})
-    log = RunLog(out / LOG_NAME, LOG_FIELDS, start if latest is not None else None)
 
-    frozen_backbone = cfg.train == "head"
-    net.train()
-    if frozen_backbone:
-        net.backbone.eval()
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="finetune", dynamic_ncols=True)
-    step = start
-    last_loss = float("nan")
-    stopped = ""
+    task.train_mode()
+    task.t0 = time.perf_counter()
+    result = run.run()
+    if result.signal is not None:  # SIGTERM or Ctrl-C: the checkpoint is written, the model is not
+        print(f"finetune: stopped by signal {result.signal} at step {result.step}; continue with --resume",
+              file=sys.stderr)
+        if result.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + result.signal)
 
-    def checkpoint(at: int) -> None:
-        tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-        opt_tensors, opt_meta = optimizer_tensors(opt)
-        tensors.update(opt_tensors)
-        state = {"step": at, "compat": compat, "best_val_dice": best, "last_val_dice": last_val,
-                 "last_val_on": last_on, "config": cfg.to_json(), "optimizer": opt_meta, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        save_checkpoint(out / CHECKPOINT_DIR / checkpoint_name(at), tensors, state, kind="finetune")
-        prune_checkpoints(out / CHECKPOINT_DIR, max(1, cfg.keep_checkpoints))
-
-    try:
-        while step < cfg.steps:
-            x, y = draw_batch(subjects, cfg, step, device, plan.left_out(step))
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr * group["lr_factor"]
-            last_loss = optimisation_step(net, opt, loss_fn, params, x, y, frozen_backbone=frozen_backbone)
-            step += 1
-            bar.update(1)
-            row: dict[str, Any] = {"step": step, "loss": f"{last_loss:.5f}", "lr": f"{lr:.3e}", "val_dice": "",
-                                   "seconds": f"{time.perf_counter() - t0:.2f}"}
-            if step % cfg.val_every == 0 or step == cfg.steps:
-                scored, last_on = plan.at(step)
-                last_val = validate(net, scored, cfg, device, n_classes, has_background)
-                net.train()
-                if frozen_backbone:
-                    net.backbone.eval()
-                best = last_val if not (best >= last_val) else best
-                row["val_dice"], row["val_on"] = f"{last_val:.4f}", last_on
-                bar.write(f"step {step}: loss {last_loss:.4f}, {plan.dice_name} {last_val:.4f} ({last_on})")
-                if deadline is not None and step < cfg.steps:
-                    pace = (time.perf_counter() - t0) / max(1, step - start)
-                    planned = step + max(1, int((deadline - time.perf_counter()) / pace))
-                    if planned < cfg.steps * 0.98 or planned > cfg.steps * 1.02:
-                        cfg = dataclasses.replace(cfg, steps=planned)
-                        bar.total = cfg.steps
-                        bar.write(f"step {step}: {cfg.steps} steps fit the budget at {pace:.2f} s per step")
-            bar.set_postfix(loss=f"{last_loss:.3f}", dice=f"{last_val:.3f}")
-            log.append(row)
-            overrun = cfg.minutes is not None and time.perf_counter() - t0 > cfg.minutes * 60.0 * BUDGET_SLACK
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or overrun:
-                checkpoint(step)
-            if overrun and step < cfg.steps:
-                stopped = f"stopped at the {cfg.minutes:g}-minute budget after {step} of {cfg.steps} steps"
-                bar.write(stopped)
-                break
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (see io.cleanup_on_failure)
-        if step > start:
-            checkpoint(step)
-        raise
-    finally:
-        bar.close()
-        log.close()
-
+    cfg = task.cfg
     meta.train["steps"] = cfg.steps  # a minutes budget may have planned again along the way
     meta.history = {
-        "steps": step,
-        "final_loss": last_loss,
-        "last_val_dice": last_val,
-        "best_val_dice": best,
+        "steps": result.step,
+        "final_loss": task.last_loss,
+        "last_val_dice": task.last_val,
+        "best_val_dice": task.best,
         "val_source": plan.summary,
         "val_kind": plan.kind,
         "val_held_out": plan.held_out,
         "val_dice_name": plan.dice_name,
-        "last_val_on": last_on,
-        "seconds_this_run": round(time.perf_counter() - t0, 2),
-        "stopped": stopped,
+        "last_val_on": task.last_on,
+        "seconds_this_run": round(time.perf_counter() - task.t0, 2),
+        "stopped": result.stopped,
     }
     net.eval()
     save_model_dir(net, meta, out)
     return out
+
+
+class _Finetuning(Task):
+    """Finetuning's part of a run (:class:`synthvox.train.runner.Task`): a Dice + cross-entropy step on
+    the patches of step ``i``, a log row every step, the held-out check every ``val_every`` steps (with
+    a minutes budget: the remaining steps planned again there, and the run stopped once it overruns),
+    the best and last check in the checkpoints."""
+
+    kind = "finetune"
+
+    def __init__(self, net: SegmentationNet, cfg: FinetuneConfig, subjects: list[Subject], plan: ValidationPlan,
+                 label_ids: list[int], compat: dict[str, Any], device: torch.device, deadline: float | None) -> None:
+        self.net, self.cfg, self.subjects, self.plan, self.compat = net, cfg, subjects, plan, compat
+        self.device, self.deadline = device, deadline
+        self.n_classes, self.has_background = len(label_ids), label_ids[0] == 0
+        self.params = trainable_parameters(net, cfg.train)
+        self.opt = make_optimizer(net, self.params, cfg)
+        self.loss_fn = make_loss(cfg, self.has_background)
+        self.frozen_backbone = cfg.train == "head"
+        self.best, self.last_val, self.last_on, self.last_loss = float("nan"), float("nan"), "", float("nan")
+        self.t0 = time.perf_counter()
+        self.start = 0
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.cfg)
+
+    def train_mode(self) -> None:
+        self.net.train()
+        if self.frozen_backbone:
+            self.net.backbone.eval()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"model.{k}": v for k, v in self.net.state_dict().items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"compat": self.compat, "best_val_dice": self.best, "last_val_dice": self.last_val,
+                "last_val_on": self.last_on, "config": self.cfg.to_json(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def load(self, path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        state = _checked_state(path, state)
+        if state["compat"] != self.compat:
+            raise InputError(
+                f"--resume: the checkpoint in {path.parent.parent} was made with different settings or data "
+                f"({_diff(state['compat'], self.compat)}); use another --out or drop --resume"
+            )
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.net.load_state_dict(model_sd)
+        except RuntimeError as exc:
+            raise InputError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
+        self.start = int(state["step"])
+        self.best = float(state.get("best_val_dice", float("nan")))
+        self.last_val = float(state.get("last_val_dice", float("nan")))
+        self.last_on = str(state.get("last_val_on", ""))
+
+    def step(self, step: int, lr: float, run: Runner) -> dict[str, Any]:
+        cfg, plan = self.cfg, self.plan
+        x, y = draw_batch(self.subjects, cfg, step, self.device, plan.left_out(step))
+        self.last_loss = optimisation_step(self.net, self.opt, self.loss_fn, self.params, x, y,
+                                           frozen_backbone=self.frozen_backbone)
+        done = step + 1
+        row: dict[str, Any] = {"step": done, "loss": f"{self.last_loss:.5f}", "lr": f"{lr:.3e}", "val_dice": "",
+                               "seconds": f"{time.perf_counter() - self.t0:.2f}"}
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            scored, self.last_on = plan.at(done)
+            self.last_val = validate(self.net, scored, cfg, self.device, self.n_classes, self.has_background)
+            self.train_mode()
+            self.best = self.last_val if not (self.best >= self.last_val) else self.best
+            row["val_dice"], row["val_on"] = f"{self.last_val:.4f}", self.last_on
+            run.say(f"step {done}: loss {self.last_loss:.4f}, {plan.dice_name} {self.last_val:.4f} ({self.last_on})")
+            if self.deadline is not None and done < cfg.steps:
+                pace = (time.perf_counter() - self.t0) / max(1, done - self.start)
+                planned = done + max(1, int((self.deadline - time.perf_counter()) / pace))
+                if planned < cfg.steps * 0.98 or planned > cfg.steps * 1.02:
+                    self.cfg = dataclasses.replace(cfg, steps=planned)
+                    run.replan(planned)
+                    run.say(f"step {done}: {planned} steps fit the budget at {pace:.2f} s per step")
+        run.show(loss=f"{self.last_loss:.3f}", dice=f"{self.last_val:.3f}")
+        cfg = self.cfg
+        if cfg.minutes is not None and time.perf_counter() - self.t0 > cfg.minutes * 60.0 * BUDGET_SLACK:
+            run.stop_after_step(f"stopped at the {cfg.minutes:g}-minute budget after {done} of {cfg.steps} steps")
+        return row
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:

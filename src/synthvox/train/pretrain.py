@@ -10,7 +10,9 @@ gradient clipping, bf16 autocast and channels-last on CUDA, optional ``torch.com
 Randomness is a pure function of ``(seed, sample index)``: sample indices come from
 ``(step, rank, position in the batch)`` and the engine makes sample ``i`` of seed ``s`` the same
 everywhere; the voxel sampling of the loss uses a generator seeded from the same index. The
-learning rate is a function of the step. A run resumed from a checkpoint (weights, heads, AdamW
+learning rate is a function of the step. The loop, checkpoints, log, resume and the stop signal
+are the training runner's (:class:`synthvox.train.runner.Runner`, shared with finetuning); this
+module supplies the step (:class:`_Pretraining`). A run resumed from a checkpoint (weights, heads, AdamW
 state, step) therefore continues exactly as if it had not stopped.
 
 Run folder::
@@ -24,16 +26,11 @@ Run folder::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
-import signal
-import sys
-import threading
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,18 +40,8 @@ from torch import nn
 
 from synthvox.errors import InputError
 from synthvox.models.checkpoint import save_model
-from synthvox.train import rundir
-from synthvox.train.checkpointing import (
-    checkpoint_card,
-    checkpoint_name,
-    list_checkpoints,
-    load_latest,
-    load_optimizer,
-    optimizer_tensors,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from synthvox.train.config import PretrainConfig, dump_yaml, to_dict
+from synthvox.train.checkpointing import checkpoint_card, load_latest
+from synthvox.train.config import PretrainConfig, apply_overrides, dump_yaml, to_dict, validate
 from synthvox.train.distributed import DistInfo, all_reduce_mean, any_flag, barrier
 from synthvox.train.objective import (
     PairSource,
@@ -65,6 +52,7 @@ from synthvox.train.objective import (
     pair_generators,
     sample_indices,
 )
+from synthvox.train.runner import Runner, Task, run_folder
 from synthvox.train.schedule import REWARM_STEPS, warmup_decay
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "synth_s", "net_s", "skipped", "samples", "elapsed_s"]
@@ -92,31 +80,6 @@ class PretrainResult:
     signal: int | None = None
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT while installed (main thread only); the loop checkpoints and stops."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        try:
-            yield self
-        finally:
-            for s, h in self._old.items():
-                signal.signal(s, h)
-            self._old.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.signum = signum
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -142,42 +105,32 @@ def _load_module_tensors(module: PretrainModule, tensors: dict[str, torch.Tensor
 RUN_ENTRIES = ("config.yaml", "checkpoints", "log.csv", "tensorboard", "model")
 
 
-def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a run unless ``force`` (then clear its outputs); nothing to do on resume.
-
-    A folder that cannot be written is refused here, before the network or the data engine is built
-    (:func:`synthvox.train.rundir.prepare_run_dir`).
-    """
-    rundir.prepare_run_dir(out, RUN_ENTRIES, resume, force, what="a run")
-
-
-def _clean_up_on_failure(fn: Any) -> Any:
-    """Make a failed run leave nothing behind unless it wrote a checkpoint to resume from.
-
-    When :func:`pretrain` raises (out of memory, a bad value, a second Ctrl-C) and the run folder
-    holds no checkpoint, what this call added there (``config.yaml``, ``log.csv``, ``tensorboard/``,
-    an empty ``checkpoints/``) is removed, and so is the folder itself when this call created it,
-    so the next run does not find a "run" that blocks it.
-    """
+def _in_run_folder(fn: Any) -> Any:
+    """Run :func:`pretrain` inside its run folder (:func:`synthvox.train.runner.run_folder`): prepared
+    (``--force`` / ``--resume`` checked, before the network or the data engine is built), and when the
+    run fails (out of memory, a bad value, a second Ctrl-C) before any checkpoint, what this call
+    added there (``config.yaml``, ``log.csv``, ``tensorboard/``, an empty ``checkpoints/``) removed, and
+    the folder itself when this call created it."""
     import inspect
 
     sig = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from synthvox.io import cleanup_on_failure
-
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
-        out = Path(bound.arguments["out"])
-        info = bound.arguments["dist_info"] or DistInfo()
-        with cleanup_on_failure(out, keep=lambda: not info.is_main or bool(list_checkpoints(out / "checkpoints"))):
-            return fn(*args, **kwargs)
+        a = bound.arguments
+        if a["overrides"]:  # checked before the run folder is touched
+            a["cfg"] = validate(apply_overrides(a["cfg"], dict(a["overrides"]), "pretraining setting"))
+            a["overrides"] = {}
+        info = a["dist_info"] or DistInfo()
+        with run_folder(Path(a["out"]), RUN_ENTRIES, a["resume"], a["force"], "a run", writer=info.is_main):
+            return fn(*bound.args, **bound.kwargs)
 
     return wrapper
 
 
-@_clean_up_on_failure
+@_in_run_folder
 def pretrain(
     cfg: PretrainConfig,
     out: str | os.PathLike,
@@ -187,6 +140,7 @@ def pretrain(
     source: PairSource | None = None,
     dist_info: DistInfo | None = None,
     max_steps: int | None = None,
+    **overrides: Any,
 ) -> PretrainResult:
     """Train (or continue training) the UNet with the contrastive loss; see the module docstring.
 
@@ -201,6 +155,8 @@ def pretrain(
         dist_info: rank information (default: one process; the process group must already exist
             when it says more than one).
         max_steps: stop (with a checkpoint) after this many steps in this call, e.g. to split a run.
+        **overrides: settings replacing those of ``cfg``, by dotted key as ``synthvox pretrain``'s
+            ``key=value`` (``steps=200``, ``**{"optim.lr": 1e-3}``), checked as the command's are.
 
     Returns:
         A :class:`PretrainResult`.
@@ -208,194 +164,175 @@ def pretrain(
     device = torch.device(device)
     info = dist_info or DistInfo()
     out = Path(out)
-    if info.is_main:
-        prepare_run_dir(out, resume, force)
-    barrier(info)
-    ckpt_dir = out / "checkpoints"
+    barrier(info)  # rank 0 has prepared the folder (see _in_run_folder)
 
     module = build_module(cfg, device)
     optimizer = make_optimizer(module, cfg)
-    start, skipped, samples, rewarm_from = 0, 0, 0, None
+    task = _Pretraining(cfg, module, optimizer, info, device)
+    run = Runner(task, out, optimizer, task.lr, cfg.steps, LOG_FIELDS + [f"loss_{n}" for n in cfg.loss.layers],
+                 cfg.ckpt_every, cfg.keep_last, "pretrain", progress=cfg.progress, writer=info.is_main,
+                 any_stop=lambda flag: any_flag(flag, info, device))
     if resume:
-        latest = load_latest(ckpt_dir, device)
-        if latest is not None:
-            path, tensors, state = latest
-            _load_module_tensors(module, tensors, str(path))
-            start = int(state["step"])
-            skipped = int(state.get("skipped", 0))
-            samples = int(state.get("samples_seen", 0))
-            rewarm_from = state.get("rewarm_from")
-            if "optimizer" in state and any(k.startswith("optim.") for k in tensors):
-                load_optimizer(optimizer, tensors, state["optimizer"])
-            else:
-                rewarm_from = start
-                if info.is_main:
-                    warnings.warn(f"{path.name} has no optimizer state: AdamW restarts with a {REWARM_STEPS}-step warm-up", stacklevel=2)
-            del tensors
-    if source is None:
-        source = build_engine(cfg, device)
-    train_module: nn.Module = module
+        run.restore(load_latest(run.checkpoint_dir, device))
+    task.source = source if source is not None else build_engine(cfg, device)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         if cfg.model.norm == "batch" and device.type == "cuda":
             module.net = nn.SyncBatchNorm.convert_sync_batchnorm(module.net)
-        train_module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        task.train_module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+    task.params = [p for p in task.train_module.parameters() if p.requires_grad]
 
-    log = tb = bar = None
     if info.is_main:
         from synthvox.io import atomic_path
 
         with atomic_path(out / "config.yaml") as tmp:
             tmp.write_text(dump_yaml(cfg))
-        log = rundir.RunLog(out / "log.csv", LOG_FIELDS + [f"loss_{n}" for n in cfg.loss.layers], start if resume else None)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                tb = SummaryWriter(str(out / "tensorboard"), purge_step=start if start else None)
+                task.tb = SummaryWriter(str(out / "tensorboard"), purge_step=run.start if run.start else None)
             except ImportError:
-                tb = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
+                task.tb = None
+    end = cfg.steps if max_steps is None else min(cfg.steps, run.start + int(max_steps))
+    task.t_start = time.perf_counter()
+    task.train_module.train()
+    try:
+        result = run.run(end)
+        model_dir = None
+        if info.is_main and result.step >= cfg.steps:
+            model_dir = save_model(
+                module.net,
+                out / "model",
+                extra={
+                    "trained_by": "synthvox pretrain",
+                    "world_size": info.world_size,
+                    "variant": cfg.model.variant,
+                    "config": to_dict(cfg),
+                    "model_card": checkpoint_card({"step": result.step, **task.state()}, str(device)),
+                },
+            )
+        barrier(info)
+    finally:
+        if task.tb is not None:
+            task.tb.close()
+    return PretrainResult(result.step, task.skipped, result.signal is not None, task.last_loss, result.checkpoint,
+                          model_dir, result.signal)
 
-            bar = tqdm(total=cfg.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
-    params = [p for p in train_module.parameters() if p.requires_grad]
-    stop = _StopFlag()
-    step = start
-    last_ckpt: Path | None = None
-    last_loss = float("nan")
-    acc = {"loss": 0.0, "n": 0, "synth": 0.0, "net": 0.0, "gnorm": 0.0}
-    acc_parts: dict[str, float] = {n: 0.0 for n in cfg.loss.layers}
-    t_start = time.perf_counter()
-    end = cfg.steps if max_steps is None else min(cfg.steps, start + int(max_steps))
-    per_step_samples = cfg.batch_pairs * info.world_size
+class _Pretraining(Task):
+    """Pretraining's part of a run (:class:`synthvox.train.runner.Task`): the contrastive step on the
+    engine's pairs, the log row every ``log_every`` steps (means over them), the samples seen and the
+    skipped steps, AdamW's re-warm-up after a checkpoint without optimizer state."""
 
-    def state_dict_json() -> dict[str, Any]:
+    kind = "pretrain"
+
+    def __init__(self, cfg: PretrainConfig, module: PretrainModule, optimizer: torch.optim.Optimizer, info: DistInfo,
+                 device: torch.device) -> None:
+        self.cfg, self.module, self.optimizer, self.info, self.device = cfg, module, optimizer, info, device
+        self.train_module: nn.Module = module
+        self.source: PairSource | None = None
+        self.params: list[nn.Parameter] = []
+        self.tb: Any = None
+        self.skipped, self.samples, self.rewarm_from = 0, 0, None
+        self.last_loss = float("nan")
+        self.t_start = time.perf_counter()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.acc = {"loss": 0.0, "n": 0, "synth": 0.0, "net": 0.0, "gnorm": 0.0}
+        self.acc_parts = {n: 0.0 for n in self.cfg.loss.layers}
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.cfg, self.rewarm_from)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return _module_tensors(self.module)
+
+    def state(self) -> dict[str, Any]:
         return {
-            "step": step,
-            "samples_seen": samples,
-            "skipped": skipped,
-            "world_size": info.world_size,
-            "rewarm_from": rewarm_from,
-            "config": to_dict(cfg),
+            "samples_seen": self.samples,
+            "skipped": self.skipped,
+            "world_size": self.info.world_size,
+            "rewarm_from": self.rewarm_from,
+            "config": to_dict(self.cfg),
             "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
 
-    def write_checkpoint() -> Path | None:
-        if not info.is_main:
-            return None
-        tensors = _module_tensors(module)
-        opt_t, opt_meta = optimizer_tensors(optimizer)
-        tensors.update(opt_t)
-        st = state_dict_json()
-        st["optimizer"] = opt_meta
-        p = save_checkpoint(ckpt_dir / checkpoint_name(step), tensors, st)
-        prune_checkpoints(ckpt_dir, cfg.keep_last)
-        return p
+    def load(self, path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        _load_module_tensors(self.module, tensors, str(path))
+        self.skipped = int(state.get("skipped", 0))
+        self.samples = int(state.get("samples_seen", 0))
+        self.rewarm_from = state.get("rewarm_from")
 
-    train_module.train()
-    try:
-        with stop.installed():
-            while step < end:
-                if any_flag(stop.signum is not None, info, device):
-                    break
-                t0 = time.perf_counter()
-                indices = sample_indices(step, info.rank, info.world_size, cfg.batch_pairs)
-                batch = source.batch(indices)
-                _sync(device)
-                t1 = time.perf_counter()
-                lr = lr_at(step, cfg, rewarm_from)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                loss, parts = train_module(
-                    batch.view1.to(device, non_blocking=True),
-                    batch.view2.to(device, non_blocking=True),
-                    batch.labels.to(device, non_blocking=True),
-                    pair_generators(indices, cfg.seed, device),
-                )
-                del batch
-                loss.backward()
-                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
-                loss_mean = all_reduce_mean(loss.detach().float(), info)
-                lv, gv = float(loss_mean), float(gnorm)
-                if math.isfinite(lv) and math.isfinite(gv):
-                    optimizer.step()
-                    last_loss = lv
-                    acc["loss"] += lv
-                    acc["gnorm"] += gv
-                    acc["n"] += 1
-                    for n, v in parts.items():
-                        acc_parts[n] += float(v)
-                else:
-                    skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                _sync(device)
-                t2 = time.perf_counter()
-                acc["synth"] += t1 - t0
-                acc["net"] += t2 - t1
-                step += 1
-                samples += per_step_samples
-                if bar is not None:
-                    bar.update(1)
-                    if acc["n"]:
-                        bar.set_postfix(loss=f"{acc['loss'] / acc['n']:.4f}", skipped=skipped, refresh=False)
-                if step % cfg.log_every == 0 or step == end:
-                    if log is not None:
-                        n = max(acc["n"], 1)
-                        row = [
-                            step,
-                            f"{acc['loss'] / n:.6f}" if acc["n"] else "nan",
-                            f"{lr:.6g}",
-                            f"{acc['gnorm'] / n:.4f}" if acc["n"] else "nan",
-                            f"{acc['synth']:.4f}",
-                            f"{acc['net']:.4f}",
-                            skipped,
-                            samples,
-                            f"{time.perf_counter() - t_start:.2f}",
-                        ] + [f"{acc_parts[k] / n:.6f}" if acc["n"] else "nan" for k in cfg.loss.layers]
-                        log.append(row)
-                        if tb is not None and acc["n"]:
-                            tb.add_scalar("loss/total", acc["loss"] / n, step)
-                            for k in cfg.loss.layers:
-                                tb.add_scalar(f"loss/{k}", acc_parts[k] / n, step)
-                            tb.add_scalar("lr", lr, step)
-                            tb.add_scalar("grad_norm", acc["gnorm"] / n, step)
-                            tb.add_scalar("time/synthesis_s", acc["synth"], step)
-                            tb.add_scalar("time/network_s", acc["net"], step)
-                            tb.add_scalar("skipped", skipped, step)
-                    acc = {"loss": 0.0, "n": 0, "synth": 0.0, "net": 0.0, "gnorm": 0.0}
-                    acc_parts = {k: 0.0 for k in cfg.loss.layers}
-                if step % cfg.ckpt_every == 0 and step < end:
-                    last_ckpt = write_checkpoint() or last_ckpt
-            interrupted = stop.signum is not None and step < end
-            finished = step >= cfg.steps
-            if not list_checkpoints(ckpt_dir) or list_checkpoints(ckpt_dir)[-1][0] != step:
-                last_ckpt = write_checkpoint() or last_ckpt
-            else:
-                last_ckpt = list_checkpoints(ckpt_dir)[-1][1] if info.is_main else None
-            model_dir = None
-            if info.is_main and finished:
-                model_dir = save_model(
-                    module.net,
-                    out / "model",
-                    extra={
-                        "trained_by": "synthvox pretrain",
-                        "world_size": info.world_size,
-                        "variant": cfg.model.variant,
-                        "config": to_dict(cfg),
-                        "model_card": checkpoint_card(state_dict_json(), str(device)),
-                    },
-                )
-            barrier(info)
-    finally:
-        if bar is not None:
-            bar.close()
-        if tb is not None:
-            tb.close()
-        if log is not None:
-            log.close()
-    return PretrainResult(step, skipped, interrupted, last_loss, last_ckpt, model_dir, stop.signum)
+    def without_optimizer(self, path: Path, step: int) -> None:
+        self.rewarm_from = step
+        if self.info.is_main:
+            warnings.warn(f"{path.name} has no optimizer state: AdamW restarts with a {REWARM_STEPS}-step warm-up", stacklevel=2)
+
+    def step(self, step: int, lr: float, run: Runner) -> list[Any] | None:
+        cfg, info, device, acc = self.cfg, self.info, self.device, self.acc
+        t0 = time.perf_counter()
+        indices = sample_indices(step, info.rank, info.world_size, cfg.batch_pairs)
+        batch = self.source.batch(indices)  # type: ignore[union-attr]
+        _sync(device)
+        t1 = time.perf_counter()
+        loss, parts = self.train_module(
+            batch.view1.to(device, non_blocking=True),
+            batch.view2.to(device, non_blocking=True),
+            batch.labels.to(device, non_blocking=True),
+            pair_generators(indices, cfg.seed, device),
+        )
+        del batch
+        loss.backward()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        loss_mean = all_reduce_mean(loss.detach().float(), info)
+        lv, gv = float(loss_mean), float(gnorm)
+        if math.isfinite(lv) and math.isfinite(gv):
+            self.optimizer.step()
+            self.last_loss = lv
+            acc["loss"] += lv
+            acc["gnorm"] += gv
+            acc["n"] += 1
+            for n, v in parts.items():
+                self.acc_parts[n] += float(v)
+        else:
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        t2 = time.perf_counter()
+        acc["synth"] += t1 - t0
+        acc["net"] += t2 - t1
+        self.samples += cfg.batch_pairs * info.world_size
+        if acc["n"]:
+            run.show(loss=f"{acc['loss'] / acc['n']:.4f}", skipped=self.skipped)
+        done = step + 1
+        if not (done % cfg.log_every == 0 or done == run.end):
+            return None
+        n = max(acc["n"], 1)
+        row = [
+            done,
+            f"{acc['loss'] / n:.6f}" if acc["n"] else "nan",
+            f"{lr:.6g}",
+            f"{acc['gnorm'] / n:.4f}" if acc["n"] else "nan",
+            f"{acc['synth']:.4f}",
+            f"{acc['net']:.4f}",
+            self.skipped,
+            self.samples,
+            f"{time.perf_counter() - self.t_start:.2f}",
+        ] + [f"{self.acc_parts[k] / n:.6f}" if acc["n"] else "nan" for k in cfg.loss.layers]
+        if self.tb is not None and acc["n"]:
+            tb = self.tb
+            tb.add_scalar("loss/total", acc["loss"] / n, done)
+            for k in cfg.loss.layers:
+                tb.add_scalar(f"loss/{k}", self.acc_parts[k] / n, done)
+            tb.add_scalar("lr", lr, done)
+            tb.add_scalar("grad_norm", acc["gnorm"] / n, done)
+            tb.add_scalar("time/synthesis_s", acc["synth"], done)
+            tb.add_scalar("time/network_s", acc["net"], done)
+            tb.add_scalar("skipped", self.skipped, done)
+        self._reset()
+        return row if info.is_main else None
