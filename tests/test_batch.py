@@ -131,6 +131,37 @@ def test_interrupted_batch_resumes_with_the_same_table(study, tmp_path, monkeypa
     assert _table(out) == _table(one_run)
 
 
+def test_ctrl_c_on_the_command_then_a_rerun_finishes_only_the_rest(study, tmp_path):
+    """The command in its own process, interrupted (SIGINT) once a pair is finished: the finished pairs
+    stay whole, nothing half-written is left, and the rerun registers only the rest, same table."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pairs, one_run, _ = study
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "synthvox", "register", "--pairs", str(pairs), "--out", str(out), "--device", "cpu",
+           "--spacing", "3", "--set", "affine_iters=[10,5]", "--set", "adam_iters=5", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "p0" / "report.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    finished = sorted(p.name for p in out.iterdir() if (p / "report.json").is_file())
+    assert finished and len(finished) < 5, finished
+    assert not [p for p in out.rglob(".partial.*")] and not [p for p in out.rglob(".*.tmp")]
+    for name in finished:
+        assert sorted(f.name for f in (out / name).iterdir()) == sorted(f.name for f in (one_run / name).iterdir())
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and f"{len(finished)} finished before" in r.stdout, r.stdout + r.stderr  # p2 fails
+    assert _table(out) == _table(one_run)
+
+
 def test_shards_then_one_plain_run_give_the_same_table(study, tmp_path):
     pairs, one_run, _ = study
     out = tmp_path / "out"

@@ -324,6 +324,10 @@ def _register_one(pair: Pair, out: Path, *, network: Any, device: torch.device, 
     from synthvox.registration.pipeline import register
 
     folder = out / pair.name
+    for stale in folder.glob(".partial.*") if folder.is_dir() else ():  # a killed run's staging folder
+        import shutil
+
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         load = time.perf_counter()
         fx = io.load(pair.fixed, what="fixed image")
