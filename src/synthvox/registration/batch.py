@@ -88,17 +88,12 @@ class BatchResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def default_name(fixed: Path, moving: Path) -> str:
-    """A pair's folder name when the CSV gives none: ``MOVING_to_FIXED`` (file names without .nii.gz)."""
-    return f"{_stem(Path(moving))}_to_{_stem(Path(fixed))}"
+    """A pair's folder name when the CSV gives none: ``MOVING_to_FIXED`` (file names without their
+    image suffix)."""
+    from synthvox.io import image_stem
+
+    return f"{image_stem(moving)}_to_{image_stem(fixed)}"
 
 
 def read_pairs(csv_path: str | os.PathLike) -> list[Pair]:
