@@ -10,7 +10,10 @@ The markdown gives the table and a straight-line fit of the probe score against 
 extrapolated to the CPU-hours at which it would reach MIND-SSC's score (only a trend, stated as such).
 
     python benchmarks/checkpoints.py --run training/runs/cpu --log training/log_cpu64.csv --log training/runs/cpu/log.csv
-    python benchmarks/checkpoints.py MODEL_DIR [MODEL_DIR ...] [--reg-pairs 1] [--quick]
+    python benchmarks/checkpoints.py MODEL_DIR [MODEL_DIR ...] [--reg-pairs 1] [--reg-datasets nichart,spine,ctmr] [--quick]
+
+Each row has the field-of-view term (``fov_pad``: the features' change in the centre of a nichart T1
+padded by 16 voxels, :func:`features.fov_term`) beside the probe's figures and the registration rows.
 
 Writes ``checkpoints.json``, ``checkpoints.md`` and ``checkpoints.png`` into ``--out`` (default benchmarks/results).
 """
@@ -115,11 +118,13 @@ def trend(rows: list[dict[str, Any]], target: float, key: str = "score") -> dict
     return res
 
 
-def evaluate(models: list[Path], logs: list[Path], quick: bool, reg_pairs: int, threads: int) -> dict[str, Any]:
+def evaluate(models: list[Path], logs: list[Path], quick: bool, reg_pairs: int, threads: int,
+             reg_datasets: tuple[str, ...] = ("nichart",)) -> dict[str, Any]:
     models = sorted(models, key=step_of)
     probe = features.run([str(m) for m in models], ["nichart"] if quick else list(features.DATASETS),
                          ["Subj1", "Subj2"] if quick else ["Subj1", "Subj2", "Subj4"], 150 if quick else 300,
-                         300 if quick else 600, reg_pairs, quick, threads)
+                         300 if quick else 600, reg_pairs, quick, threads, fov=["pad"], fov_subjects=["Subj1"],
+                         reg_datasets=reg_datasets)
     hours = cpu_hours(logs)
     labels = list(probe["weights"])
     nich = probe["results"]["nichart"]["mean"]
@@ -131,14 +136,21 @@ def evaluate(models: list[Path], logs: list[Path], quick: bool, reg_pairs: int, 
         for ds in probe["results"]:
             if ds != "nichart":
                 row[f"{ds}_knn"] = probe["results"][ds]["mean"][lab]["knn"]
+        fov = probe.get("fov", {}).get("mean", {}).get(lab)
+        row["fov_pad"] = fov.get("pad") if fov else None
         if probe.get("registration"):
             for kind in ("net", "both"):
-                r = probe["registration"].get(f"{kind}:{lab}")
-                row[f"reg_{kind}"] = r["mean_dice"] if r else None
+                for ds in reg_datasets:
+                    suffix = "" if ds == "nichart" else f"@{ds}"
+                    r = probe["registration"].get(f"{kind}:{lab}{suffix}")
+                    row[f"reg_{kind}{suffix}"] = r["mean_dice"] if r else None
         rows.append(row)
     ref = {name: {"score": probe["score"][name], **nich[name]} for name in ("mind", "intensity")}
     if probe.get("registration") and "mind" in probe["registration"]:
         ref["mind"]["reg"] = probe["registration"]["mind"]["mean_dice"]
+        for ds in reg_datasets[1:] if reg_datasets[:1] == ("nichart",) else reg_datasets:
+            if f"mind@{ds}" in probe["registration"]:
+                ref["mind"][f"reg@{ds}"] = probe["registration"][f"mind@{ds}"]["mean_dice"]
     # What has to reach MIND-SSC is registration: extrapolate `both` registration Dice when measured, else the score.
     key, target = ("reg_both", ref["mind"]["reg"]) if "reg" in ref["mind"] else ("score", ref["mind"]["score"])
     return {**common.header(NAME), "quick": quick, "logs": [str(p) for p in logs], "rows": rows, "reference": ref,
@@ -149,12 +161,13 @@ def markdown(p: dict[str, Any]) -> str:
     lines = [f"Learning curve by the feature probe ({p['date']}, commit {p['commit']}; {common.machine_line(p['machine'])}). "
              "hours: one training thread, summed synthesis + network seconds of the run logs (wall time of that "
              "thread; on a busy machine more than its CPU time).", ""]
-    extra = [k for k in p["rows"][0] if k.endswith("_knn") or k.startswith("reg_")] if p["rows"] else []
+    extra = [k for k in p["rows"][0] if k.endswith("_knn") or k.startswith("reg_") or k == "fov_pad"] if p["rows"] else []
     cols = ["step", "hours", *METRICS, *extra]
     rows = [[r["step"], None if r["cpu_hours"] is None else f"{r['cpu_hours']:.2f}", *[r.get(m) for m in METRICS],
              *[r.get(k) for k in extra]] for r in p["rows"]]
     for name, ref in p["reference"].items():
-        rows.append([name, "–", *[ref.get(m) for m in METRICS], *[ref.get("reg") if k == "reg_net" and name == "mind" else None for k in extra]])
+        mind_reg = {"reg_net": ref.get("reg"), **{f"reg_net@{k[4:]}": v for k, v in ref.items() if k.startswith("reg@")}}
+        rows.append([name, "–", *[ref.get(m) for m in METRICS], *[mind_reg.get(k) if name == "mind" else None for k in extra]])
     lines.append(common.md_table(cols, rows))
     t = p.get("trend")
     if t:
@@ -206,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reg-pairs", type=int, default=0, help="nichart registration pairs per model (default 0)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="nichart only, two subjects, fewer voxels")
+    ap.add_argument("--reg-datasets", default="nichart", help="registration rows on these datasets, a comma list of "
+                    "nichart, spine, ctmr (the mind row shows MIND-SSC's under reg_net)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not common.require_shared_data():
@@ -222,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             models += export_checkpoints(args.run, Path(td), max(1, args.every))
         if not models:
             ap.error("give model directories or --run")
-        payload = evaluate(models, args.log, args.quick, args.reg_pairs, args.threads)
+        payload = evaluate(models, args.log, args.quick, args.reg_pairs, args.threads,
+                           tuple(d for d in args.reg_datasets.split(",") if d))
     out = args.out if args.out is not None else common.RESULTS
     text = markdown(payload)
     common.write_results(NAME, payload, text, out)

@@ -195,15 +195,15 @@ class FeatureCache:
         self.cls, self.original, self.store = FeatureExtractor, FeatureExtractor.raw, {}
         cache = self
 
-        def raw(extractor: Any, image: Any, which: str) -> Any:
+        def raw(extractor: Any, image: Any, which: str, only: str | None = None) -> Any:
             if extractor.kind == "mind":  # no network: nothing worth keeping
-                return cache.original(extractor, image, which)
+                return cache.original(extractor, image, which, only)
             key = (_digest(image), _digest(*extractor.model.state_dict().values()), extractor.net_zoom,
                    extractor.intensity_scaling, which)
             if key not in cache.store:
                 cache.store[key] = cache.original(dataclasses.replace(extractor, kind="both"), image, which)
             wanted = ("mind", "net") if extractor.kind == "both" else ("net",)
-            return {k: cache.store[key][k] for k in wanted}
+            return {k: cache.store[key][k] for k in wanted if only in (None, k)}
 
         self.raw = raw
 

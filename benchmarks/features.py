@@ -430,10 +430,13 @@ def load_weights(spec: str) -> tuple[str, Any, dict[str, Any]]:
     return label, load_model(path, "cpu").eval(), {"path": str(path), "steps": steps}
 
 
-def registration_dice(models: list[tuple[str, Any]], pairs: int, quick: bool) -> dict[str, Any]:
-    """Mean nichart Dice of mind, and of net and both per network, on the registration benchmark's
-    first ``pairs`` pairs with its solver settings (``benchmarks/registration.py``'s registrations, in
-    this process: each image's network features are computed once for ``net`` and ``both``)."""
+def registration_dice(models: list[tuple[str, Any]], pairs: int, quick: bool,
+                      datasets: tuple[str, ...] = ("nichart",)) -> dict[str, Any]:
+    """Mean Dice of mind, and of net and both per network, on the registration benchmark's first
+    ``pairs`` nichart pairs and every pair of the other ``datasets`` (spine, ctmr: these features are
+    meant for any anatomy), with its solver settings (``benchmarks/registration.py``'s registrations,
+    in this process: each image's network features are computed once for ``net`` and ``both``). Keys:
+    ``mind``, ``net:LABEL``, ``both:LABEL`` for nichart, with ``@DATASET`` after them for the others."""
     from registration import QUICK_CONFIG, dataset_pairs, load_pair
 
     from synthvox.metrics import dice_per_label
@@ -441,18 +444,20 @@ def registration_dice(models: list[tuple[str, Any]], pairs: int, quick: bool) ->
 
     cfg = RegistrationConfig(**QUICK_CONFIG) if quick else RegistrationConfig()
     runs = [("mind", None, "mind")] + [(f"{kind}:{label}", model, kind) for label, model in models for kind in ("net", "both")]
-    per: dict[str, list[float]] = {name: [] for name, _, _ in runs}
-    for pair in dataset_pairs("nichart", pairs):
-        data = load_pair(pair)
-        ref = data["fixed_labels"].data[0].numpy()
-        with common.FeatureCache():
-            for name, model, kind in runs:
-                t = time.perf_counter()
-                res = register(data["fixed"], data["moving"], features=kind, weights=model,
-                               moving_labels=data["moving_labels"], config=cfg)
-                dice = _nanmean(list(dice_per_label(res.moved_labels.data[0].numpy(), ref, pair["groups"]).values()))
-                per[name].append(dice)
-                print(f"[{name}] {pair['name']}: Dice {dice:.3f}  {time.perf_counter() - t:.1f} s", flush=True)
+    per: dict[str, list[float]] = {}
+    for ds in datasets:
+        suffix = "" if ds == "nichart" else f"@{ds}"
+        for pair in dataset_pairs(ds, pairs):
+            data = load_pair(pair)
+            ref = data["fixed_labels"].data[0].numpy()
+            with common.FeatureCache():
+                for name, model, kind in runs:
+                    t = time.perf_counter()
+                    res = register(data["fixed"], data["moving"], features=kind, weights=model,
+                                   moving_labels=data["moving_labels"], config=cfg)
+                    dice = _nanmean(list(dice_per_label(res.moved_labels.data[0].numpy(), ref, pair["groups"]).values()))
+                    per.setdefault(name + suffix, []).append(dice)
+                    print(f"[{name}{suffix}] {pair['name']}: Dice {dice:.3f}  {time.perf_counter() - t:.1f} s", flush=True)
     return {name: {"mean_dice": _nanmean(v), "pairs": v} for name, v in per.items()}
 
 
@@ -472,7 +477,8 @@ def score(rows: dict[str, dict[str, float]]) -> float:
 
 def run(weights: list[str], datasets: list[str], subjects: list[str], n_knn: int, n_local: int, reg_pairs: int,
         quick: bool, threads: int, seed: int = 0, fov: list[str] | None = None, fov_subjects: list[str] | None = None,
-        fov_scalings: list[str] | None = None, cli_scalings: list[str | None] | None = None) -> dict[str, Any]:
+        fov_scalings: list[str] | None = None, cli_scalings: list[str | None] | None = None,
+        reg_datasets: tuple[str, ...] = ("nichart",)) -> dict[str, Any]:
     """The probe; ``fov``: the field-of-view changes of its term (:func:`fov_term`) on ``fov_subjects``
     with ``fov_scalings`` (None: each card's), ``cli_scalings``: the term through ``synthvox features``
     (:func:`cli_fov`) with these scalings (None in it: the card's; None: not measured)."""
@@ -515,7 +521,7 @@ def run(weights: list[str], datasets: list[str], subjects: list[str], n_knn: int
         payload["seconds"]["fov_cli"] = time.perf_counter() - t
     if reg_pairs > 0:
         t = time.perf_counter()
-        payload["registration"] = registration_dice([(lab, m) for lab, m, _ in models], reg_pairs, quick)
+        payload["registration"] = registration_dice([(lab, m) for lab, m, _ in models], reg_pairs, quick, reg_datasets)
         payload["seconds"]["registration"] = time.perf_counter() - t
     payload["seconds"]["total"] = time.perf_counter() - t0
     return payload
@@ -592,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                     "a comma list of percentile, foreground (default each network's card)")
     ap.add_argument("--fov-cli", action="store_true", help="the fov term through synthvox features too (its "
                     "windows at 2 mm: minutes per network and subject), with the card's scaling and --fov-scalings")
+    ap.add_argument("--reg-datasets", default="nichart", help="registration rows on these datasets too, a comma list "
+                    "of nichart, spine, ctmr (--reg-pairs counts the nichart pairs; the others run all their pairs)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if not common.require_shared_data():
@@ -606,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DATASETS:
             ap.error(f"unknown dataset {d!r}: use {', '.join(DATASETS)}")
     reg_pairs = args.reg_pairs if args.reg_pairs is not None else (1 if args.quick else 2)
+    reg_datasets = tuple(d for d in args.reg_datasets.split(",") if d)
+    for d in reg_datasets:
+        if d not in ("nichart", "spine", "ctmr"):
+            ap.error(f"unknown registration dataset {d!r}: use nichart, spine, ctmr")
     fov = [c for c in (args.fov or ("pad" if args.quick else ",".join(FOV_CHANGES))).split(",") if c and c != "none"]
     scalings = [c for c in (args.fov_scalings or "").split(",") if c] or None
     from synthvox.models.features import SCALINGS
@@ -623,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = [None, *(scalings or [])] if args.fov_cli else None
     payload = run(args.weights or ["shipped"], datasets, subjects, 150 if args.quick else 300,
                   300 if args.quick else 600, reg_pairs, args.quick, args.threads, fov=fov, fov_subjects=fov_subjects,
-                  fov_scalings=scalings, cli_scalings=cli)
+                  fov_scalings=scalings, cli_scalings=cli, reg_datasets=reg_datasets)
     js, md = common.write_results(NAME, payload, markdown(payload), args.out)
     print(markdown(payload))
     print(f"\nwrote {js}, {md}")

@@ -92,11 +92,13 @@ def test_registration_rows_compute_each_network_once_per_image_and_keep_networks
     FeatureExtractor._net = counting
     try:
         rows = features.registration_dice([("a", a), ("b", b)], 1, quick=True)
-        assert calls.count(id(a)) == 2 and calls.count(id(b)) == 2 and len(calls) == 4  # fixed and moving, once each
+        # fixed and moving once each for net and both, and the moving image on each registration's own
+        # working grid (matched_fov: after its own affine, so not shared)
+        assert calls.count(id(a)) == 2 + 2 and calls.count(id(b)) == 2 + 2 and len(calls) == 8
         img = torch.rand(1, 12, 12, 12)
         with common.FeatureCache():
             same = [FeatureExtractor(kind="net", model=m).raw(img, "fixed")["net"] for m in (a, a_again)]
-        assert torch.equal(*same) and len(calls) == 5  # the copy of a's weights: from the cache
+        assert torch.equal(*same) and len(calls) == 9  # the copy of a's weights: from the cache
     finally:
         FeatureExtractor._net = original
     assert set(rows) == {"mind", "net:a", "both:a", "net:b", "both:b"}

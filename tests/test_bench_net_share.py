@@ -50,7 +50,9 @@ def test_quick_sweep_computes_each_network_feature_set_once(tmp_path, monkeypatc
     payload = json.loads((tmp_path / "net_share.json").read_text())
     kinds = [(r["features"], r["net_share"]) for r in payload["rows"]]
     assert kinds == [("mind", None), ("net", None), ("both", 0.3), ("both", 0.6)]
-    assert len(calls) == 2  # the fixed and the moving image, once for net and both shares
+    # the fixed and the moving image once for net and both shares, plus for each of the 3 registrations
+    # that use the network the moving image on its own working grid (matched_fov: after its own affine)
+    assert len(calls) == 2 + 3
     assert all(0 <= r["mean_dice"] <= 1 for r in payload["rows"])
     md = (tmp_path / "net_share.md").read_text()
     assert "against mind" in md and "0.6" in md
