@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -231,19 +231,10 @@ def predict(
     )
 
 
-def segment_with(
-    net: SegmentationNet,
-    meta: SegmentationMeta,
-    image: Volume,
-    *,
-    device: torch.device | str = "cpu",
-    tta: bool | Sequence[int] = False,
-    patch: Sequence[int] | int | None = None,
-    overlap: float = 0.5,
-    sw_batch_size: int = 2,
-) -> Volume:
-    """Segment ``image`` with an already loaded network (see :func:`segment`); the label map of :func:`predict`."""
-    return predict(net, meta, image, device=device, tta=tta, patch=patch, overlap=overlap, sw_batch_size=sw_batch_size).labels
+def segment_with(net: SegmentationNet, meta: SegmentationMeta, image: Volume, **options: Any) -> Volume:
+    """Segment ``image`` with an already loaded network (see :func:`segment`): the label map of
+    :func:`predict`, which takes the same keywords (``device``, ``tta``, ``patch``, ``overlap``, ``sw_batch_size``)."""
+    return predict(net, meta, image, **options).labels
 
 
 def segment(
