@@ -23,8 +23,7 @@ from synthvox.metrics import folding_percent, jacobian_determinant
 from synthvox.registration import RegistrationConfig, register
 from synthvox.registration.outputs import itk_affine_text
 from synthvox.registration.stages import stages, use_start
-from synthvox.registration.transforms import ras_to_itk_matrix
-from synthvox.volume import Volume, resample_to_grid
+from synthvox.volume import Volume, ras_to_itk_matrix, resample_to_grid
 
 N = 32
 

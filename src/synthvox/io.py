@@ -391,7 +391,7 @@ def _simpleitk(why: str):  # noqa: ANN202 - the module
 
 def load_transform(path: str | os.PathLike, what: str = "initial transform") -> np.ndarray:
     """Read a linear transform file as a 4x4 fixed-world to moving-world matrix in RAS (synthvox's
-    world affines; see :mod:`synthvox.registration.transforms`).
+    world affines; see :func:`synthvox.volume.itk_to_ras_matrix`).
 
     Reads, through SimpleITK's ``ReadTransform``: ITK text transforms (``.txt``, ``.tfm``; the
     ``affine.txt`` that ``synthvox register`` writes), ANTs' ``.mat`` (MATLAB v4) affines, and any
@@ -401,7 +401,7 @@ def load_transform(path: str | os.PathLike, what: str = "initial transform") -> 
     Raises:
         InputError: a missing or unreadable file, another suffix, a transform that is not linear.
     """
-    from synthvox.registration.transforms import check_world_matrix, itk_to_ras_matrix, matrix_of_points
+    from synthvox.volume import check_world_matrix, itk_to_ras_matrix, matrix_of_points
 
     p = Path(path)
     accepted = "an ITK transform (.txt, .tfm) or an ANTs affine (.mat)"

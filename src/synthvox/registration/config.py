@@ -10,7 +10,10 @@ from synthvox.errors import InputError
 from synthvox.registration.grids import MAX_WORKING_SIZE, MIN_WORKING_SIZE, WORKING_SPACING
 from synthvox.registration.initial import REFINE
 from synthvox.registration.rotation import PRIOR_WEIGHT
-from synthvox.registration.transforms import TRANSFORM_KINDS
+
+#: How far a registration goes (``--transform``): the start and a rigid fit, the start and an affine
+#: fit, or those and the deformable stages.
+TRANSFORM_KINDS = ("rigid", "affine", "deformable")
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,8 @@ from synthvox.registration.config import RegistrationConfig
 from synthvox.registration.network import resolve_network
 from synthvox.registration.parallel import single_op_threads
 from synthvox.registration.stages import State, run_stages, stages, use_start
-from synthvox.registration.transforms import check_world_matrix
 from synthvox.registration.warp import warp_to_itk_volume
-from synthvox.volume import Volume, same_grid
+from synthvox.volume import Volume, check_world_matrix, same_grid
 
 
 @dataclass
