@@ -9,7 +9,7 @@ Label outlines get a colour legend (id, name, and Dice when both label maps are 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -123,6 +123,42 @@ def legend_entries(label_ids: list[int], label_names: Mapping[Any, str] | None =
     return out
 
 
+class _Panels(NamedTuple):
+    """What both QC renderers draw: the images in display orientation scaled to [0, 1], the label maps'
+    three planes, the orientation markers, the legend entries and the Dice they show."""
+
+    fixed: np.ndarray
+    moved: np.ndarray
+    spacing: np.ndarray
+    fixed_labels: list[np.ndarray] | None
+    moved_labels: list[np.ndarray] | None
+    markers: dict[str, dict[str, str]]
+    entries: list[tuple[int, str]]
+    dice: Mapping[Any, float] | None
+
+
+def _panels(fixed: Volume, moved: Volume, fixed_labels: Volume | None, moved_labels: Volume | None,
+            label_names: Mapping[Any, str] | None, dice: Mapping[Any, float] | None, radiological: bool) -> _Panels:
+    f = display_orientation(Volume(fixed.data[:1].float().cpu(), fixed.affine), radiological)
+    m = display_orientation(Volume(moved.data[:1].float().cpu(), moved.affine), radiological)
+
+    def as_array(lab: Volume | None) -> np.ndarray | None:
+        if lab is None:
+            return None
+        return display_orientation(Volume(lab.data[:1].cpu(), lab.affine), radiological).data[0].numpy()
+
+    fla, mla = as_array(fixed_labels), as_array(moved_labels)
+    ids = sorted({int(i) for a in (fla, mla) if a is not None for i in np.unique(a)} - {0})
+    if dice is None and fla is not None and mla is not None:
+        from synthvox.metrics import dice_per_label
+
+        shared = sorted(({int(i) for i in np.unique(fla)} & {int(i) for i in np.unique(mla)}) - {0})
+        dice = dice_per_label(mla, fla, shared) if shared else {}
+    return _Panels(_unit(f.data[0].numpy()), _unit(m.data[0].numpy()), f.spacing,
+                   None if fla is None else _planes(fla), None if mla is None else _planes(mla),
+                   panel_markers(f.affine), legend_entries(ids, label_names, dice) if ids else [], dice)
+
+
 def qc_figure(fixed: Volume, moved: Volume, title: str = "", fixed_labels: Volume | None = None,
               moved_labels: Volume | None = None, *, label_names: Mapping[Any, str] | None = None,
               dice: Mapping[Any, float] | None = None, radiological: bool = True) -> Any:
@@ -143,30 +179,12 @@ def qc_figure(fixed: Volume, moved: Volume, title: str = "", fixed_labels: Volum
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    f = display_orientation(Volume(fixed.data[:1].float().cpu(), fixed.affine), radiological)
-    m = display_orientation(Volume(moved.data[:1].float().cpu(), moved.affine), radiological)
-    fa, ma = _unit(f.data[0].numpy()), _unit(m.data[0].numpy())
-    sp = f.spacing
+    q = _panels(fixed, moved, fixed_labels, moved_labels, label_names, dice, radiological)
+    fa, ma, fl, ml, markers, entries, dice = q.fixed, q.moved, q.fixed_labels, q.moved_labels, q.markers, q.entries, q.dice
+    sp = q.spacing
     aspects = [sp[2] / sp[1], sp[2] / sp[0], sp[1] / sp[0]]
-    markers = panel_markers(f.affine)
     rows = [("fixed", _planes(fa)), ("moved", _planes(ma)),
             ("overlay (checkerboard)", [checkerboard(x, y) for x, y in zip(_planes(fa), _planes(ma))])]
-
-    def as_array(lab: Volume | None) -> np.ndarray | None:
-        if lab is None:
-            return None
-        return display_orientation(Volume(lab.data[:1].cpu(), lab.affine), radiological).data[0].numpy()
-
-    fla, mla = as_array(fixed_labels), as_array(moved_labels)
-    fl = None if fla is None else _planes(fla)
-    ml = None if mla is None else _planes(mla)
-    ids = sorted({int(i) for a in (fla, mla) if a is not None for i in np.unique(a)} - {0})
-    if dice is None and fla is not None and mla is not None:
-        from synthvox.metrics import dice_per_label
-
-        shared = sorted(({int(i) for i in np.unique(fla)} & {int(i) for i in np.unique(mla)}) - {0})
-        dice = dice_per_label(mla, fla, shared) if shared else {}
-    entries = legend_entries(ids, label_names, dice) if ids else []
 
     fig = Figure(figsize=(12 if entries else 9, 9.5), dpi=100)
     overlays = [[fl], [ml], [fl, ml]]
@@ -218,33 +236,16 @@ def qc_png_bytes(fixed: Volume, moved: Volume, title: str = "", fixed_labels: Vo
 
     from PIL import Image, ImageDraw
 
-    f = display_orientation(Volume(fixed.data[:1].float().cpu(), fixed.affine), radiological)
-    m = display_orientation(Volume(moved.data[:1].float().cpu(), moved.affine), radiological)
-    fa, ma = _unit(f.data[0].numpy()), _unit(m.data[0].numpy())
-    sp = np.asarray(f.spacing, float)
-    markers = panel_markers(f.affine)
-
-    def as_array(lab: Volume | None) -> np.ndarray | None:
-        if lab is None:
-            return None
-        return display_orientation(Volume(lab.data[:1].cpu(), lab.affine), radiological).data[0].numpy()
-
-    fla, mla = as_array(fixed_labels), as_array(moved_labels)
-    fl = None if fla is None else _planes(fla)
-    ml = None if mla is None else _planes(mla)
-    ids = sorted({int(i) for a in (fla, mla) if a is not None for i in np.unique(a)} - {0})
-    if dice is None and fla is not None and mla is not None:
-        from synthvox.metrics import dice_per_label
-
-        shared = sorted(({int(i) for i in np.unique(fla)} & {int(i) for i in np.unique(mla)}) - {0})
-        dice = dice_per_label(mla, fla, shared) if shared else {}
-    entries = legend_entries(ids, label_names, dice) if ids else []
+    q = _panels(fixed, moved, fixed_labels, moved_labels, label_names, dice, radiological)
+    fa, ma, fl, ml, markers, dice = q.fixed, q.moved, q.fixed_labels, q.moved_labels, q.markers, q.dice
+    sp = np.asarray(q.spacing, float)
+    entries = q.entries
     rows = [("fixed", _planes(fa), [fl]), ("moved", _planes(ma), [ml]),
             ("overlay (checkerboard)", [checkerboard(x, y) for x, y in zip(_planes(fa), _planes(ma))], [fl, ml])]
 
     cell, head, pad = 290, 20, 8
     # one scale (pixels per mm) for every panel, so the planes keep their relative sizes and aspect
-    extents = [(f.shape[h] * sp[h], f.shape[v] * sp[v]) for h, v in _PLANE_AXES.values()]
+    extents = [(fa.shape[h] * sp[h], fa.shape[v] * sp[v]) for h, v in _PLANE_AXES.values()]
     scale = (cell - 4) / max(max(e) for e in extents)
     top = 34 if title else 8
     legend_w, line_h = 0, 13
