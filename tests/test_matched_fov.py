@@ -45,7 +45,7 @@ def _features_on_working_grid(matched: bool, kind: str = "net") -> tuple[torch.T
     model = build_model("tiny", seed=0).eval() if kind in ("net", "both") else None
     shares = {"mind": 0.7, "net": 0.3} if kind == "both" else None
     st = State(fixed=fixed, moving=moving, fixed_mask=None, moving_mask=None, moving_labels=None,
-               network=FeatureNetwork(kind=kind, model=model, shares=shares), cfg=RegistrationConfig(spacing=2.0, matched_fov=matched),
+               network=FeatureNetwork(kind=kind, model=model, shares=shares), cfg=RegistrationConfig(spacing=2.0, matched_fov=matched if isinstance(matched, str) else ("network" if matched else "none")),
                init="none", modality_fixed="mr", modality_moving="mr", ct_window=None, device=torch.device("cpu"),
                workers=1, warn=lambda _m: None)
     for step in (find_working_grid, choose_start, frame_moving, compute_features, moving_onto_working_grid):
@@ -82,3 +82,17 @@ def test_with_both_only_the_network_channels_are_computed_again():
     n_net = 16  # the tiny network's output channels; MIND-SSC's come first
     torch.testing.assert_close(m1[:-n_net], m0[:-n_net], rtol=0, atol=0)  # MIND-SSC is local: kept as it was
     assert _relative_change(f1[-n_net:], m1[-n_net:]) < 1e-6 < _relative_change(f0[-n_net:], m0[-n_net:])
+
+
+def test_all_recomputes_mind_too_and_a_bad_value_is_refused():
+    from synthvox.errors import InputError
+
+    f0, m0, _ = _features_on_working_grid(matched="network", kind="both")
+    f1, m1, _ = _features_on_working_grid(matched="all", kind="both")
+    assert not torch.equal(m1[:-16], m0[:-16])  # MIND-SSC of MOVING on the working grid, not resampled
+    torch.testing.assert_close(m1[-16:], m0[-16:], rtol=1e-5, atol=1e-6)
+    assert _relative_change(f1, m1) < 1e-6  # the same image in the same window: the same features
+    import pytest
+
+    with pytest.raises(InputError, match="matched_fov"):
+        RegistrationConfig(matched_fov="yes")

@@ -14,6 +14,8 @@ from synthvox.registration.rotation import PRIOR_WEIGHT
 #: How far a registration goes (``--transform``): the start and a rigid fit, the start and an affine
 #: fit, or those and the deformable stages.
 TRANSFORM_KINDS = ("rigid", "affine", "deformable")
+#: Which of MOVING's features the deformable stages compute again on the working grid (``matched_fov``).
+MATCHED_FOV = ("network", "all", "none")
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,12 @@ class RegistrationConfig:
         net_share: with ``both``, the network's share of the total feature variance (MIND-SSC gets the
             rest), in (0, 1). None: what the weights' card says (:func:`synthvox.models.card.network_share`:
             a measured choice, else one half), read there too.
-        matched_fov: with the network (``net``, ``both``), compute MOVING's network features for the
-            deformable stages again, on the working grid after the start and the affine, so that both
-            feature sets come from the same field of view (a network whose features depend on what
-            else the volume holds then sees the same window twice); costs one more network pass. On
-            3 nichart pairs with the weights shipped on 2026-12-02: ``net`` 0.555 -> 0.669 mean Dice,
-            ``both`` 0.730 -> 0.726 (benchmarks/README.md).
+        matched_fov: with the network (``net``, ``both``), compute MOVING's features for the deformable
+            stages again, on the working grid after the start and the affine, so that both feature sets
+            come from the same field of view (a network whose features depend on what else the volume
+            holds then sees the same window twice; one more network pass): ``"network"`` the
+            network's channels only, ``"all"`` MIND-SSC's too, ``"none"`` neither (each image's
+            features on its own field of view, resampled). benchmarks/README.md has the figures.
     """
 
     transform: str = "deformable"
@@ -95,9 +97,11 @@ class RegistrationConfig:
     inverse_consistent: bool = True
     net_spacing: float | None = None
     net_share: float | None = None
-    matched_fov: bool = True
+    matched_fov: str = "network"
 
     def __post_init__(self) -> None:
+        if self.matched_fov not in MATCHED_FOV:
+            raise InputError(f"matched_fov must be one of {', '.join(MATCHED_FOV)}, got {self.matched_fov!r}")
         if self.transform not in TRANSFORM_KINDS:
             raise InputError(f"unknown transform {self.transform!r}: use one of {', '.join(TRANSFORM_KINDS)}")
         if self.net_spacing is not None and not (self.net_spacing > 0 and math.isfinite(self.net_spacing)):

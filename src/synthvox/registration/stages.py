@@ -313,12 +313,12 @@ def fit_residual_affine(st: State) -> str:
 def moving_onto_working_grid(st: State) -> str:
     """MOVING's features and cover through the residual affine onto the working grid; its weight there
     (None when MOVING covers all of FIXED's compared region and has no mask). With ``matched_fov`` and
-    a network, MOVING itself goes onto the working grid and its features are computed there."""
+    a network, MOVING itself goes onto the working grid and its (network) features are computed there."""
     to_w = np.linalg.inv(st.residual) @ st.frame.affine  # type: ignore[union-attr]
     st.feat_moving_w = resample_to_grid(Volume(st.feat_moving, to_w), *st.grid).data  # type: ignore[arg-type, misc]
     cover_w = resample_to_grid(Volume(st.cover_f[None], to_w), *st.grid).data[0]  # type: ignore[index, misc]
     detail = ""
-    if st.cfg.matched_fov and st.network.model is not None:
+    if st.cfg.matched_fov != "none" and st.network.model is not None:
         detail = moving_features_on_working_grid(st)
         cover_w = st.cover_w
     inside = cover_w[st.weight > 0]  # type: ignore[operator]
@@ -339,11 +339,14 @@ def moving_features_on_working_grid(st: State) -> str:
     if st.moving_mask is not None:
         mask = Volume(st.moving_mask[None].float(), st.moving.affine)
         cover = cover * (resample_through(mask, to, *st.grid).data[0] > 0.5).float()  # type: ignore[misc]
+    st.cover_w = cover
+    if st.cfg.matched_fov == "all":
+        st.feat_moving_w = combine(st.extractor.raw(moving_w.data, "moving"), st.scales, st.network.shares)  # type: ignore[union-attr, arg-type]
+        return "MOVING's features again on the working grid"
     net = st.extractor.raw(moving_w.data, "moving", only="net")["net"]  # type: ignore[union-attr]
     net = net * set_weight("net", st.scales, st.network.shares)  # type: ignore[arg-type]
     others = st.feat_moving_w[: st.feat_moving_w.shape[0] - net.shape[0]]  # type: ignore[index]
     st.feat_moving_w = torch.cat([others, net]) if others.shape[0] else net  # combine's order: mind, net
-    st.cover_w = cover
     return "MOVING's network features again on the working grid"
 
 
