@@ -67,9 +67,10 @@ class RegistrationConfig:
         matched_fov: with the network (``net``, ``both``), compute MOVING's features for the deformable
             stages again, on the working grid after the start and the affine, so that both feature sets
             come from the same field of view (a network whose features depend on what else the volume
-            holds then sees the same window twice; one more network pass): ``"network"`` the
-            network's channels only, ``"all"`` MIND-SSC's too, ``"none"`` neither (each image's
-            features on its own field of view, resampled). benchmarks/README.md has the figures.
+            holds then sees the same window twice; one more network pass): ``"all"`` (the default)
+            every feature set of MOVING, ``"network"`` the network's channels only, ``"none"`` neither
+            (each image's features on its own field of view, resampled). benchmarks/README.md has the
+            figures.
     """
 
     transform: str = "deformable"
@@ -97,7 +98,7 @@ class RegistrationConfig:
     inverse_consistent: bool = True
     net_spacing: float | None = None
     net_share: float | None = None
-    matched_fov: str = "network"
+    matched_fov: str = "all"
 
     def __post_init__(self) -> None:
         if self.matched_fov not in MATCHED_FOV:
