@@ -131,16 +131,21 @@ def test_interrupted_batch_resumes_with_the_same_table(study, tmp_path, monkeypa
     assert _table(out) == _table(one_run)
 
 
-def test_ctrl_c_on_the_command_then_a_rerun_finishes_only_the_rest(study, tmp_path):
+def test_ctrl_c_on_the_command_then_a_rerun_finishes_only_the_rest(tmp_path):
     """The command in its own process, interrupted (SIGINT) once a pair is finished: the finished pairs
-    stay whole, nothing half-written is left, and the rerun registers only the rest, same table."""
+    stay whole, nothing half-written is left, and the rerun registers only the rest, same table. The
+    study has 16 pairs, so the signal lands while pairs are left however fast the machine is (with the
+    6 of the other tests, a quiet machine finished them all between two polls)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    pairs, one_run, _ = study
+    n = 16
+    pairs = _study(tmp_path / "study", n)
+    one_run = tmp_path / "one_run"
+    register_many(pairs, one_run, config=CFG, progress=False, log=lambda line: None)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "synthvox", "register", "--pairs", str(pairs), "--out", str(out), "--device", "cpu",
            "--spacing", "3", "--set", "affine_iters=[10,5]", "--set", "adam_iters=5", "--quiet"]
@@ -153,7 +158,7 @@ def test_ctrl_c_on_the_command_then_a_rerun_finishes_only_the_rest(study, tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err, err
     finished = sorted(p.name for p in out.iterdir() if (p / "report.json").is_file())
-    assert finished and len(finished) < 5, finished
+    assert finished and len(finished) < n - 1, finished
     assert not [p for p in out.rglob(".partial.*")] and not [p for p in out.rglob(".*.tmp")]
     for name in finished:
         assert sorted(f.name for f in (out / name).iterdir()) == sorted(f.name for f in (one_run / name).iterdir())

@@ -138,7 +138,8 @@ def test_register_stopped_by_sigint_exits_130_and_leaves_nothing(inputs, tmp_pat
     out = tmp_path / "reg"
     args = register_args(inputs, out)
     args.remove("--quiet")
-    args += ["--set", "adam_iters=100000"]  # long enough to be interrupted while it works
+    # long enough to be interrupted while it works: no early stop (adam_tol=0), so 100000 Adam steps
+    args += ["--set", "adam_iters=100000", "--set", "adam_tol=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "synthvox", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, env=env)

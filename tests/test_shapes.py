@@ -244,7 +244,7 @@ def test_default_bank_ships():
     cubes = b.subset(range(0, len(b), 97)).cubes(16)
     assert cubes.shape[1:] == (1, 16, 16, 16) and bool((cubes.flatten(1).amax(1) > 0.5).all())
     assert (path.parent / "BANK.md").is_file()
-    assert "synthvox shapes" in (path.parent / "BANK.md").read_text()
+    assert "synthvox shapes" in (path.parent / "BANK.md").read_text(encoding="utf-8")
 
 
 def test_default_bank_is_reproducible_from_shared_data():

@@ -35,7 +35,7 @@ def resolve_features(features: str, weights: Any = None) -> str:
 
 def organs() -> dict[str, int]:
     """The 7 organs both label maps share: name -> label id."""
-    raw = json.loads((demo_dir() / "organs.json").read_text())
+    raw = json.loads((demo_dir() / "organs.json").read_text(encoding="utf-8"))
     return {k: int(v) for k, v in raw.items() if not k.startswith("_")}
 
 

@@ -446,7 +446,7 @@ def load_points(path: str | os.PathLike, what: str = "points") -> tuple[np.ndarr
     lps = False
     try:
         if name.endswith(".mrk.json"):
-            doc = json.loads(p.read_text())
+            doc = json.loads(p.read_text(encoding="utf-8"))
             for m in doc.get("markups", []):
                 flip = str(m.get("coordinateSystem", "LPS")).upper() == "LPS"
                 for cp in m.get("controlPoints", []):
@@ -454,7 +454,7 @@ def load_points(path: str | os.PathLike, what: str = "points") -> tuple[np.ndarr
                     pts.append([-x[0], -x[1], x[2]] if flip else x)
                     labels.append(str(cp.get("label", "")))
         else:
-            text = p.read_text().splitlines()
+            text = p.read_text(encoding="utf-8").splitlines()
             if name.endswith(".fcsv"):
                 for line in text:
                     if line.startswith("#") and "coordinatesystem" in line.lower().replace(" ", ""):

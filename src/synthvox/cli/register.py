@@ -20,7 +20,7 @@ def _label_names(path: Path | None) -> dict[int, str] | None:
     if not path.is_file():
         raise InputError(f"--label-names file not found: {path}")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"--label-names is not a readable JSON file ({type(exc).__name__}): {path}") from None
     if not isinstance(raw, dict) or not raw:

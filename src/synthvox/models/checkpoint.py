@@ -126,7 +126,7 @@ def read_model_config(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not cfg_path.is_file():
         raise InputError(f"not a synthvox model directory (no {CONFIG_NAME}): {p}")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read {cfg_path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:

@@ -363,11 +363,11 @@ def pair_record(out: Path, pair: Pair) -> tuple[str, dict[str, Any] | None, str]
     folder = Path(out) / pair.name
     if is_finished(out, pair):
         try:
-            return "done", json.loads((folder / "report.json").read_text()), ""
+            return "done", json.loads((folder / "report.json").read_text(encoding="utf-8")), ""
         except (OSError, json.JSONDecodeError) as exc:
             return "failed", None, f"unreadable report.json ({type(exc).__name__})"
     if (folder / ERROR_FILE).is_file():
-        return "failed", None, (folder / ERROR_FILE).read_text().strip()
+        return "failed", None, (folder / ERROR_FILE).read_text(encoding="utf-8").strip()
     return "pending", None, ""
 
 

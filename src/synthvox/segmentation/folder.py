@@ -304,7 +304,7 @@ def folder_records(jobs: Sequence[tuple[Path, Path]], probabilities: bool = Fals
             out.append(rec)
         elif error_path(label_map).is_file():
             out.append(Segmented(Path(image), Path(label_map), [], 0.0, status="failed",
-                                 error=error_path(label_map).read_text().strip()))
+                                 error=error_path(label_map).read_text(encoding="utf-8").strip()))
         else:
             out.append(Segmented(Path(image), Path(label_map), [], 0.0, status="pending"))
     return out

@@ -181,7 +181,7 @@ def read_meta(path: str | os.PathLike) -> SegmentationMeta:
     if not is_model_dir(p):
         raise InputError(f"not a synthvox segmentation model directory (no {META_NAME}): {p}")
     try:
-        d = json.loads((p / META_NAME).read_text())
+        d = json.loads((p / META_NAME).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read {p / META_NAME}: {' '.join(str(exc).split())}") from None
     return SegmentationMeta.from_json(d, str(p / META_NAME))
