@@ -12,16 +12,23 @@ from synthvox.models.card import auto_features, decide, model_card
 from synthvox.models.registry import build_model
 
 
-def _result(mind: float, net: float, both: float) -> dict:
+def _result(mind: float, net: float, both: float, off_brain: dict | None = None) -> dict:
     per = {k: {"summary": {"mean_dice": v}} for k, v in (("mind", mind), ("net", net), ("both", both), ("ants", 0.6))}
-    return {"date": "2026-12-01", "commit": "abc", "pairs": 11, "results": {"nichart": per, "ctmr": {"mind": {"summary": {"mean_dice": 0.5}}}}}
+    ctmr = {k: {"summary": {"mean_dice": v}} for k, v in (off_brain or {"mind": 0.5}).items()}
+    return {"date": "2026-12-01", "commit": "abc", "pairs": 11, "results": {"nichart": per, "ctmr": ctmr}}
 
 
-@pytest.mark.parametrize("figures,choice", [((0.72, 0.47, 0.68), "mind"), ((0.70, 0.66, 0.73), "both"), ((0.70, 0.75, 0.73), "net")])
+@pytest.mark.parametrize("figures,choice", [((0.72, 0.47, 0.68), "mind"), ((0.70, 0.66, 0.73), "both"), ((0.70, 0.75, 0.73), "net"),
+                                            ((0.7295, 0.678, 0.7318), "mind")])  # 2026-12-07: both 0.002 above mind
 def test_decide_picks_the_measured_best(figures, choice) -> None:
     rec = decide(_result(*figures))
     assert rec["features_auto"] == choice
     assert rec["mean_dice"]["nichart"]["ants"] == 0.6 and rec["mean_dice"]["ctmr"]["mind"] == 0.5
+
+
+def test_decide_keeps_mind_when_the_network_loses_off_the_brain() -> None:
+    assert decide(_result(0.70, 0.66, 0.75, {"mind": 0.53, "both": 0.52}))["features_auto"] == "mind"
+    assert decide(_result(0.70, 0.66, 0.75, {"mind": 0.53, "both": 0.55}))["features_auto"] == "both"
 
 
 def test_decide_needs_all_three_kinds() -> None:
