@@ -150,7 +150,9 @@ def test_ctrl_c_on_the_command_then_a_rerun_finishes_only_the_rest(tmp_path):
     cmd = [sys.executable, "-m", "synthvox", "register", "--pairs", str(pairs), "--out", str(out), "--device", "cpu",
            "--spacing", "3", "--set", "affine_iters=[10,5]", "--set", "adam_iters=5", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a child of a shell that ignores SIGINT (a backgrounded CI job) would inherit the ignoring: restore it
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "p0" / "report.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -141,7 +141,9 @@ def test_register_stopped_by_sigint_exits_130_and_leaves_nothing(inputs, tmp_pat
     # long enough to be interrupted while it works: no early stop (adam_tol=0), so 100000 Adam steps
     args += ["--set", "adam_iters=100000", "--set", "adam_tol=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # a child of a shell that ignores SIGINT (a backgrounded CI job) would inherit the ignoring: restore it
     proc = subprocess.Popen([sys.executable, "-m", "synthvox", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             text=True, env=env)
     try:
         lines = []
