@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_cli_mistakes import one_line_error, tree
 from typer.testing import CliRunner
 
 from synthvox import io
@@ -23,18 +24,6 @@ runner = CliRunner()
 
 OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
 FAILURES = [(OOM, 2), (KeyboardInterrupt(), 130)]
-
-
-def one_line_error(result, code: int = 2) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
-
-
-def tree(path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
 def contents(path) -> dict[str, bytes]:
