@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from test_atlas import labels_of, mean_dice
+from test_cli_mistakes import one_line_error
 from test_registration import phantom, warped_pair
 from typer.testing import CliRunner
 
@@ -18,13 +19,6 @@ from synthvox.volume import Volume
 
 runner = CliRunner()
 AFF = np.diag([1.0, 1.0, 1.0, 1.0])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code != 0, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

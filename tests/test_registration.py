@@ -89,7 +89,7 @@ def test_mind_recovers_known_warp():
 
 def test_net_features_pipeline_with_random_tiny_network():
     """Plumbing of --features net/both with an untrained network (random features cannot register)."""
-    models = pytest.importorskip("synthvox.models")
+    from synthvox import models
     img = phantom(32)
     moving, _ = warped_pair(img)
     aff = np.eye(4)

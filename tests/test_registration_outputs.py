@@ -15,8 +15,6 @@ from synthvox.registration import RegistrationConfig, register
 from synthvox.registration.outputs import itk_affine_text, output_names
 from synthvox.volume import Volume
 
-sitk = pytest.importorskip("SimpleITK")
-
 CFG = RegistrationConfig(spacing=1.5, adam_iters=40)
 
 
@@ -34,7 +32,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory):
     return d, out, res, written
 
 
-def _read(path):  # noqa: ANN001, ANN202
+def _read(sitk, path):  # noqa: ANN001, ANN202
     return sitk.ReadImage(str(path))
 
 
@@ -59,16 +57,16 @@ def test_save_writes_every_output(saved):
     res.save(out, force=True)
 
 
-def test_affine_txt_composed_with_the_deformable_warp_reproduces_moved(saved):
+def test_affine_txt_composed_with_the_deformable_warp_reproduces_moved(saved, sitk):
     d, out, res, _ = saved
-    f, m = _read(d / "fixed.nii.gz"), _read(d / "moving.nii.gz")
+    f, m = _read(sitk, d / "fixed.nii.gz"), _read(sitk, d / "moving.nii.gz")
     affine = sitk.ReadTransform(str(out / "affine.txt"))
-    deform = sitk.DisplacementFieldTransform(sitk.Cast(_read(out / "deformable_warp.nii.gz"), sitk.sitkVectorFloat64))
+    deform = sitk.DisplacementFieldTransform(sitk.Cast(_read(sitk, out / "deformable_warp.nii.gz"), sitk.sitkVectorFloat64))
     both = sitk.CompositeTransform(3)
     both.AddTransform(affine)
     both.AddTransform(deform)  # the last added is applied first: the deformable stage, then the affine
     theirs = sitk.GetArrayFromImage(sitk.Resample(m, f, both, sitk.sitkLinear, 0.0))
-    ours = sitk.GetArrayFromImage(_read(out / "moved.nii.gz"))
+    ours = sitk.GetArrayFromImage(_read(sitk, out / "moved.nii.gz"))
     inside = _interior(ours)
     assert inside.mean() > 0.2
     mad = np.abs(ours[inside] - theirs[inside]).mean()
@@ -77,12 +75,12 @@ def test_affine_txt_composed_with_the_deformable_warp_reproduces_moved(saved):
     alone = sitk.GetArrayFromImage(sitk.Resample(m, f, affine, sitk.sitkLinear, 0.0))
     assert np.abs(ours[inside] - alone[inside]).mean() > 3 * mad
     # and the whole warp does, on its own
-    whole = sitk.DisplacementFieldTransform(sitk.Cast(_read(out / "warp.nii.gz"), sitk.sitkVectorFloat64))
+    whole = sitk.DisplacementFieldTransform(sitk.Cast(_read(sitk, out / "warp.nii.gz"), sitk.sitkVectorFloat64))
     w = sitk.GetArrayFromImage(sitk.Resample(m, f, whole, sitk.sitkLinear, 0.0))
     assert np.abs(ours[inside] - w[inside]).mean() < 0.01 * ours[inside].mean() + 1e-3
 
 
-def test_itk_affine_text_is_the_lps_form_of_the_world_affine():
+def test_itk_affine_text_is_the_lps_form_of_the_world_affine(sitk):
     w = np.eye(4)
     w[:3, :3] = [[0.98, -0.17, 0.02], [0.17, 0.98, 0.05], [-0.03, -0.04, 1.02]]
     w[:3, 3] = (4.0, -7.0, 2.5)
@@ -99,12 +97,12 @@ def test_itk_affine_text_is_the_lps_form_of_the_world_affine():
     assert np.allclose(moved_lps * [-1, -1, 1], w[:3, :3] @ ras + w[:3, 3], atol=1e-9)
 
 
-def test_inverse_warp_undoes_the_warp(saved):
+def test_inverse_warp_undoes_the_warp(saved, sitk):
     d, out, res, _ = saved
-    fwd = sitk.DisplacementFieldTransform(sitk.Cast(_read(out / "warp.nii.gz"), sitk.sitkVectorFloat64))
-    inv_img = _read(out / "inverse_warp.nii.gz")
+    fwd = sitk.DisplacementFieldTransform(sitk.Cast(_read(sitk, out / "warp.nii.gz"), sitk.sitkVectorFloat64))
+    inv_img = _read(sitk, out / "inverse_warp.nii.gz")
     inv = sitk.DisplacementFieldTransform(sitk.Cast(inv_img, sitk.sitkVectorFloat64))
-    m = _read(d / "moving.nii.gz")
+    m = _read(sitk, d / "moving.nii.gz")
     assert inv_img.GetSize() == m.GetSize() and np.allclose(inv_img.GetOrigin(), m.GetOrigin(), atol=1e-4)
     # moving points inside the part of MOVING that FIXED covers: inverse then forward is the identity
     arr = sitk.GetArrayFromImage(m)
@@ -118,7 +116,7 @@ def test_inverse_warp_undoes_the_warp(saved):
     assert np.median(moved_by) > 1.0  # the map is far from the identity
     assert np.median(errs) < 0.1 and np.percentile(errs, 90) < 0.3, (np.median(errs), np.percentile(errs, 90))
     # fixed resampled onto MOVING's grid through the inverse looks like MOVING
-    f = _read(d / "fixed.nii.gz")
+    f = _read(sitk, d / "fixed.nii.gz")
     back = sitk.GetArrayFromImage(sitk.Resample(f, m, inv, sitk.sitkLinear, 0.0))
     inside = (arr > 0.05) & (back > 0.05)
     assert np.corrcoef(arr[inside], back[inside])[0, 1] > 0.9
