@@ -314,24 +314,30 @@ def moving_onto_working_grid(st: State) -> str:
     """MOVING's features and cover through the residual affine onto the working grid; its weight there
     (None when MOVING covers all of FIXED's compared region and has no mask). With ``matched_fov`` and
     a network, MOVING itself goes onto the working grid and its (network) features are computed there."""
-    to_w = np.linalg.inv(st.residual) @ st.frame.affine  # type: ignore[union-attr]
-    st.feat_moving_w = resample_to_grid(Volume(st.feat_moving, to_w), *st.grid).data  # type: ignore[arg-type, misc]
-    cover_w = resample_to_grid(Volume(st.cover_f[None], to_w), *st.grid).data[0]  # type: ignore[index, misc]
-    detail = ""
     if st.cfg.matched_fov != "none" and st.network.model is not None:
         detail = moving_features_on_working_grid(st)
         cover_w = st.cover_w
+    else:
+        detail = ""
+        st.feat_moving_w = _frame_onto_working_grid(st, st.feat_moving)  # type: ignore[arg-type]
+        cover_w = _frame_onto_working_grid(st, st.cover_f[None])[0]  # type: ignore[index]
     inside = cover_w[st.weight > 0]  # type: ignore[operator]
     partial = inside.numel() > 0 and float(inside.min()) < 0.999  # MOVING does not cover all of FIXED
     st.moving_weight_w = cover_w if st.moving_mask is not None or partial else None
     return detail
 
 
+def _frame_onto_working_grid(st: State, data: torch.Tensor) -> torch.Tensor:
+    """``(C, ...)`` values on MOVING's frame through the residual affine onto the working grid."""
+    to_w = np.linalg.inv(st.residual) @ st.frame.affine  # type: ignore[union-attr]
+    return resample_to_grid(Volume(data, to_w), *st.grid).data  # type: ignore[misc]
+
+
 def moving_features_on_working_grid(st: State) -> str:
     """MOVING through the start and the residual affine onto the working grid (edge values beyond its
     field of view, as FIXED there) and its network features computed on it, from the same field of
-    view as FIXED's, in place of the network's channels of ``feat_moving_w`` (MIND-SSC, local, keeps
-    its own); sets ``cover_w`` too."""
+    view as FIXED's: with ``matched_fov="all"`` every feature set, with ``"network"`` the network's
+    beside MIND-SSC's from the frame; sets ``feat_moving_w`` and ``cover_w``."""
     to = st.start @ st.residual
     margins = edge_margins(st.grid.shape, FOV_MARGIN)  # type: ignore[union-attr]
     moving_w, cover = run_tasks([lambda: resample_through(st.moving, to, *st.grid, padding="border"),  # type: ignore[misc]
@@ -345,8 +351,9 @@ def moving_features_on_working_grid(st: State) -> str:
         return "MOVING's features again on the working grid"
     net = st.extractor.raw(moving_w.data, "moving", only="net")["net"]  # type: ignore[union-attr]
     net = net * set_weight("net", st.scales, st.network.shares)  # type: ignore[arg-type]
-    others = st.feat_moving_w[: st.feat_moving_w.shape[0] - net.shape[0]]  # type: ignore[index]
-    st.feat_moving_w = torch.cat([others, net]) if others.shape[0] else net  # combine's order: mind, net
+    n_others = st.feat_moving.shape[0] - net.shape[0]  # type: ignore[union-attr]  (combine's order: mind, net)
+    others = _frame_onto_working_grid(st, st.feat_moving[:n_others]) if n_others else None  # type: ignore[index]
+    st.feat_moving_w = torch.cat([others, net]) if others is not None else net
     return "MOVING's network features again on the working grid"
 
 
