@@ -816,7 +816,7 @@ def load_warp(path: str | os.PathLike, what: str = "warp") -> Volume:
         img = nib.load(str(p))
         arr = np.asanyarray(img.dataobj)
     except Exception as exc:
-        raise InputError(f"cannot read {what} {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise InputError(f"cannot read {what} {p}: {_first_line(exc)}") from None
     if arr.ndim == 5 and arr.shape[3] == 1:
         arr = arr[:, :, :, 0, :]
     if arr.ndim != 4 or arr.shape[3] != 3 or arr.dtype.kind not in "biuf":
