@@ -142,24 +142,6 @@ def info(path: Path) -> None:
     print(json.dumps({"file": str(path), **checkpoint_card(state)}, indent=1, default=str))
 
 
-def decide(model: Path, registration_json: Path) -> None:
-    """Record in ``model``'s card which features ``--features auto`` uses, from a registration benchmark."""
-    from synthvox.io import atomic_path
-    from synthvox.models.card import decide as decide_record
-    from synthvox.models.checkpoint import read_model_config
-
-    model, cfg = read_model_config(model)
-    try:
-        rec = decide_record(json.loads(Path(registration_json).read_text()))
-    except (OSError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
-    cfg.setdefault("extra", {}).setdefault("model_card", {})["registration"] = rec
-    with atomic_path(model / "config.json") as tmp:
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    (model / "config.json").chmod(0o644)
-    print(f"--features auto -> {rec['features_auto']} ({rec['decided_on']}: {rec['mean_dice'].get('nichart')})")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -181,9 +163,6 @@ def main() -> None:
     d.add_argument("dst", type=Path)
     e = sub.add_parser("info")
     e.add_argument("path", type=Path)
-    f = sub.add_parser("decide", help="record what --features auto picks, from benchmarks/registration.py's JSON")
-    f.add_argument("model", type=Path)
-    f.add_argument("registration_json", type=Path)
     args = ap.parse_args()
     if args.cmd == "install":
         install(args.carry, args.run)
@@ -193,8 +172,6 @@ def main() -> None:
         split(args.path)
     elif args.cmd == "join":
         join(args.first_part, args.dst)
-    elif args.cmd == "decide":
-        decide(args.model, args.registration_json)
     else:
         info(args.path)
 

@@ -1,12 +1,11 @@
 """What a weights directory's model card says about registration: which features ``--features auto``
 uses, at which spacing the network sees the images, and its share of the features with ``both``.
 
-The decision is measured, not assumed: ``scripts/weights.py decide MODEL_DIR REGISTRATION_JSON`` reads
-the output of ``benchmarks/registration.py`` run with those weights, picks the feature kind with the
-highest mean Dice on the brain pairs (nichart), and records the choice with every figure behind it in
-the card (``config.json`` -> ``extra.model_card.registration``), with the network settings the benchmark
-ran with (``--set net_spacing=MM``, ``--set net_share=S``), which registration then uses for these
-weights. Weights without such a record get MIND-SSC, the choice that needs no trust in the network.
+The package only reads the card's record (``config.json`` -> ``extra.model_card.registration``): the
+feature kind ``auto`` means, and the network settings (``net_spacing``, ``net_share``) registration
+then uses for these weights. The record is decided outside the package, on a measured registration
+benchmark (``python -m benchmarks.decide MODEL_DIR REGISTRATION_JSON``); weights without one get
+MIND-SSC, the choice that needs no trust in the network.
 
 The network's features depend on the scale it was trained at (the synthetic label maps span the
 engine's field of view on ``data.size`` voxels); registration computes them at that spacing and
@@ -22,11 +21,7 @@ from typing import Any
 
 #: Feature kinds ``auto`` can resolve to.
 KINDS = ("mind", "net", "both")
-#: The benchmark dataset that decides.
-DECIDING_DATASET = "nichart"
-#: How much better than MIND-SSC on the brain pairs ``auto`` asks of the network's features.
-MARGIN = 0.02
-#: Registration settings a card records when the benchmark measured them (``--set KEY=VALUE``).
+#: Registration settings a card's record can hold (measured with the benchmark's ``--set KEY=VALUE``).
 CARD_SETTINGS = ("net_spacing", "net_share")
 
 
@@ -107,65 +102,3 @@ def auto_features(weights: Any = None) -> str:
     rec = _card_of(weights).get("registration")
     choice = rec.get("features_auto") if isinstance(rec, dict) else None
     return choice if choice in KINDS else "mind"
-
-
-def measured_settings(results: dict[str, Any]) -> dict[str, float]:
-    """The :data:`CARD_SETTINGS` a ``benchmarks/registration.py`` result was measured with (its ``--set``).
-
-    Raises:
-        ValueError: it was measured with another setting changed, which a card cannot carry (its
-            figures would not be those of the defaults), or with a value that is not a number.
-    """
-    config = results.get("synthvox_config")
-    pairs = config.get("set", []) if isinstance(config, dict) else []
-    if isinstance(config, dict) and set(config) - {"set"}:
-        raise ValueError("the registration result was measured with the quick settings: decide on a full run")
-    out: dict[str, float] = {}
-    for kv in pairs:
-        key, _, value = str(kv).partition("=")
-        key = key.strip()
-        if key not in CARD_SETTINGS:
-            raise ValueError(f"the registration result was measured with --set {kv}, which a model card cannot "
-                             f"record (only {', '.join(CARD_SETTINGS)})")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            raise ValueError(f"--set {kv} in the registration result is not a number") from None
-    return out
-
-
-def decide(results: dict[str, Any]) -> dict[str, Any]:
-    """The record to store from a ``benchmarks/registration.py`` result (its parsed ``registration.json``).
-
-    ``auto`` leaves MIND-SSC only for a kind that beats it by :data:`MARGIN` mean Dice on the brain
-    pairs and is not below it on any other dataset the result holds (the spine, MR -> CT): the
-    network's features are meant for any anatomy, and a user of ``auto`` (``synthvox demo`` among them)
-    registers more than brains. Among those, the highest brain figure.
-
-    Raises:
-        ValueError: the result lacks the deciding dataset or any of mind, net and both.
-    """
-    res = results.get("results", {}).get(DECIDING_DATASET, {})
-    means = {k: res[k]["summary"]["mean_dice"] for k in KINDS if k in res and "summary" in res[k]}
-    missing = [k for k in KINDS if k not in means]
-    if missing:
-        raise ValueError(f"the registration result has no {DECIDING_DATASET} figures for {', '.join(missing)}")
-    figures = {ds: {m: round(float(r["summary"]["mean_dice"]), 4) for m, r in per.items() if "summary" in r}
-               for ds, per in results.get("results", {}).items()}
-
-    def holds(kind: str) -> bool:
-        others = [per for ds, per in figures.items() if ds != DECIDING_DATASET and "mind" in per and kind in per]
-        return means[kind] >= means["mind"] + MARGIN and all(per[kind] >= per["mind"] for per in others)
-
-    chosen = max([k for k in KINDS if k == "mind" or holds(k)], key=lambda k: means[k])
-    return {
-        **measured_settings(results),
-        "features_auto": chosen,
-        "decided_on": (f"{DECIDING_DATASET} mean Dice, highest of {', '.join(KINDS)}, where net or both must beat mind "
-                       f"by {MARGIN} and not fall below it on any other dataset measured"),
-        "mean_dice": figures,
-        "pairs": results.get("pairs"),
-        "benchmark": "benchmarks/registration.py",
-        "date": results.get("date"),
-        "commit": results.get("commit"),
-    }
