@@ -13,6 +13,8 @@ import torch
 
 #: Keys that keep the streams of different consumers of one base seed apart.
 FINETUNE_STEPS = 0xF1E7
+#: The voxels the new head's linear probe is fitted on (:mod:`synthvox.segmentation.head`).
+PROBE_VOXELS = 0x9B0E
 
 
 def derive_seed(seed: int, *keys: int) -> int:
