@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from synthvox.demo import resolve_features
 from synthvox.models import load_model, save_model
 from synthvox.models.card import auto_features, model_card
 from synthvox.models.registry import build_model
+from synthvox.registration.network import resolve_features
 
 
 def test_auto_follows_the_card(tmp_path) -> None:

@@ -84,7 +84,7 @@ def test_atlas_mistakes_are_one_line_errors_before_any_output(files, tmp_path):
     cases = {
         "1 --atlas-image but 0 --atlas-label": ["segment", target, "--out", str(out), *a1],
         "--fusion must be one of": ["segment", target, "--out", str(out), *atlas_args(files, 1), "--fusion", "staple"],
-        "--features must be auto or one of": ["segment", target, "--out", str(out), *atlas_args(files, 1), "--features", "sift"],
+        "unknown --features 'sift': use one of auto, mind": ["segment", target, "--out", str(out), *atlas_args(files, 1), "--features", "sift"],
         "does not match its image's grid": ["segment", target, "--out", str(out), *a1,
                                             "--atlas-label", str(files / "offgrid_seg.nii.gz")],
         "atlas image nope.nii.gz": ["segment", target, "--out", str(out), "--atlas-image", str(files / "nope.nii.gz"),

@@ -124,8 +124,8 @@ def test_register_features_auto_and_weights_hash(tmp_path):
     the weights file used."""
     import hashlib
 
-    from synthvox.demo import resolve_features
     from synthvox.models import build_model, save_model
+    from synthvox.registration.network import resolve_features
 
     p = _files(tmp_path)
     out = tmp_path / "auto"

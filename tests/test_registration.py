@@ -224,6 +224,33 @@ def test_labels_dice_and_ids_preserved():
         assert stage in res.report["seconds"]
 
 
+def test_register_takes_its_config_keyword_overrides_and_auto():
+    """``register(fixed, moving, config, **overrides)``: fields of the config by keyword on top of it (a
+    misspelt one is a one-line error naming the closest field); ``features="auto"`` means what the
+    weights' card recorded, resolved once by registration.network.resolve_features. (Shown to fail with
+    the overrides dropped: the report's transform stayed deformable; and with auto left unresolved:
+    an unknown feature kind.)"""
+    img = phantom(24)
+    aff = np.eye(4)
+    fixed, mov = Volume(img, aff), Volume(torch.roll(img, 1, dims=1), aff)
+    rec = _Recorder({"registration": {"features_auto": "both", "net_share": 0.2}})
+    res = register(fixed, mov, CFG, features="auto", weights=rec, init="none", transform="rigid", affine_iters=(5, 5))
+    rep = res.report
+    assert rep["features"] == "both" and rep["network_share"] == 0.2 and rec.shapes
+    assert rep["transform"] == "rigid" and rep["config"]["affine_iters"] == [5, 5] and rep["config"]["spacing"] == 1.0
+    plain = _Recorder()  # no card: auto is MIND-SSC, and the network never runs
+    assert register(fixed, mov, features="auto", weights=plain, config=CFG, init="none", transform="rigid",
+                    affine_iters=(5, 5)).report["features"] == "mind"
+    assert not plain.shapes
+    with pytest.raises(InputError) as err:
+        register(fixed, mov, CFG, adam_iter=5)
+    assert str(err.value) == "unknown registration setting(s): adam_iter (did you mean adam_iters?)"
+    with pytest.raises(InputError, match="adam_iters"):
+        register(fixed, mov, CFG, adam_iters="many")
+    with pytest.raises(InputError, match="transform"):
+        register(fixed, mov, CFG, transform="bent")
+
+
 def test_bad_inputs():
     img = phantom(24)
     aff = np.eye(4)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -120,6 +121,20 @@ def from_dict(cls: type, d: dict[str, Any], prefix: str = "") -> Any:
         else:
             object.__setattr__(out, k, coerce(v, hints[k], prefix + k))
     return out
+
+
+def check_names(given: typing.Iterable[str], names: typing.Sequence[str], what: str) -> None:
+    """Refuse the names in ``given`` that are not among ``names``: one line naming them, with the
+    closest known name of each (else every known name).
+
+    Raises:
+        InputError: ``unknown {what}(s): NAME (did you mean ...?)``.
+    """
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        close = [m for u in unknown for m in difflib.get_close_matches(u, names, 1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else f" (the settings: {', '.join(names)})"
+        raise InputError(f"unknown {what}(s): {', '.join(unknown)}{hint}")
 
 
 def _leaf_index(cls: type) -> dict[str, list[str]]:

@@ -24,15 +24,6 @@ def demo_dir() -> Path:
     return Path(__file__).resolve().parent / "data" / "demo"
 
 
-def resolve_features(features: str, weights: Any = None) -> str:
-    """``"auto"`` -> what the weights' model card records as measured best (:func:`synthvox.models.card.auto_features`)."""
-    if features != "auto":
-        return features
-    from synthvox.models.card import auto_features
-
-    return auto_features(weights)
-
-
 def organs() -> dict[str, int]:
     """The 7 organs both label maps share: name -> label id."""
     raw = json.loads((demo_dir() / "organs.json").read_text(encoding="utf-8"))
@@ -65,7 +56,8 @@ def run_demo(features: str = "auto", weights: Any = None, device: torch.device |
     """Register the bundled MR onto the bundled CT and score the 7 shared organs at every stage.
 
     Args:
-        features: ``"auto"`` (see :func:`resolve_features`), ``"net"``, ``"mind"`` or ``"both"``.
+        features: ``"auto"`` (see :func:`synthvox.registration.network.resolve_features`), ``"net"``,
+            ``"mind"`` or ``"both"``.
         weights: model directory for the network features (``None``: the shipped default weights).
         device: where to compute.
         seed: recorded in the report.
@@ -76,7 +68,6 @@ def run_demo(features: str = "auto", weights: Any = None, device: torch.device |
     from synthvox.registration import register
     from synthvox.registration.grids import resample_through
 
-    features = resolve_features(features, weights)
     d = demo_dir()
     ct = io.load(d / "ct.nii.gz", what="demo CT")
     ct_seg = io.load_labels(d / "ct_seg.nii.gz", what="demo CT labels")

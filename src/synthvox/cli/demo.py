@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Register the bundled abdominal MR onto a CT of another person; print Dice on 7 organs."""
         from synthvox.cli.common import check_out_dir, resolve_device
-        from synthvox.demo import dice_table, resolve_features, run_demo
+        from synthvox.demo import dice_table, run_demo
+        from synthvox.registration.network import resolve_features
         from synthvox.registration.outputs import output_names
 
         dev = resolve_device(device)

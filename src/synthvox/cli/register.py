@@ -58,7 +58,6 @@ def _register_pairs(pairs: Path, out: Path, *, num_parts: int, part_id: int, lab
     with the command's options; bad rows one line each, a summary, exit status 1 when a pair failed."""
     from synthvox.cli.common import check_number, resolve_device
     from synthvox.config import apply_overrides
-    from synthvox.demo import resolve_features
     from synthvox.registration import RegistrationConfig
     from synthvox.registration.batch import RESULTS_TABLE, PairsError, register_many
 
@@ -67,7 +66,6 @@ def _register_pairs(pairs: Path, out: Path, *, num_parts: int, part_id: int, lab
     if spacing is not None:
         base["spacing"] = check_number("--spacing", spacing, 0.0, low_open=True)
     config = apply_overrides(RegistrationConfig(**base), settings, "--set")
-    features = resolve_features(features, weights)
     names = _label_names(label_names)
     try:
         res = register_many(pairs, out, features=features, weights=weights, device=dev, init=init, affine=affine,
@@ -138,7 +136,6 @@ def register(app: typer.Typer) -> None:
         from synthvox import io
         from synthvox.cli.common import check_number, check_out_dir, resolve_device
         from synthvox.config import apply_overrides
-        from synthvox.demo import resolve_features
         from synthvox.errors import InputError
         from synthvox.registration import RegistrationConfig
         from synthvox.registration.outputs import output_names
@@ -149,7 +146,6 @@ def register(app: typer.Typer) -> None:
             check_number("--spacing", spacing, 0.0, low_open=True)
         config = apply_overrides(RegistrationConfig(transform=transform) if spacing is None
                                  else RegistrationConfig(transform=transform, spacing=spacing), settings, "--set")
-        features = resolve_features(features, weights)
         check_out_dir(out, force, output_names(moving_labels is not None, jacobian))
         start = io.load_transform(initial_transform) if initial_transform else None
         if (fixed_points is None) != (moving_points is None):
@@ -183,7 +179,7 @@ def register(app: typer.Typer) -> None:
                                 "initial_transform": str(initial_transform) if initial_transform else None,
                                 "fixed_points": str(fixed_points) if fixed_points else None,
                                 "moving_points": str(moving_points) if moving_points else None}
-        res.save(out, force=force, title=f"{moving.name} -> {fixed.name} ({features})")
+        res.save(out, force=force, title=f"{moving.name} -> {fixed.name} ({res.report['features']})")
         summary = f"folding {res.report['folding_percent']:.3f}%, {res.report['seconds']['total']:.1f} s"
         if "mean_dice" in res.report:
             summary += f", mean Dice {res.report['mean_dice']:.3f}"

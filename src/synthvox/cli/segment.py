@@ -204,17 +204,11 @@ def _atlas_segmenter(images: list[Path], labels: list[Path], model: Path | None,
                      weights: Path | None, device: torch.device, tta: bool, quiet: bool, probabilities: bool) -> Segmenter:
     """Atlas segmentation from the command's options: every option and atlas checked before any image is read."""
     from synthvox import io
-    from synthvox.errors import InputError
-    from synthvox.registration.features import FEATURE_KINDS
+    from synthvox.registration.network import resolve_features
     from synthvox.segmentation.atlas import Atlas, atlas_segmenter, check_fusion
 
     check_fusion(fusion)
-    if features == "auto":
-        from synthvox.models.card import auto_features
-
-        features = auto_features(weights)
-    if features not in FEATURE_KINDS:
-        raise InputError(f"--features must be auto or one of {', '.join(FEATURE_KINDS)}, got {features!r}")
+    features = resolve_features(features, weights)
     atlases = [Atlas(io.load(i, what=f"atlas image {i.name}"), io.load_labels(lab, what=f"atlas label map {lab.name}"), name=i.name)
                for i, lab in zip(images, labels)]
 

@@ -3,9 +3,12 @@ weights is resolved from them by :func:`synthvox.registration.network.resolve_ne
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
+from synthvox.config import apply_overrides, check_names
 from synthvox.errors import InputError
 from synthvox.registration.grids import MAX_WORKING_SIZE, MIN_WORKING_SIZE, WORKING_SPACING
 from synthvox.registration.initial import REFINE
@@ -109,3 +112,16 @@ class RegistrationConfig:
             raise InputError(f"net_spacing must be a positive number of mm, got {self.net_spacing}")
         if self.net_share is not None and not 0 < self.net_share < 1:
             raise InputError(f"net_share must be between 0 and 1 (exclusive), got {self.net_share}")
+
+    def with_settings(self, **settings: Any) -> RegistrationConfig:
+        """A copy with ``settings`` (field names: ``adam_iters=40``, ``spacing=2.0``...) replacing these
+        fields, each checked against its type and the checks above, as ``--set KEY=VALUE`` is.
+
+        Raises:
+            InputError: a setting that is not a field (one line, with the closest field's name), or a
+                value of the wrong type or out of range.
+        """
+        if not settings:
+            return self
+        check_names(settings, [f.name for f in dataclasses.fields(self)], "registration setting")
+        return apply_overrides(self, settings, "registration settings")

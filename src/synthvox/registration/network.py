@@ -1,7 +1,8 @@
 """The network a registration uses, resolved once before its stages run.
 
-``--weights`` is read here and nowhere else: :func:`resolve_network` loads the network a feature kind
-needs (or takes the one passed in), reads what its model card says about registration
+``--weights`` is read here and nowhere else: :func:`resolve_features` says what ``--features auto``
+means for them (the one place that resolves it), and :func:`resolve_network` loads the network a
+feature kind needs (or takes the one passed in), reads what its model card says about registration
 (:mod:`synthvox.models.card`: the spacing at which it sees the images, its share of the features with
 ``both``) unless the :class:`~synthvox.registration.config.RegistrationConfig` sets them, and records
 where the weights came from. The stages get a :class:`FeatureNetwork` of plain values; nothing after
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from synthvox.errors import InputError
-from synthvox.models.card import network_share, network_spacing
+from synthvox.models.card import auto_features, network_share, network_spacing
 from synthvox.registration.config import RegistrationConfig
 from synthvox.registration.features import FEATURE_KINDS
 
@@ -48,11 +49,37 @@ class FeatureNetwork:
         return self.shares["net"] if self.shares else None
 
 
-def resolve_network(features: str, weights: Any, config: RegistrationConfig, device: torch.device) -> FeatureNetwork:
-    """Load the network ``features`` needs and read what its card says, once.
+#: What ``--features`` accepts: ``auto`` and the feature kinds.
+FEATURE_CHOICES = ("auto", *FEATURE_KINDS)
+
+
+def resolve_features(features: str, weights: Any = None) -> str:
+    """The feature kind ``features`` means with ``weights``: ``"auto"`` -> what the weights' model card
+    records as measured best (:func:`synthvox.models.card.auto_features`; ``mind`` without a record),
+    any other kind as it is. Every entry point that takes ``--features`` resolves it here.
 
     Args:
-        features: ``"mind"``, ``"net"`` or ``"both"``.
+        features: ``"auto"``, ``"mind"``, ``"net"`` or ``"both"``.
+        weights: as for :func:`resolve_network` (a resolved :class:`FeatureNetwork`: its kind).
+
+    Raises:
+        InputError: an unknown feature kind.
+    """
+    if features not in FEATURE_CHOICES:
+        raise InputError(f"unknown --features {features!r}: use one of {', '.join(FEATURE_CHOICES)}")
+    if features != "auto":
+        return features
+    if isinstance(weights, FeatureNetwork):
+        return weights.kind
+    return auto_features(weights)
+
+
+def resolve_network(features: str, weights: Any, config: RegistrationConfig, device: torch.device) -> FeatureNetwork:
+    """Resolve ``features`` (:func:`resolve_features`), load the network it needs and read what its
+    card says, once.
+
+    Args:
+        features: ``"auto"``, ``"mind"``, ``"net"`` or ``"both"``.
         weights: a model directory, a network in memory (its card is its ``model_card`` attribute, set
             by :func:`synthvox.models.load_model`), ``None`` for the shipped default weights, or a
             :class:`FeatureNetwork` already resolved (returned as it is: a batch of pairs loads the
@@ -63,6 +90,7 @@ def resolve_network(features: str, weights: Any, config: RegistrationConfig, dev
     Raises:
         InputError: an unknown feature kind, or ``net``/``both`` without weights.
     """
+    features = resolve_features(features, weights)
     if isinstance(weights, FeatureNetwork):
         if weights.kind != features:
             raise InputError(f"a network resolved for --features {weights.kind} was given for --features {features}")
@@ -79,12 +107,13 @@ def resolve_network(features: str, weights: Any, config: RegistrationConfig, dev
 
 
 def feature_model(features: str, weights: Any, device: torch.device) -> Any:
-    """The network a feature kind needs, on ``device`` in eval mode (``None`` for ``"mind"``).
+    """The network a feature kind (``"mind"``, ``"net"`` or ``"both"``) needs, on ``device`` in eval
+    mode (``None`` for ``"mind"``).
 
     ``weights`` is a model in memory, a weights path, or ``None`` for the shipped default weights.
     """
     if features not in FEATURE_KINDS:
-        raise InputError(f"unknown --features {features!r}: use one of {', '.join(FEATURE_KINDS)}")
+        raise InputError(f"unknown feature kind {features!r}: use one of {', '.join(FEATURE_KINDS)}")
     if features == "mind":
         return None
     if weights is not None and not isinstance(weights, (str, Path)):

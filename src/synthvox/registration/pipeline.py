@@ -114,6 +114,7 @@ class _Progress:
 def register(
     fixed: Volume,
     moving: Volume,
+    config: RegistrationConfig | None = None,
     *,
     features: str = "mind",
     weights: Any = None,
@@ -129,7 +130,6 @@ def register(
     modality_fixed: str = "auto",
     modality_moving: str = "auto",
     ct_window: tuple[float, float] | None = None,
-    config: RegistrationConfig | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     label_names: Mapping[int, str] | None = None,
@@ -137,11 +137,13 @@ def register(
     fixed_points: np.ndarray | None = None,
     moving_points: np.ndarray | None = None,
     point_labels: list[str] | None = None,
+    **overrides: Any,
 ) -> RegistrationResult:
     """Register MOVING onto FIXED.
 
-    The network is resolved first (:func:`synthvox.registration.network.resolve_network`), then the
-    stages of :mod:`synthvox.registration.stages` run in order.
+    The network is resolved first (:func:`synthvox.registration.network.resolve_network`, which also
+    says what ``features="auto"`` means for the weights), then the stages of
+    :mod:`synthvox.registration.stages` run in order.
 
     On the CPU it runs with one intra-op torch thread and spreads independent tasks over as many
     threads as ``torch.get_num_threads()`` allowed (restored afterwards; see
@@ -150,7 +152,10 @@ def register(
     Args:
         fixed: the reference image, any grid.
         moving: the image to align, any grid, spacing and orientation.
-        features: ``"mind"`` (MIND-SSC, needs no network), ``"net"`` or ``"both"``.
+        config: the solver's settings (:class:`~synthvox.registration.config.RegistrationConfig`;
+            ``None``: its defaults), with ``overrides`` on top.
+        features: ``"mind"`` (MIND-SSC, needs no network), ``"net"``, ``"both"`` or ``"auto"`` (what
+            the weights' model card records as measured best: :func:`synthvox.registration.network.resolve_features`).
         weights: a model directory, or a loaded network (``None``: the default weights).
         device: where to compute.
         moving_labels: MOVING's label map (same grid as MOVING), carried onto FIXED's grid.
@@ -167,7 +172,6 @@ def register(
         modality_fixed: intensity normalisation for the network: ``"auto"``, ``"mr"`` or ``"ct"``.
         modality_moving: the same for MOVING.
         ct_window: optional CT window ``(low, high)`` in HU for the network.
-        config: solver settings.
         seed: recorded in the report; every stage is deterministic (no random sampling).
         log: called with one line per stage (progress) and per warning; ``None``: warnings go to
             stderr, progress nowhere.
@@ -179,16 +183,20 @@ def register(
             :mod:`synthvox.registration.landmarks`).
         moving_points: ``(N, 3)`` the corresponding landmarks in MOVING's world.
         point_labels: the landmarks' names, for the report.
+        **overrides: :class:`~synthvox.registration.config.RegistrationConfig` fields replacing those
+            of ``config`` (``transform="affine"``, ``adam_iters=40``, ``spacing=2.0``...;
+            :meth:`RegistrationConfig.with_settings`).
 
     Returns:
         A :class:`RegistrationResult`.
 
     Raises:
-        InputError: multi-channel images, label maps or masks off their image's grid, constant images,
-            no overlap after initialisation, net features without weights.
+        InputError: an unknown setting or feature kind, multi-channel images, label maps or masks off
+            their image's grid, constant images, no overlap after initialisation, net features without
+            weights.
     """
     dev = torch.device(device)
-    cfg = config or RegistrationConfig()
+    cfg = (config or RegistrationConfig()).with_settings(**overrides)
     start = None if initial_transform is None else check_world_matrix(initial_transform)
     deformable = deformable and cfg.transform == "deformable"
     _check_inputs(fixed, moving, fixed_labels, moving_labels, fixed_mask, moving_mask)
