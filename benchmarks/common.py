@@ -190,7 +190,7 @@ class FeatureCache:
     registrations are the same as without it."""
 
     def __init__(self) -> None:
-        from synthvox.registration.features import FeatureExtractor
+        from synthvox.registration.descriptors import FeatureExtractor
 
         self.cls, self.original, self.store = FeatureExtractor, FeatureExtractor.raw, {}
         cache = self

@@ -98,7 +98,7 @@ def record(model: Path, registration_json: Path) -> dict[str, Any]:
         OSError, ValueError: the result cannot be read or decides nothing (see :func:`decide`).
     """
     from synthvox.io import atomic_path
-    from synthvox.models.checkpoint import read_model_config
+    from synthvox.models.weightsdir import read_model_config
 
     model, cfg = read_model_config(model)
     rec = decide(json.loads(Path(registration_json).read_text(encoding="utf-8")))

@@ -2,7 +2,7 @@
 
 Side by side in one run: the given network weights (the shipped ones by default), MIND-SSC (what
 registration uses without a network) and the raw normalised intensity, each computed the way
-registration computes it (``synthvox.registration.features``, on the 2 mm working grid).
+registration computes it (``synthvox.registration.descriptors``, on the 2 mm working grid).
 
 Data (``../shared/data/eval``):
 
@@ -35,7 +35,7 @@ cropped by 16 or shifted by 16 along every axis), over the features' total varia
 (:func:`fov_term`): MIND-SSC, each network at its spacing in one forward pass on the image
 normalised once (the network alone), the frozen-statistics control (its instance normalisation with
 the unchanged image's statistics), and each network normalised after the change (``+percentile``,
-``+foreground``: the MR scalings of ``synthvox.models.features``). ``--fov-cli`` measures it through
+``+foreground``: the MR scalings of ``synthvox.models.extract``). ``--fov-cli`` measures it through
 ``synthvox features`` too (:func:`cli_fov`). 0 = independent of the field of view.
 
 ``score`` (what decides which checkpoint is better): the mean of nichart ``knn``, ``boundary``,
@@ -156,7 +156,7 @@ def features_of(kind: str, image: Any, model: Any) -> torch.Tensor:
     """``(C, X, Y, Z)`` features of one image as registration computes them (``intensity``, ``mind`` or
     ``net``; the network sees the image at the spacing its card gives, as in registration)."""
     from synthvox.models.card import network_spacing
-    from synthvox.registration.features import FeatureExtractor, robust_unit_range
+    from synthvox.registration.descriptors import FeatureExtractor, robust_unit_range
     from synthvox.volume import spacing_of
 
     if kind == "intensity":
@@ -255,7 +255,7 @@ def fov_features(model: Any, raw: torch.Tensor, changes: list[str], scalings: li
     image, instance normalisation only, when ``frozen``) and ``+S`` for each scaling ``S``
     (normalised after the change with that MR scaling, as ``synthvox`` normalises an image whose
     field of view is what it is)."""
-    from synthvox.models.features import normalise_intensity
+    from synthvox.models.extract import normalise_intensity
 
     out: dict[str, dict[str, float]] = {}
     norm = {s: normalise_intensity(raw, scaling=s) for s in dict.fromkeys(["percentile", *scalings])}
@@ -289,8 +289,8 @@ def fov_term(subjects: list[str], models: list[tuple[str, Any]], changes: list[s
     value}}}, "mean": {row: {change: mean}}}``."""
     from synthvox import io
     from synthvox.models.card import network_spacing
-    from synthvox.models.features import card_scaling
-    from synthvox.registration.features import robust_unit_range
+    from synthvox.models.extract import card_scaling
+    from synthvox.registration.descriptors import robust_unit_range
     from synthvox.registration.mind import mind_ssc
     from synthvox.volume import grid_for_spacing
 
@@ -315,12 +315,12 @@ def fov_term(subjects: list[str], models: list[tuple[str, Any]], changes: list[s
 def cli_fov(subjects: list[str], models: list[tuple[str, Any]], scalings: list[str | None],
             margin: int = FOV_MARGIN) -> dict[str, Any]:
     """The field-of-view term through ``synthvox features`` (its extractor,
-    :func:`synthvox.models.features.image_features`: its intensity normalisation after the change, the
+    :func:`synthvox.models.extract.image_features`: its intensity normalisation after the change, the
     image's own 2 mm grid, 128-voxel windows): each nichart T1 padded with ``margin`` edge voxels on
     every side, the change of its features in the central half and in the whole image (as
     :func:`fov_change`), per network and MR scaling (``None``: the card's)."""
     from synthvox import io
-    from synthvox.models.features import card_scaling, image_features
+    from synthvox.models.extract import card_scaling, image_features
     from synthvox.volume import Volume
 
     rows: dict[str, dict[str, dict[str, float]]] = {}
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown registration dataset {d!r}: use nichart, spine, ctmr")
     fov = [c for c in (args.fov or ("pad" if args.quick else ",".join(FOV_CHANGES))).split(",") if c and c != "none"]
     scalings = [c for c in (args.fov_scalings or "").split(",") if c] or None
-    from synthvox.models.features import SCALINGS
+    from synthvox.models.extract import SCALINGS
 
     for c in fov:
         if c not in FOV_CHANGES:

@@ -79,7 +79,7 @@ def test_registration_rows_compute_each_network_once_per_image_and_keep_networks
     each image (one pass per image), two networks never share them, and a network loaded twice from
     the same weights is recognised."""
     from synthvox.models.registry import build_model
-    from synthvox.registration.features import FeatureExtractor
+    from synthvox.registration.descriptors import FeatureExtractor
 
     a, b, a_again = build_model("tiny", seed=0), build_model("tiny", seed=1), build_model("tiny", seed=0)
     calls: list[int] = []

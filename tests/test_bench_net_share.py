@@ -33,7 +33,7 @@ def test_quick_sweep_computes_each_network_feature_set_once(tmp_path, monkeypatc
     its name, which any wrapper made with functools.wraps keeps)."""
     from synthvox.models import save_model
     from synthvox.models.registry import build_model
-    from synthvox.registration.features import FeatureExtractor
+    from synthvox.registration.descriptors import FeatureExtractor
 
     weights = save_model(build_model("tiny", seed=0), tmp_path / "tiny")
     calls: list[str] = []

@@ -109,7 +109,7 @@ def no_work(monkeypatch):
     pretrain = importlib.import_module("synthvox.train.pretrain")  # the package exports a function of that name
     monkeypatch.setattr(engine.SynthEngine, "__init__", forbidden)
     monkeypatch.setattr(bank, "build_bank", forbidden)
-    monkeypatch.setattr("synthvox.models.features.image_features", forbidden)
+    monkeypatch.setattr("synthvox.models.extract.image_features", forbidden)
     monkeypatch.setattr(segmentation, "segment", forbidden)
     monkeypatch.setattr(segmentation, "segment_files", forbidden)
     monkeypatch.setattr(segmentation, "finetune", forbidden)

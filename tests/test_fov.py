@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from synthvox.errors import InputError
-from synthvox.models.features import card_scaling, foreground_range, normalise_intensity
+from synthvox.models.extract import card_scaling, foreground_range, normalise_intensity
 from synthvox.models.unet import UNet
 
 #: edge voxels added on every side; a multiple of 2**levels, so the pooling grid stays where it was

@@ -138,7 +138,7 @@ def test_net_features_on_contrast_inverted_copy():
 def test_both_gives_the_network_the_share_its_card_or_the_config_says():
     """--features both: the network's share of the feature variance comes from net_share, else the
     weights' card, else one half; it changes the registration, and a share outside (0, 1) is refused."""
-    from synthvox.registration.features import combine
+    from synthvox.registration.descriptors import combine
 
     img = phantom(32)
     moving, _ = warped_pair(img)
@@ -288,7 +288,7 @@ class _Recorder(torch.nn.Module):
 def test_the_network_sees_both_images_at_its_own_spacing():
     """--features net: the network runs at the spacing its card gives (or net_spacing), its features
     come back on the working grid."""
-    from synthvox.registration.features import FeatureExtractor
+    from synthvox.registration.descriptors import FeatureExtractor
 
     img = phantom(32)
     moving, _ = warped_pair(img)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from synthvox import io
 from synthvox.cli import app
 from synthvox.models import default_weights_path, load_default_model
-from synthvox.models.features import image_features
+from synthvox.models.extract import image_features
 from synthvox.segmentation import read_meta
 from synthvox.volume import Volume, resample_like, resample_to_spacing
 

@@ -38,7 +38,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "FinetuneConfig": ("synthvox.segmentation", "FinetuneConfig"),
     "load_model": ("synthvox.models", "load_model"),
     "load_default_model": ("synthvox.models", "load_default_model"),
-    "features": ("synthvox.models.features", "image_features"),
+    "features": ("synthvox.models.extract", "image_features"),
     "SynthEngine": ("synthvox.synth", "SynthEngine"),
     "run_demo": ("synthvox.demo", "run_demo"),
 }

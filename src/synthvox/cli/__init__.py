@@ -1,6 +1,6 @@
 """The ``synthvox`` command: one Typer app, one module per subcommand.
 
-Each subcommand module defines ``register(app)``, which adds its command(s) to the app. Heavy imports
+Each subcommand module defines ``add_commands(app)``, which adds its command(s) to the app. Heavy imports
 (torch, nibabel, monai) stay inside the command functions so that ``synthvox --help`` is instant.
 """
 
@@ -40,7 +40,7 @@ def _root(
 SUBCOMMANDS: list[str] = ["demo", "register", "segment", "features", "pretrain", "synth", "shapes"]
 
 for _name in SUBCOMMANDS:
-    importlib.import_module(f"synthvox.cli.{_name}").register(app)
+    importlib.import_module(f"synthvox.cli.{_name}").add_commands(app)
 
 
 def main() -> None:

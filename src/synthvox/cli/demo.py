@@ -9,7 +9,7 @@ import typer
 from synthvox.cli.common import DeviceOption, ForceOption, SeedOption, user_errors
 
 
-def register(app: typer.Typer) -> None:
+def add_commands(app: typer.Typer) -> None:
     """Add the ``demo`` command to ``app``."""
 
     @app.command("demo")
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         features = resolve_features(features, weights)
         check_out_dir(out, force, output_names(True))  # refuse before the work, not after it; create nothing yet
         if weights is not None:
-            from synthvox.models.checkpoint import read_model_config
+            from synthvox.models.weightsdir import read_model_config
 
             read_model_config(weights)  # a wrong --weights is one line before the work starts, not after its progress line
         typer.echo(f"registering the bundled MR onto the bundled CT ({features} features, {dev}) ...", err=True)

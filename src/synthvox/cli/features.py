@@ -9,7 +9,7 @@ import typer
 from synthvox.cli.common import DeviceOption, ForceOption, SeedOption, user_errors
 
 
-def register(app: typer.Typer) -> None:
+def add_commands(app: typer.Typer) -> None:
     """Add the ``features`` command to ``app``."""
 
     @app.command("features")
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         from synthvox.cli.common import check_at_least, resolve_device
         from synthvox.errors import InputError
         from synthvox.models import build_model
-        from synthvox.models.features import image_features
+        from synthvox.models.extract import image_features
 
         io.check_output(out, force, nifti=True)
         window = None
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         if modality.lower() not in ("auto", "mr", "ct"):
             raise InputError(f"--modality must be auto, mr or ct, got {modality!r}")
         if weights is not None and weights != "random":
-            from synthvox.models.checkpoint import read_model_config
+            from synthvox.models.weightsdir import read_model_config
 
             read_model_config(weights)  # a clear error for a wrong --weights before reading the image
         dev = resolve_device(device)

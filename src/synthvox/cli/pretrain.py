@@ -9,7 +9,7 @@ import typer
 from synthvox.cli.common import DeviceOption, ForceOption, user_errors
 
 
-def register(app: typer.Typer) -> None:
+def add_commands(app: typer.Typer) -> None:
     """Add the ``pretrain`` command to ``app``."""
 
     @app.command(

@@ -88,7 +88,7 @@ def _register_pairs(pairs: Path, out: Path, *, num_parts: int, part_id: int, lab
         raise typer.Exit(1)
 
 
-def register(app: typer.Typer) -> None:
+def add_commands(app: typer.Typer) -> None:
     """Add the ``register`` and ``apply`` commands to ``app``."""
 
     @app.command("register")

@@ -16,9 +16,22 @@ if TYPE_CHECKING:
 
 
 def finetune_command(
-    image: list[Path] = typer.Option(..., "--image", help="Training image (repeat for several)."),
-    label: list[Path] = typer.Option(..., "--label", help="Label map of the --image at the same position."),
+    image: list[Path] = typer.Option([], "--image", help="Training image (repeat for several)."),
+    label: list[Path] = typer.Option([], "--label", help="Label map of the --image at the same position."),
     out: Path = typer.Option(..., "--out", help="Model directory to write."),
+    atlas_image: list[Path] = typer.Option(
+        [], "--atlas-image", help="Labelled image (repeat for several), as for segment --atlas-image: instead of --image."),
+    atlas_label: list[Path] = typer.Option([], "--atlas-label", help="Label map of the --atlas-image at the same position."),
+    unlabelled: list[Path] = typer.Option(
+        [], "--unlabelled",
+        help="A folder of the study's unlabelled images (any accepted format, as segment -i) or one image (repeatable): "
+             "the labelled images are registered onto each and their fused labels trained on as well, each voxel "
+             "weighted by the fusion's confidence (kept in MODEL/pseudo/, reused by --resume).",
+    ),
+    fusion: str = typer.Option("weighted", "--fusion", help="With --unlabelled: how the atlas labels are fused (weighted or majority)."),
+    features: str = typer.Option("mind", "--features", help="With --unlabelled: registration features (mind, net, both or auto)."),
+    min_confidence: float = typer.Option(
+        0.5, "--min-confidence", help="With --unlabelled: pseudo-labelled voxels less confident than this weigh 0 in the loss."),
     init: str = typer.Option("default", "--init", help="default (shipped pretrained weights), random, or a model directory."),
     variant: str = typer.Option("default", "--variant", help="Network variant for --init random (tiny, default, large)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: 2000 on a GPU; on a CPU a --minutes budget)."),
@@ -43,7 +56,13 @@ def finetune_command(
     seed: int = SeedOption,
     force: bool = ForceOption,
 ) -> None:
-    """Finetune a segmentation network on one to a few labelled volumes (label ids are kept)."""
+    """Finetune a segmentation network on one to a few labelled volumes (label ids are kept); with
+    --unlabelled, also on the atlas segmentation of a study's unlabelled scans (atlas accuracy at network speed).
+
+    Examples: 'synthvox finetune --image a.nii.gz --label a_seg.nii.gz --out MODEL';
+    'synthvox finetune --atlas-image a.nii.gz --atlas-label a_seg.nii.gz --atlas-image b.nii.gz
+    --atlas-label b_seg.nii.gz --unlabelled study/ --out MODEL', then 'synthvox segment --model MODEL -i study -o seg'.
+    """
     import dataclasses
 
     from synthvox import io
@@ -67,25 +86,85 @@ def finetune_command(
     given = {"steps": steps, "minutes": minutes, "patch_size": patch, "lr": lr, "spacing": spacing, "val_every": val_every}
     chosen = dict(init=init, variant=variant, train=train, batch_size=batch, modality=modality.lower(), seed=seed,
                   augment=augment, **{k: v for k, v in given.items() if v is not None})
+    if image and atlas_image:
+        raise InputError("give the labelled images as --image/--label or as --atlas-image/--atlas-label, not both")
+    if label and atlas_label:
+        raise InputError("give the label maps as --label (with --image) or as --atlas-label (with --atlas-image), not both")
+    spelled = "--atlas-image" if atlas_image or atlas_label else "--image"
+    image, label = (atlas_image, atlas_label) if spelled == "--atlas-image" else (image, label)
+    tag = "--atlas-label" if spelled == "--atlas-image" else "--label"
+    if not image:
+        raise InputError("finetuning needs labelled images: --image with --label (or --atlas-image with --atlas-label), repeated for several")
     if len(image) != len(label):
-        raise InputError(f"got {len(image)} --image but {len(label)} --label: give one label map per image, in the same order")
+        raise InputError(f"got {len(image)} {spelled} but {len(label)} {tag}: give one label map per image, in the same order")
     if (val_image is None) != (val_label is None):
         raise InputError("--val-image and --val-label go together: give both or neither")
+    if unlabelled:
+        check_number("--min-confidence", min_confidence, 0.0, 1.0, high_open=True)
+        if val_image is not None:
+            raise InputError("--val-image goes with plain finetuning: with --unlabelled the checks score the labelled images in turn")
     check_run_dir(out, RUN_ENTRIES, resume, force, what="a model")
     dev = resolve_device(device)
     FinetuneConfig.for_device(dev, **chosen).checked()  # --train, --modality, ...: before any image is read
+    scans = _unlabelled_files(unlabelled) if unlabelled else []
     images = [io.load(p, what=f"image {p.name}") for p in image]
     labels = [io.load_labels(p, what=f"label map {p.name}") for p in label]
-    val = None
-    if val_image is not None and val_label is not None:
-        val = (io.load(val_image, what="validation image"), io.load_labels(val_label, what="validation label map"))
-    model = finetune(images, labels, out_dir=out, val=val, device=dev, resume=resume, force=force, **chosen)
+    if scans:
+        model = _distil(image, images, labels, scans, out, fusion, features, min_confidence, dev, resume, force, chosen)
+    else:
+        val = None
+        if val_image is not None and val_label is not None:
+            val = (io.load(val_image, what="validation image"), io.load_labels(val_label, what="validation label map"))
+        model = finetune(images, labels, out_dir=out, val=val, device=dev, resume=resume, force=force, **chosen)
     from synthvox.segmentation.modeldir import read_meta
 
     meta = read_meta(model)
     h = meta.history
-    typer.echo(f"wrote {model} (labels {meta.label_ids}, spacing {[round(s, 3) for s in meta.spacing]} mm, "
-               f"{h.get('val_dice_name', 'held-out Dice')} {h.get('last_val_dice', float('nan')):.4f}: {h.get('last_val_on', '')})")
+    pseudo = meta.train.get("pseudo_labels")
+    distilled = (f", {len(pseudo['scans'])} pseudo-labelled scans ({pseudo['made']} registered now, {pseudo['reused']} reused)"
+                 if isinstance(pseudo, dict) else "")
+    typer.echo(f"wrote {model} ({h.get('steps')} steps{distilled}, labels {meta.label_ids}, spacing "
+               f"{[round(s, 3) for s in meta.spacing]} mm, {h.get('val_dice_name', 'held-out Dice')} "
+               f"{h.get('last_val_dice', float('nan')):.4f}: {h.get('last_val_on', '')})")
+
+
+def _unlabelled_files(paths: list[Path]) -> list[Path]:
+    """The image files that ``--unlabelled`` names: every image of a folder (as ``segment -i``), or the file itself."""
+    from synthvox import io
+    from synthvox.errors import InputError
+    from synthvox.segmentation.folder import nifti_images
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir() and not io.is_dicom_series(p):
+            found = nifti_images(p)
+            if not found:
+                raise InputError(f"--unlabelled: no images ({', '.join('*' + s for s in io.IMAGE_SUFFIXES)}) in {p}")
+            files += found
+        else:
+            files.append(io.check_image_path(p, what="unlabelled image"))
+    names: dict[str, Path] = {}
+    for f in files:
+        other = names.setdefault(io.image_stem(f).lower(), f)
+        if other != f:
+            raise InputError(f"--unlabelled: {other} and {f} have the same name: their pseudo-labels would share files; rename one")
+    return files
+
+
+def _distil(image_paths: list[Path], images: list, labels: list, scans: list[Path], out: Path, fusion: str, features: str,
+            min_confidence: float, device: torch.device, resume: bool, force: bool, chosen: dict) -> Path:
+    """``finetune --unlabelled``: every scan read and every option checked, then :func:`~synthvox.segmentation.distill.distil`."""
+    from synthvox import io
+    from synthvox.registration.network import resolve_features
+    from synthvox.segmentation.atlas import Atlas, check_fusion
+    from synthvox.segmentation.distill import distil
+
+    check_fusion(fusion)
+    features = resolve_features(features, None)
+    unlabelled = {io.image_stem(p): io.load(p, what=f"unlabelled image {p.name}") for p in scans}
+    atlases = [Atlas(im, lab, name=p.name) for p, im, lab in zip(image_paths, images, labels)]
+    return distil(atlases, unlabelled, out_dir=out, fusion=fusion, features=features, min_confidence=min_confidence,
+                  device=device, resume=resume, force=force, **chosen)
 
 
 def segment_command(
@@ -219,7 +298,7 @@ def _atlas_segmenter(images: list[Path], labels: list[Path], model: Path | None,
                            device=device, log=None if quiet else say, probabilities=probabilities)
 
 
-def register(app: typer.Typer) -> None:
+def add_commands(app: typer.Typer) -> None:
     """Add ``finetune`` and ``segment`` to the app."""
     app.command("finetune")(user_errors(finetune_command))
     app.command("segment")(user_errors(segment_command))

@@ -90,6 +90,6 @@ def shapes(
     )
 
 
-def register(app: typer.Typer) -> None:
+def add_commands(app: typer.Typer) -> None:
     """Add ``synthvox shapes`` to the app."""
     app.command("shapes")(shapes)

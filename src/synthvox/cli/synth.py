@@ -33,7 +33,7 @@ def output_names(n: int) -> list[str]:
     return names + ["params.json", "preview.png"]
 
 
-def register(app: typer.Typer) -> None:
+def add_commands(app: typer.Typer) -> None:
     """Add the ``synth`` command to ``app``."""
 
     @app.command("synth")

@@ -26,8 +26,8 @@ CARD_SETTINGS = ("net_spacing", "net_share")
 
 
 def model_card(path: str | os.PathLike) -> dict[str, Any]:
-    """The model card of a model directory (see :func:`synthvox.models.checkpoint.card_in`)."""
-    from synthvox.models.checkpoint import card_in, read_model_config
+    """The model card of a model directory (see :func:`synthvox.models.weightsdir.card_in`)."""
+    from synthvox.models.weightsdir import card_in, read_model_config
 
     return card_in(read_model_config(path)[1])
 
@@ -56,7 +56,7 @@ DEFAULT_NET_SHARE = 0.5
 def _card_of(weights: Any) -> dict[str, Any]:
     """The card of a model directory, of a loaded network (its ``model_card`` attribute), or of the
     shipped weights (None); empty when there is none."""
-    from synthvox.models.checkpoint import default_weights_path
+    from synthvox.models.weightsdir import default_weights_path
 
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         card = getattr(weights, "model_card", None)

@@ -260,7 +260,7 @@ def image_features(
     Returns:
         A ``(C, X, Y, Z)`` volume with the image's affine (features on the CPU).
     """
-    from synthvox.models.checkpoint import load_default_model, load_model
+    from synthvox.models.weightsdir import load_default_model, load_model
     from synthvox.volume import Volume
 
     if image.data.shape[0] != 1:

@@ -1,6 +1,9 @@
-"""Self-describing model directories: ``model.safetensors`` + ``config.json``; loading never unpickles.
+"""The feature network's self-describing weights directory (``--weights DIR``, the shipped default):
+``model.safetensors`` + ``config.json``; loading never unpickles. (Resumable training checkpoints are
+:mod:`synthvox.train.checkpointing`; a finetuned segmentation model's directory is
+:mod:`synthvox.segmentation.modeldir`.)
 
-Layout of a model directory::
+Layout of a weights directory::
 
     config.json          # {"format": "synthvox-unet", "version": 1, "architecture": {UNet kwargs},
                          #  "dtype": "float32"|"float16", "sha256": <of model.safetensors>,

@@ -1,4 +1,4 @@
-"""Features for registration: MIND-SSC, the network's features, or both, on a common scale.
+"""Registration's descriptors: MIND-SSC, the network's features, or both, on a common scale.
 
 Every feature set is scaled so that its total variance (summed over channels) is one on the fixed
 image, which is about the scale of raw MIND-SSC; the same factor is applied to the moving image's
@@ -54,7 +54,7 @@ class FeatureExtractor:
             :func:`synthvox.models.card.network_spacing`); its features are resampled back onto the
             image's grid.
         intensity_scaling: the network's MR intensity scaling (``percentile`` or ``foreground``, see
-            :func:`synthvox.models.features.normalise_intensity`); ``None``: what the model's card names.
+            :func:`synthvox.models.extract.normalise_intensity`); ``None``: what the model's card names.
     """
 
     kind: str = "mind"
@@ -84,7 +84,7 @@ class FeatureExtractor:
         return mind_ssc(x, radius=self.mind_radius, dilation=self.mind_dilation)
 
     def _net(self, image: torch.Tensor, modality: str) -> torch.Tensor:
-        from synthvox.models.features import card_scaling, extract_features, normalise_intensity
+        from synthvox.models.extract import card_scaling, extract_features, normalise_intensity
 
         x = normalise_intensity(image.float().cpu(), modality=modality, ct_window=self.ct_window,
                                 scaling=self.intensity_scaling or card_scaling(self.model))

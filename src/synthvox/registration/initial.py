@@ -20,7 +20,7 @@ import torch
 
 from synthvox.errors import InputError
 from synthvox.registration.affine import affine_cost, fit_affine, improves
-from synthvox.registration.features import robust_unit_range, total_std
+from synthvox.registration.descriptors import robust_unit_range, total_std
 from synthvox.registration.foreground import foreground
 from synthvox.registration.fov import FOV_MARGIN, edge_margins, fov_weight, inner_box
 from synthvox.registration.grids import extended_grid, resample_through

@@ -21,7 +21,7 @@ import torch
 from synthvox.errors import InputError
 from synthvox.models.card import auto_features, network_share, network_spacing
 from synthvox.registration.config import RegistrationConfig
-from synthvox.registration.features import FEATURE_KINDS
+from synthvox.registration.descriptors import FEATURE_KINDS
 
 
 @dataclass(frozen=True)

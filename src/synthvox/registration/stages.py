@@ -45,7 +45,7 @@ from synthvox.metrics import folding_percent
 from synthvox.registration.affine import affine_cost, fit_affine, improves
 from synthvox.registration.config import RegistrationConfig
 from synthvox.registration.convex import box3, convex_stage
-from synthvox.registration.features import FeatureExtractor, combine, feature_scales, set_weight
+from synthvox.registration.descriptors import FeatureExtractor, combine, feature_scales, set_weight
 from synthvox.registration.foreground import foreground
 from synthvox.registration.fov import FOV_MARGIN, bounding_boxes_overlap, edge_margins, fov_weight, inner_box
 from synthvox.registration.grids import extended_grid, resample_through, working_grid

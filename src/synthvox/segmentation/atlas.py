@@ -199,7 +199,7 @@ def prepare_target(image: Volume, extractor: Any, device: torch.device,
                    shares: dict[str, float] | None = None) -> Target:
     """The target's foreground and, when ``extractor`` is given, its features on its own grid, each
     feature set with its ``shares`` of the variance (as registration weighs them)."""
-    from synthvox.registration.features import combine, feature_scales
+    from synthvox.registration.descriptors import combine, feature_scales
     from synthvox.registration.foreground import foreground
     from synthvox.segmentation.infer import check_image
 
@@ -218,7 +218,7 @@ def register_atlas(target: Target, atlas: Atlas, *, features: str, weights: Any,
     """Register one atlas onto the target (a :class:`~synthvox.registration.RegistrationConfig`)
     and measure its local feature difference."""
     from synthvox.registration import register
-    from synthvox.registration.features import combine
+    from synthvox.registration.descriptors import combine
 
     t = time.perf_counter()
     r = register(target.image, atlas.image, features=features, weights=weights, device=device, config=config)
@@ -350,7 +350,7 @@ def segment_with_atlases(
             unknown fusion method, or anything :func:`~synthvox.registration.register` refuses.
     """
     from synthvox.registration import RegistrationConfig
-    from synthvox.registration.features import FeatureExtractor
+    from synthvox.registration.descriptors import FeatureExtractor
     from synthvox.registration.network import resolve_network
 
     check_fusion(fusion, beta)

@@ -40,7 +40,7 @@ def check_image(image: Volume, what: str = "image") -> None:
 
 def normalise(image: torch.Tensor, normalisation: dict) -> torch.Tensor:
     """Normalise intensities as recorded in a model's description (see ``SegmentationMeta``)."""
-    from synthvox.models.features import normalise_intensity
+    from synthvox.models.extract import normalise_intensity
 
     method = normalisation.get("method", "percentile")
     if method != "percentile":
@@ -57,7 +57,7 @@ def normalise(image: torch.Tensor, normalisation: dict) -> torch.Tensor:
 def resolve_normalisation(image: torch.Tensor, modality: str = "auto") -> dict:
     """The normalisation record for a model trained on images like ``image``: ``auto`` is decided
     here (CT when the values look like Hounsfield units), so every later image is treated alike."""
-    from synthvox.models.features import DEFAULT_CT_WINDOW, looks_like_ct
+    from synthvox.models.extract import DEFAULT_CT_WINDOW, looks_like_ct
 
     modality = (modality or "auto").lower()
     if modality == "auto":
@@ -107,7 +107,7 @@ def sliding_window_probabilities(
         tta: ``True`` averages over all 8 combinations of flips of the three axes; a tuple of axes
             flips only those; ``False`` does no test-time augmentation.
     """
-    from synthvox.models.features import sliding_window
+    from synthvox.models.extract import sliding_window
 
     was_training = net.training
     net.eval()

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from synthvox.errors import InputError
-from synthvox.models.checkpoint import save_model
+from synthvox.models.weightsdir import save_model
 from synthvox.train.checkpointing import checkpoint_card, load_latest
 from synthvox.train.config import PretrainConfig, apply_overrides, dump_yaml, to_dict, validate
 from synthvox.train.distributed import DistInfo, all_reduce_mean, any_flag, barrier
