@@ -6,6 +6,10 @@ contiguous class indices (kept in the model directory and mapped back by ``segme
 patches, a ``foreground_fraction`` of them centred on a random voxel of a random foreground class,
 and augments them (:mod:`synthvox.segmentation.augment`). Step ``i`` of seed ``s`` draws the same
 patches in every run, so a resumed run continues exactly where its checkpoint left off.
+
+Pseudo-labelled volumes (:class:`PseudoLabels`, made by :mod:`synthvox.segmentation.distill`) carry a
+weight per voxel (their confidence, zero below a floor); their patches come with that weight map,
+sampled on the same grid as the labels, for the loss (:mod:`synthvox.losses.dice_ce`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from synthvox.errors import InputError
-from synthvox.segmentation.augment import augment_batch
+from synthvox.segmentation.augment import augment_batch, extract_patch, patch_grid, sample_patch_augment
 from synthvox.segmentation.config import FinetuneConfig
 from synthvox.segmentation.infer import check_image
 from synthvox.volume import Volume, resample_to_spacing, same_grid, to_canonical
@@ -33,6 +38,62 @@ class Subject:
     affine: np.ndarray
     #: flat voxel indices of each foreground class present (class index -> indices)
     foreground: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: (1, X, Y, Z) float32 weight of each voxel in the loss (pseudo-labels); ``None``: all one
+    weight: torch.Tensor | None = None
+
+
+@dataclass
+class PseudoLabels:
+    """Volumes labelled by another method (atlas fusion, :mod:`synthvox.segmentation.distill`) to train on
+    beside the labelled pairs: each voxel's loss is weighted by its confidence, zero below
+    ``min_confidence``, and the checks never score them (they are not ground truth).
+
+    Attributes:
+        images: the images (any grid and orientation).
+        labels: one label map per image, on its grid, with label ids of the labelled pairs.
+        confidence: one map per image, on its grid, in ``[0, 1]``.
+        names: one name per image (the metadata and error messages use it).
+        min_confidence: voxels less confident than this weigh zero; the others their confidence.
+        labelled_every: every this many steps (steps ``0, k, 2k, ...``) draw from the labelled pairs,
+            the other steps from the pseudo-labelled volumes (1: never from them).
+        record: how they were made (recorded in the model directory's metadata).
+    """
+
+    images: list[Volume]
+    labels: list[Volume]
+    confidence: list[Volume]
+    names: list[str]
+    min_confidence: float = 0.5
+    labelled_every: int = 3
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Refuse lists of unequal lengths and settings out of range (one line)."""
+        n = len(self.images)
+        if not (len(self.labels) == len(self.confidence) == len(self.names) == n):
+            raise InputError(f"pseudo-labels: {n} images, {len(self.labels)} label maps, {len(self.confidence)} "
+                             f"confidence maps and {len(self.names)} names: give one of each per image")
+        if n == 0:
+            raise InputError("pseudo-labels: no pseudo-labelled image")
+        check_pseudo_settings(self.min_confidence, self.labelled_every)
+
+    def weights(self, i: int) -> Volume:
+        """The loss weight of each voxel of volume ``i``: its confidence, zero below ``min_confidence``."""
+        conf = self.confidence[i]
+        return Volume(torch.where(conf.data >= self.min_confidence, conf.data, torch.zeros_like(conf.data)).float(),
+                      conf.affine)
+
+    def labelled_step(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) draws from the labelled pairs."""
+        return step % self.labelled_every == 0
+
+
+def check_pseudo_settings(min_confidence: float, labelled_every: int) -> None:
+    """Refuse a confidence floor outside ``[0, 1)`` or a draw interval that is not a whole number >= 1."""
+    if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) or not 0.0 <= min_confidence < 1.0:
+        raise InputError(f"--min-confidence must be a number in [0, 1), got {min_confidence!r}")
+    if isinstance(labelled_every, bool) or not isinstance(labelled_every, int) or labelled_every < 1:
+        raise InputError(f"labelled_every must be a whole number of at least 1, got {labelled_every!r}")
 
 
 def check_pair(image: Volume, labels: Volume, what: str) -> None:
@@ -91,25 +152,44 @@ def prepare_subject(
     spacing: Sequence[float],
     normalisation: dict[str, Any],
     what: str = "training",
+    weight: Volume | None = None,
 ) -> Subject:
-    """Bring an image and its label map to the model frame (canonical, ``spacing``, normalised)."""
+    """Bring an image and its label map (and a per-voxel loss ``weight`` on its grid, resampled as the
+    labels are) to the model frame (canonical, ``spacing``, normalised)."""
     from synthvox.segmentation.infer import normalise
 
     check_pair(image, labels, what)
+    if weight is not None:
+        check_weight(image, weight, what)
     im = to_canonical(image)
     lab = to_canonical(labels)
+    w = to_canonical(weight) if weight is not None else None
     im = Volume(normalise(im.data, normalisation), im.affine)
     sp = tuple(float(s) for s in spacing)
     if not np.allclose(im.spacing, sp, rtol=1e-4, atol=1e-5):
         im = resample_to_spacing(im, sp, mode="linear")
         lab = resample_to_spacing(lab, sp, mode="nearest")
+        w = resample_to_spacing(w, sp, mode="nearest") if w is not None else None
     classes = to_classes(lab.data.round().long(), label_ids, f"{what} label map")
     flat = classes.reshape(-1)
     fg = {}
     for c in torch.unique(flat).tolist():
         if c != 0 or label_ids[0] != 0:
             fg[int(c)] = torch.nonzero(flat == c).reshape(-1)
-    return Subject(im.data.float().contiguous(), classes.contiguous(), im.affine, fg)
+    w_data = w.data.float().contiguous() if w is not None else None
+    return Subject(im.data.float().contiguous(), classes.contiguous(), im.affine, fg, w_data)
+
+
+def check_weight(image: Volume, weight: Volume, what: str) -> None:
+    """Refuse a weight map that is not one finite channel in ``[0, 1]`` on the image's grid."""
+    if not isinstance(weight, Volume) or weight.data.shape[0] != 1:
+        raise InputError(f"{what} confidence map must be a single-channel 3D volume")
+    if not same_grid(image, weight):
+        raise InputError(f"{what} confidence map does not match its image's grid (shapes {weight.shape} and {image.shape}, "
+                         "or different affines)")
+    d = weight.data
+    if not torch.is_floating_point(d) or not torch.isfinite(d).all() or (d < 0).any() or (d > 1).any():
+        raise InputError(f"{what} confidence map must hold finite values in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,3 +251,27 @@ def draw_batch(
         g,
         device,
     )
+
+
+def draw_weighted_batch(
+    subjects: Sequence[Subject], cfg: FinetuneConfig, step: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The augmented batch of step ``step`` from subjects with weight maps: images, classes and weights
+    ``(B, 1, *patch)``. The patches are drawn and augmented exactly as :func:`draw_batch` draws them
+    (same generator, same calls); each weight map is sampled on its patch's grid by nearest
+    neighbour, as the labels are, so every class voxel keeps its own weight (0 outside the volume)."""
+    g = step_generator(cfg.seed, step)
+    centres = sample_centres(subjects, cfg.batch_size, cfg.foreground_fraction, g)
+    xs, ys, ws = [], [], []
+    for s, centre in centres:
+        sub = subjects[s]
+        if sub.weight is None:
+            raise ValueError("draw_weighted_batch needs subjects with weight maps")
+        aug = sample_patch_augment(g, cfg.augment)
+        x, y = extract_patch(sub.image, sub.classes, centre, cfg.patch_size, aug, device)
+        grid = patch_grid(sub.image.shape[1:], centre, cfg.patch_size, aug, device)
+        w = F.grid_sample(sub.weight[None].to(device), grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
+        xs.append(x)
+        ys.append(y)
+        ws.append(w)
+    return torch.stack(xs), torch.stack(ys), torch.stack(ws)

@@ -8,6 +8,12 @@ pretraining's (:mod:`synthvox.train.rundir`: ``--force``/``--resume``, ``log.csv
 and cut back to the checkpoint on resume) and keeps its checkpoints in the one training format
 (:mod:`synthvox.train.checkpointing`: safetensors with a digest, written atomically). Step ``i`` of seed
 ``s`` draws the same patches in every run, so a resumed run continues exactly.
+
+With pseudo-labelled volumes (``pseudo=``, :class:`~synthvox.segmentation.data.PseudoLabels`, what
+:func:`synthvox.segmentation.distill.distil` makes) every ``labelled_every``-th step draws from the
+labelled pairs and the others from the pseudo-labelled volumes, and the loss weighs each voxel
+(:class:`~synthvox.losses.dice_ce.WeightedDiceCELoss`: labelled voxels one, pseudo-labelled ones
+their confidence); the checks score the labelled pairs only.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from synthvox.errors import InputError
 from synthvox.segmentation.backbone import build_backbone, feature_channels, trainable_parameters
 from synthvox.segmentation.config import FinetuneConfig
 from synthvox.segmentation.data import (
+    PseudoLabels,
     Subject,
     check_pair,
     common_spacing,
     draw_batch,
+    draw_weighted_batch,
     label_ids_of,
     prepare_subject,
 )
@@ -41,6 +49,7 @@ from synthvox.segmentation.modeldir import (
     BACKBONE_DIR,
     HEAD_NAME,
     META_NAME,
+    PSEUDO_DIR,
     SegmentationMeta,
     SegmentationNet,
     save_model_dir,
@@ -55,7 +64,7 @@ from synthvox.volume import Volume
 
 LOG_FIELDS = ["step", "loss", "lr", "val_dice", "seconds", "val_on"]
 #: The entries of a model directory that belong to the run (what ``--force`` removes).
-RUN_ENTRIES = (META_NAME, HEAD_NAME, BACKBONE_DIR, "finetune.json", LOG_NAME, CHECKPOINT_DIR)
+RUN_ENTRIES = (META_NAME, HEAD_NAME, BACKBONE_DIR, "finetune.json", LOG_NAME, CHECKPOINT_DIR, PSEUDO_DIR)
 
 
 def lr_at(step: int, cfg: FinetuneConfig) -> float:
@@ -73,19 +82,26 @@ def make_optimizer(net: SegmentationNet, params: list[nn.Parameter], cfg: Finetu
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_loss(cfg: FinetuneConfig, has_background: bool) -> nn.Module:
+def make_loss(cfg: FinetuneConfig, has_background: bool, weighted: bool = False) -> nn.Module:
     """MONAI's Dice + cross-entropy over the batch; the Dice part leaves background out unless
-    ``cfg.dice_background`` (or there is no background class)."""
+    ``cfg.dice_background`` (or there is no background class). ``weighted``: the same loss with a
+    weight per voxel (:class:`~synthvox.losses.dice_ce.WeightedDiceCELoss`, for pseudo-labels)."""
+    include_background = bool(cfg.dice_background) or not has_background
+    if weighted:
+        from synthvox.losses.dice_ce import WeightedDiceCELoss
+
+        return WeightedDiceCELoss(include_background)
     from monai.losses import DiceCELoss
 
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True,
-                      include_background=bool(cfg.dice_background) or not has_background)
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=include_background)
 
 
 def optimisation_step(net: SegmentationNet, opt: torch.optim.Optimizer, loss_fn: nn.Module, params: list[nn.Parameter],
-                      x: torch.Tensor, y: torch.Tensor, *, frozen_backbone: bool = False) -> float:
+                      x: torch.Tensor, y: torch.Tensor, *, frozen_backbone: bool = False,
+                      weight: torch.Tensor | None = None) -> float:
     """One step on a batch (bf16 autocast on CUDA; a frozen backbone runs without gradients; a
-    non-finite loss is skipped); returns the loss. The loop and the budget's calibration both take it."""
+    non-finite loss is skipped); returns the loss. The loop and the budget's calibration both take it.
+    ``weight``: ``(B, 1, *patch)`` per-voxel weights for a weighted ``loss_fn``."""
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
         if frozen_backbone:
             with torch.no_grad():
@@ -93,7 +109,7 @@ def optimisation_step(net: SegmentationNet, opt: torch.optim.Optimizer, loss_fn:
             logits = net.head(feats)
         else:
             logits = net(x)
-    loss = loss_fn(logits.float(), y)
+    loss = loss_fn(logits.float(), y) if weight is None else loss_fn(logits.float(), y, weight)
     opt.zero_grad(set_to_none=True)
     if torch.isfinite(loss):
         loss.backward()
@@ -189,6 +205,7 @@ def finetune(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    pseudo: PseudoLabels | None = None,
     **settings: Any,
 ) -> Path:
     """Finetune a segmentation network on one to a few labelled volumes and write a model directory.
@@ -209,6 +226,12 @@ def finetune(
         resume: continue from the newest checkpoint in ``out_dir/checkpoints``.
         force: start over in a model directory that already holds a run (its entries are removed).
         progress: show a progress bar.
+        pseudo: pseudo-labelled volumes to train on as well (:class:`~synthvox.segmentation.data.PseudoLabels`,
+            e.g. atlas fusion's labels from :func:`synthvox.segmentation.distill.distil`): every
+            ``pseudo.labelled_every``-th step draws from the labelled pairs, the others from these, each
+            voxel's loss weighted by its confidence; the checks never score them. Their label ids must be
+            among the labelled pairs'. ``out_dir/pseudo`` then belongs to the caller (neither checked
+            nor removed here).
         **settings: :class:`FinetuneConfig` fields replacing those of ``config`` (``steps=300``,
             ``patch_size=64``, ``init="random"``, ``minutes=10``, ``spacing=2.0``...;
             :meth:`FinetuneConfig.with_settings`): ``steps`` without ``minutes`` drops a minutes
@@ -233,7 +256,10 @@ def finetune(
     base = FinetuneConfig.for_device(device) if config is None else config
     cfg0 = base.with_settings(**settings).checked()  # automatic values still open: a budget plans them
     cfg = cfg0.resolved()
-    check_run_dir(out, RUN_ENTRIES, resume, force, what="a model")  # before any work
+    owned = [e for e in RUN_ENTRIES if pseudo is None or e != PSEUDO_DIR]  # pseudo-labels: the caller's
+    check_run_dir(out, owned, resume, force, what="a model")  # before any work
+    if pseudo is not None:
+        pseudo.check()
     if len(images) == 0:
         raise InputError("finetuning needs at least one image with its label map")
     if len(images) != len(labels):
@@ -256,8 +282,13 @@ def finetune(
         val_subject = prepare_subject(val[0], val[1], label_ids, train_spacing, normalisation, "validation")
     else:
         val_subject = None
-    for sub in [*subjects, *([val_subject] if val_subject else [])]:  # volumes live on the device; patches are cut there
+    pseudo_subjects = [] if pseudo is None else [
+        prepare_subject(im, lab, label_ids, train_spacing, normalisation, f"pseudo-labelled {name}:", pseudo.weights(i))
+        for i, (im, lab, name) in enumerate(zip(pseudo.images, pseudo.labels, pseudo.names))
+    ]
+    for sub in [*subjects, *([val_subject] if val_subject else []), *pseudo_subjects]:  # volumes live on the device
         sub.image, sub.classes = sub.image.to(device), sub.classes.to(device)
+        sub.weight = sub.weight.to(device) if sub.weight is not None else None
     backbone, source = build_backbone(cfg.init, cfg.variant, device, cfg.seed, cfg.model_overrides)
     backbone = backbone.to(device)
     smallest = 2 * int(getattr(backbone, "multiple", 1))
@@ -288,10 +319,10 @@ def finetune(
     plan = plan_validation(subjects, val_subject, cfg, label_ids, device)
     # A run that fails (out of memory, a bad value, Ctrl-C) before its first checkpoint leaves
     # nothing behind: what it wrote is removed, and so is the folder when this call made it.
-    with run_folder(out, RUN_ENTRIES, resume, force, what="a model"):
+    with run_folder(out, owned, resume, force, what="a model"):
         return _finetune_into(
             out, cfg, latest, backbone, source, subjects, plan, label_ids, train_spacing,
-            normalisation, device, progress, deadline,
+            normalisation, device, progress, deadline, pseudo, pseudo_subjects,
         )
 
 
@@ -309,6 +340,8 @@ def _finetune_into(
     device: torch.device,
     progress: bool,
     deadline: float | None = None,
+    pseudo: PseudoLabels | None = None,
+    pseudo_subjects: Sequence[Subject] = (),
 ) -> Path:
     """The training run of :func:`finetune` (:class:`synthvox.train.runner.Runner` around
     :class:`_Finetuning`), writing into the prepared folder ``out``; then the model directory.
@@ -324,7 +357,10 @@ def _finetune_into(
     compat = _compat_key(cfg, label_ids, train_spacing)
     # training volumes held out in turn change which subject each step draws from
     compat["held_out_in_turn"] = [plan.val_every, plan.window] if plan.kind == "left out in turn" else None
-    task = _Finetuning(net, cfg, subjects, plan, label_ids, compat, device, deadline)
+    if pseudo is not None:  # which volumes each step draws from, and their labels and weights
+        compat["pseudo"] = {"names": list(pseudo.names), "labelled_every": pseudo.labelled_every,
+                            "min_confidence": pseudo.min_confidence, "digest": _subjects_digest(pseudo_subjects)}
+    task = _Finetuning(net, cfg, subjects, plan, label_ids, compat, device, deadline, pseudo, list(pseudo_subjects))
     run = Runner(task, out, task.opt, task.lr, cfg.steps, LOG_FIELDS, cfg.checkpoint_every, cfg.keep_checkpoints,
                  "finetune", progress=progress)
     run.restore(latest)
@@ -340,6 +376,20 @@ def _finetune_into(
                "val_kind": plan.kind, "val_held_out": plan.held_out},
         flip_augmented=bool(cfg.augment.flip),
     )
+    if pseudo is not None:
+        meta.train["n_pseudo"] = len(pseudo_subjects)
+        meta.train["pseudo_labels"] = {
+            **pseudo.record,
+            "scans": list(pseudo.names),
+            "min_confidence": pseudo.min_confidence,
+            "labelled_every": pseudo.labelled_every,
+            "loss_weights": f"labelled voxels 1; pseudo-labelled voxels their confidence, 0 below {pseudo.min_confidence:g}, "
+                            "in both the cross-entropy and the Dice sums",
+            "draws": f"steps 0, {pseudo.labelled_every}, {2 * pseudo.labelled_every}, ... from the labelled pairs, "
+                     "the others from the pseudo-labelled scans" if pseudo.labelled_every > 1 else
+                     "every step from the labelled pairs",
+            "checks": "the checks score the labelled pairs only: pseudo-labels are not ground truth",
+        }
     write_json(out / "finetune.json", {"finetune": cfg.to_json(), "label_ids": label_ids, "spacing": meta.spacing})
 
     task.train_mode()
@@ -381,13 +431,15 @@ class _Finetuning(Task):
     kind = "finetune"
 
     def __init__(self, net: SegmentationNet, cfg: FinetuneConfig, subjects: list[Subject], plan: ValidationPlan,
-                 label_ids: list[int], compat: dict[str, Any], device: torch.device, deadline: float | None) -> None:
+                 label_ids: list[int], compat: dict[str, Any], device: torch.device, deadline: float | None,
+                 pseudo: PseudoLabels | None = None, pseudo_subjects: list[Subject] | None = None) -> None:
         self.net, self.cfg, self.subjects, self.plan, self.compat = net, cfg, subjects, plan, compat
         self.device, self.deadline = device, deadline
+        self.pseudo, self.pseudo_subjects = pseudo, pseudo_subjects or []
         self.n_classes, self.has_background = len(label_ids), label_ids[0] == 0
         self.params = trainable_parameters(net, cfg.train)
         self.opt = make_optimizer(net, self.params, cfg)
-        self.loss_fn = make_loss(cfg, self.has_background)
+        self.loss_fn = make_loss(cfg, self.has_background, weighted=pseudo is not None)
         self.frozen_backbone = cfg.train == "head"
         self.best, self.last_val, self.last_on, self.last_loss = float("nan"), float("nan"), "", float("nan")
         self.t0 = time.perf_counter()
@@ -427,9 +479,12 @@ class _Finetuning(Task):
 
     def step(self, step: int, lr: float, run: Runner) -> dict[str, Any]:
         cfg, plan = self.cfg, self.plan
-        x, y = draw_batch(self.subjects, cfg, step, self.device, plan.left_out(step))
+        if self.pseudo is not None and not self.pseudo.labelled_step(step):
+            x, y, w = draw_weighted_batch(self.pseudo_subjects, cfg, step, self.device)
+        else:
+            (x, y), w = draw_batch(self.subjects, cfg, step, self.device, plan.left_out(step)), None
         self.last_loss = optimisation_step(self.net, self.opt, self.loss_fn, self.params, x, y,
-                                           frozen_backbone=self.frozen_backbone)
+                                           frozen_backbone=self.frozen_backbone, weight=w)
         done = step + 1
         row: dict[str, Any] = {"step": done, "loss": f"{self.last_loss:.5f}", "lr": f"{lr:.3e}", "val_dice": "",
                                "seconds": f"{time.perf_counter() - self.t0:.2f}"}
@@ -452,6 +507,19 @@ class _Finetuning(Task):
         if cfg.minutes is not None and time.perf_counter() - self.t0 > cfg.minutes * 60.0 * BUDGET_SLACK:
             run.stop_after_step(f"stopped at the {cfg.minutes:g}-minute budget after {done} of {cfg.steps} steps")
         return row
+
+
+def _subjects_digest(subjects: Sequence[Subject]) -> str:
+    """A sha256 of the volumes' classes and weights (what a resumed run must train on again)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for sub in subjects:
+        for t in (sub.classes, sub.weight):
+            if t is not None:
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:

@@ -8,6 +8,8 @@ Layout of ``MODEL/``::
     finetune.json          # the resolved finetuning configuration, written when training starts
     log.csv                # training log (step, loss, lr, validation Dice)
     checkpoints/           # resumable training state, the newest two (safetensors + JSON metadata)
+    pseudo/                # with distillation (synthvox.segmentation.distill): per unlabelled scan NAME its
+                           # fused atlas labels NAME_labels.nii.gz, NAME_confidence.nii.gz and NAME.json
 
 Nothing here is pickled: weights are safetensors, everything else is JSON. ``segmentation.json`` is
 written last, so a directory that has it is complete.
@@ -32,6 +34,8 @@ FORMAT_VERSION = 1
 META_NAME = "segmentation.json"
 HEAD_NAME = "head.safetensors"
 BACKBONE_DIR = "backbone"
+#: The pseudo-labels a distilled model was trained on (:mod:`synthvox.segmentation.distill`).
+PSEUDO_DIR = "pseudo"
 
 
 @dataclass
