@@ -16,7 +16,6 @@ ITK's direction matrix read transposed, the first two and the small registration
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from typer.testing import CliRunner
 from synthvox import io
 from synthvox.cli import app
 from synthvox.errors import InputError
+from synthvox.registration import register
+from synthvox.volume import Volume
 
 sitk = require_module("SimpleITK")
 runner = CliRunner()
@@ -89,23 +90,9 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     return path
 
 
-def sitk_image(nifti: Path):  # noqa: ANN201 - a SimpleITK image
-    """``nifti`` as a SimpleITK image with its affine as nibabel reads it, in double precision (ITK's
-    NIfTI reader goes through the header's float32 fields and moves the affine by about 1e-7 mm)."""
-    img = nib.load(str(nifti))
-    image = sitk.GetImageFromArray(np.asarray(img.dataobj).transpose(2, 1, 0))
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    image.SetSpacing(spacing.tolist())
-    image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
-    image.SetOrigin(lps[:3, 3].tolist())
-    return image
-
-
-def write_copy(nifti: Path, fmt: str, folder: Path, exact: bool = False) -> Path:
-    """A copy of ``nifti`` in format ``fmt`` in ``folder``: through ITK's reading of the NIfTI for the
-    SimpleITK formats (with ``exact``, from nibabel's reading: :func:`sitk_image`), through nibabel
-    for MGZ/MGH."""
+def write_copy(nifti: Path, fmt: str, folder: Path) -> Path:
+    """A copy of ``nifti`` in format ``fmt`` in ``folder``: through ITK's reading of the NIfTI (float32
+    header fields, about 1e-7 mm from nibabel's) for the SimpleITK formats, through nibabel for MGZ/MGH."""
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / (f"{nifti.name.split('.')[0]}_{fmt}" if fmt == "dicom" else f"{nifti.name.split('.')[0]}.{fmt}")
     if fmt in ("mgz", "mgh"):
@@ -113,7 +100,7 @@ def write_copy(nifti: Path, fmt: str, folder: Path, exact: bool = False) -> Path
         data = np.asarray(img.dataobj)
         nib.save(nib.MGHImage(data.astype(np.int32) if data.dtype.kind in "iu" else data, img.affine), str(out))
         return out
-    image = sitk_image(nifti) if exact else sitk.ReadImage(str(nifti))
+    image = sitk.ReadImage(str(nifti))
     for key in image.GetMetaDataKeys():  # NIfTI header fields other formats do not hold
         image.EraseMetaData(key)
     if fmt == "dicom":
@@ -308,24 +295,65 @@ def test_a_folder_lists_images_of_every_format_and_names_outputs_nifti(tmp_path)
 
 # ---------------------------------------------------------------------------------------------------
 # Registration on copies: the same warp as on the NIfTI
+#
+# The copies are made as the field's tools make them: NRRD, MHA, MHD and DICOM from ITK's own (float32)
+# reading of the NIfTI, MGZ/MGH and a NIfTI with a float32 sform by nibabel. Each format's header then
+# places the image up to about 1e-7 mm away from the NIfTI's qform; the solver sees every image's
+# affine snapped to a grid far coarser than that (:func:`synthvox.volume.solver_affine`), so the copies
+# register bit for bit as the NIfTI and only the last step, on the images' own headers, differs.
+#
+# Shown to fail without the snap (``register`` given the headers as read): the phantom's copies end up
+# to 0.8 mm apart and the dev image's to 2.2 mm (MGZ), where 0.01 mm is asked.
+
+#: The copies each registration test makes: every format, and a NIfTI with a float32 sform beside the
+#: reference's qform.
+COPIES = (*FORMATS, "sform.nii.gz")
 
 
-def _register(fixed: Path, moving: Path, out: Path) -> np.ndarray:
-    r = runner.invoke(app, ["register", str(fixed), str(moving), "--out", str(out), "--features", "mind",
-                            "--device", "cpu", "--seed", "0", "--quiet"])
-    assert r.exit_code == 0, r.output
-    assert json.loads((out / "report.json").read_text())["inputs"]["fixed"] == str(fixed)
-    warp = nib.load(str(out / "warp.nii.gz"))
-    return np.asarray(warp.dataobj, np.float64), warp.affine
+def _copy(nifti: Path, fmt: str, folder: Path) -> Path:
+    """A copy of ``nifti`` (saved by :func:`save_nifti`) as the field's tools write one (see above)."""
+    if fmt == "sform.nii.gz":
+        folder.mkdir(parents=True, exist_ok=True)
+        img = nib.load(str(nifti))
+        out = folder / f"{nifti.name.split('.')[0]}.{fmt}"
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), str(out))  # sform and qform, float32
+        return out
+    return write_copy(nifti, fmt, folder)
+
+
+def _copies_register_as_the_nifti(fixed_nii: Path, moving_nii: Path, tmp_path: Path, **settings) -> dict[str, float]:
+    """The largest difference (mm) of each copy's warp from the NIfTI's, after checking that every copy
+    reads as the NIfTI (the same voxels, the affine within 1e-4 mm).
+
+    Copies that read exactly alike (NRRD, MHA and MHD, written from one ITK image; MGZ and MGH) are
+    registered once: the solver is deterministic, so what a format can change is what it reads as."""
+    def read(fixed: Path, moving: Path) -> tuple[Volume, Volume]:
+        return io.load(fixed), io.load(moving)
+
+    def warp(fixed: Volume, moving: Volume) -> torch.Tensor:
+        return register(fixed, moving, features="mind", **settings).warp.data.double()
+
+    ref_f, ref_m = read(fixed_nii, moving_nii)
+    ref = warp(ref_f, ref_m)
+    assert float(ref.abs().max()) > 1.0  # a warp worth comparing
+    done: dict[bytes, float] = {}
+    worst = {}
+    for fmt in COPIES:
+        folder = tmp_path / fmt.replace(".", "_")
+        f, m = read(_copy(fixed_nii, fmt, folder), _copy(moving_nii, fmt, folder))
+        for vol, r in ((f, ref_f), (m, ref_m)):
+            assert np.allclose(vol.affine, r.affine, atol=1e-4, rtol=0) and torch.equal(vol.data, r.data), fmt
+        key = f.affine.tobytes() + m.affine.tobytes()
+        if key not in done:
+            done[key] = float((warp(f, m) - ref).abs().max())
+        worst[fmt] = done[key]
+    assert len(set(done)) > 2, "the copies read as at most two different headers: nothing is compared"
+    return worst
 
 
 def test_register_on_copies_equals_nifti(tmp_path):
-    """FIXED and MOVING as NRRD, MHA, MHD, MGZ, MGH and DICOM-series copies (oblique, anisotropic,
-    MOVING on its own grid) give the NIfTI's warp within 0.01 mm, on the same grid.
-
-    The copies carry the NIfTI's affine as nibabel reads it (``exact``): the solver is not continuous
-    at the level of header rounding (copies through ITK's float32 reading of the NIfTI, 1e-7 mm away,
-    moved a real pair's warp by up to 0.25 mm, 0.001 mm on average)."""
+    """FIXED and MOVING as NRRD, MHA, MHD, MGZ, MGH, DICOM-series and float32-sform NIfTI copies
+    (oblique, anisotropic, MOVING on its own grid) give the NIfTI's warp within 0.01 mm, on the same grid."""
     img = phantom(24)
     moving, _ = warped_pair(img, amp=1.5)
     maff = make_affine(spacing=(1.6, 1.4, 1.8), angles=(0.15, 0.1, -0.25), origin=(-14.0, -19.0, -16.0))
@@ -333,34 +361,21 @@ def test_register_on_copies_equals_nifti(tmp_path):
     fixed_nii, moving_nii = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
     save_nifti((img[0].numpy() * 1000).round().astype(np.int16), faff, fixed_nii)
     save_nifti((moving[0].numpy() * 1000).round().astype(np.int16), maff, moving_nii)
-    ref, ref_affine = _register(fixed_nii, moving_nii, tmp_path / "reg_nifti")
-    assert np.abs(ref).max() > 1.0  # a warp worth comparing
-    worst = {}
-    for fmt in FORMATS:
-        folder = tmp_path / fmt
-        folder.mkdir()
-        warp, affine = _register(write_copy(fixed_nii, fmt, folder, exact=True),
-                                 write_copy(moving_nii, fmt, folder, exact=True), folder / "reg")
-        assert warp.shape == ref.shape and np.allclose(affine, ref_affine, atol=1e-4), fmt
-        worst[fmt] = float(np.abs(warp - ref).max())
+    worst = _copies_register_as_the_nifti(fixed_nii, moving_nii, tmp_path)
     assert max(worst.values()) < 0.01, worst
 
 
 def test_dev_image_copies_register_as_the_nifti(tmp_path):
-    """A real T1 (nichart Subj1, downsampled to 4 mm and given an oblique header) onto a FLAIR of
-    another subject: the NRRD and DICOM-series copies of both give the NIfTI's warp within 0.01 mm;
-    the MGZ copies read with the NIfTI's affine within 1e-4 mm.
-
-    Not the MGZ's warp: MGH stores its header in float32, 8e-8 mm from the NIfTI's qform, and on this
-    pair the solver ends up to 2.2 mm apart from such a difference (0.07 mm on average; its affine stage
-    0.02 mm apart), a sensitivity of the solver, not of the reader (issue 25, item 5 report)."""
+    """A real T1 (nichart Subj1) onto a FLAIR of another subject, each cut to 8 x 6 x 8 mm voxels
+    (anisotropic) and given an oblique header: every format's copies give the NIfTI's warp within 0.01 mm
+    (the default solver with a shorter convex search, for time)."""
     dev = require_shared("data", "eval", "nichart_dev")
     rot = make_affine(spacing=(1.0, 1.0, 1.0), angles=(0.12, -0.08, 0.2), origin=(0.0, 0.0, 0.0))
 
     def dev_copy(path: Path, name: str) -> Path:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj)[::2, ::2, ::2].astype(np.int16)
-        aff = img.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+        data = np.asarray(img.dataobj)[::4, ::3, ::4].astype(np.int16)
+        aff = img.affine @ np.diag([4.0, 3.0, 4.0, 1.0])
         if np.linalg.det(aff[:3, :3]) < 0:  # as a DICOM series stores it: a right-handed voxel frame
             data = data[::-1]
             aff = aff @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
@@ -368,15 +383,5 @@ def test_dev_image_copies_register_as_the_nifti(tmp_path):
 
     fixed_nii = dev_copy(dev / "flair" / "Subj2_FL.nii.gz", "fixed.nii.gz")
     moving_nii = dev_copy(dev / "t1" / "Subj1_T1.nii.gz", "moving.nii.gz")
-    ref, _ = _register(fixed_nii, moving_nii, tmp_path / "reg_nifti")
-    for fmt in ("nrrd", "mgz", "dicom"):
-        folder = tmp_path / fmt
-        folder.mkdir()
-        fixed, moving = write_copy(fixed_nii, fmt, folder, exact=True), write_copy(moving_nii, fmt, folder, exact=True)
-        for copy, nifti in ((fixed, fixed_nii), (moving, moving_nii)):
-            ref_vol, vol = io.load(nifti), io.load(copy)
-            assert np.allclose(vol.affine, ref_vol.affine, atol=1e-4, rtol=0) and torch.equal(vol.data, ref_vol.data)
-        if fmt == "mgz":
-            continue
-        warp, _ = _register(fixed, moving, folder / "reg")
-        assert float(np.abs(warp - ref).max()) < 0.01, fmt
+    worst = _copies_register_as_the_nifti(fixed_nii, moving_nii, tmp_path, convex_range_mm=12.0)
+    assert max(worst.values()) < 0.01, worst

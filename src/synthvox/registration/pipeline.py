@@ -26,7 +26,7 @@ from synthvox.registration.network import resolve_network
 from synthvox.registration.parallel import single_op_threads
 from synthvox.registration.stages import State, run_stages, stages, use_start
 from synthvox.registration.warp import warp_to_itk_volume
-from synthvox.volume import Volume, check_world_matrix, same_grid
+from synthvox.volume import Volume, check_world_matrix, same_grid, snap_affine
 
 
 @dataclass
@@ -208,8 +208,10 @@ def register(
     with single_op_threads(dev) as workers:
         t_start = time.perf_counter()
         network = resolve_network(features, weights, cfg, dev)
-        st = State(fixed=Volume(fixed.data.float().to(dev), fixed.affine),
-                   moving=Volume(moving.data.float().to(dev), moving.affine),
+        # the search sees the affines snapped, the outputs the images' own (see registration.stages)
+        st = State(fixed=Volume(fixed.data.float().to(dev), snap_affine(fixed.affine)),
+                   moving=Volume(moving.data.float().to(dev), snap_affine(moving.affine)),
+                   headers=(np.asarray(fixed.affine, np.float64), np.asarray(moving.affine, np.float64)),
                    fixed_mask=_mask(fixed_mask, dev, "fixed"), moving_mask=_mask(moving_mask, dev, "moving"),
                    moving_labels=moving_labels, network=network, cfg=cfg, init=init,
                    modality_fixed=modality_fixed, modality_moving=modality_moving, ct_window=ct_window,

@@ -21,8 +21,17 @@ timed (and reported) under one name:
    the points per step, stopped when its loss stops falling).
 6. ``check``: :func:`keep_the_best`, the result's feature match against the start's and the headers';
    a worse result is replaced by the better of those, with a warning.
-7. ``compose``: :func:`compose_outputs`, one displacement field on FIXED's grid (ITK/ANTs convention),
+7. ``compose``: :func:`onto_own_headers` (the images back on the affines their files give, see
+   below), then :func:`compose_outputs`, one displacement field on FIXED's grid (ITK/ANTs convention),
    the deformable part alone and the inverse on MOVING's grid, moved image and labels, the folding.
+
+The stages before ``compose`` see each image's affine snapped (:func:`synthvox.volume.snap_affine`):
+copies of an image in formats that store its header at different precisions (float32 NIfTI or MGH
+fields, decimal text) then register bit for bit alike, where the search, a chain of discrete choices
+(the start, the convex search's argmin) and Adam steps, would otherwise turn a 1e-7 mm difference into
+millimetres. The transform found is then taken as it is, a map of world points, and ``compose``
+applies it to the images as their own headers place them (at most about 0.02 voxel from the snapped
+placement).
 
 A step that replaces another (a given initial transform instead of :func:`choose_start`: :func:`use_start`, MOVING's
 features computed again on the working grid instead of :func:`moving_onto_working_grid`) is a function
@@ -89,8 +98,10 @@ class State:
 
     Given: the images on the device, their masks as booleans on their own grids, MOVING's labels, the
     resolved network, the settings, the device, the threads for independent tasks, and ``warn`` (a
-    warning for the log and the report). Then, set by the step named: ``grid``, ``spacing``,
-    ``fixed_fg`` and ``moving_fg`` (foregrounds or masks on the images' grids), ``fixed_w``,
+    warning for the log and the report); ``headers``: the images' own affines (FIXED's, MOVING's) when
+    ``fixed`` and ``moving`` hold them snapped, put back by :func:`onto_own_headers`. Then, set by the
+    step named: ``grid``, ``spacing``, ``fixed_fg`` and ``moving_fg`` (foregrounds or masks on the
+    images' grids), ``fixed_w``,
     ``foreground_w``, ``mask_w`` (FIXED's mask on the working grid, or None) and ``weight``
     (:func:`find_working_grid`); ``candidates``, ``scored``, ``choice`` and ``start``
     (:func:`choose_start`); ``frame``, ``moving_f`` and ``cover_f`` (MOVING and where it holds
@@ -117,6 +128,7 @@ class State:
     device: torch.device
     workers: int
     warn: Callable[[str], None]
+    headers: tuple[np.ndarray, np.ndarray] | None = None
     times: dict[str, float] = field(default_factory=dict)
     grid: Grid | None = None
     spacing: float = 0.0
@@ -175,7 +187,7 @@ def stages(affine: bool = True, deformable: bool = True, start: Step | None = No
         out.append(Stage("affine", (fit_residual_affine,)))
     if deformable:
         out += [Stage("convex", (moving_onto_working_grid, convex_search)), Stage("adam", (optimise_instance,))]
-    return out + [Stage("check", (keep_the_best,)), Stage("compose", (compose_outputs,))]
+    return out + [Stage("check", (keep_the_best,)), Stage("compose", (onto_own_headers, compose_outputs))]
 
 
 def run_stages(state: State, plan: list[Stage], log: Callable[[str, float, str], None]) -> State:
@@ -443,6 +455,15 @@ def _similarity(feat_f: torch.Tensor, weight_f: torch.Tensor, feat_m: torch.Tens
 
 
 # --------------------------------------------------------------------------------------------- compose
+
+
+def onto_own_headers(st: State) -> None:
+    """FIXED and MOVING back on the affines their files give (``headers``), for the outputs: the
+    transform found stays as it is, a map of world points (see the module's notes)."""
+    if st.headers is not None:
+        st.fixed = Volume(st.fixed.data, st.headers[0])
+        st.moving = Volume(st.moving.data, st.headers[1])
+        st.headers = None
 
 
 def compose_outputs(st: State) -> str:
