@@ -77,3 +77,36 @@ def test_probe_is_deterministic_for_a_seed() -> None:
         init_head_by_probe(net.head, net.backbone, [image], [classes], seed=7)
         heads.append(net.head.weight.detach().clone())
     assert torch.equal(heads[0], heads[1])
+
+
+def test_finetune_starts_its_head_from_the_probe(tmp_path) -> None:
+    """finetune's head after one step at a negligible learning rate is the probe of its training volume
+    (and is not with ``head_init="random"``). Fails with the call in segmentation/loop.py removed."""
+    import numpy as np
+    from conftest import two_ellipsoids
+
+    from synthvox.segmentation import FinetuneConfig, finetune, load_model_dir, read_meta
+    from synthvox.segmentation.data import prepare_subject
+    from synthvox.volume import Volume
+
+    lab = two_ellipsoids()
+    g = torch.Generator().manual_seed(0)
+    img = torch.zeros(lab.shape)
+    for k, m in {0: 10.0, 7: 80.0, 42: 150.0}.items():
+        img[lab == k] = m
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    image, labels = Volume(img + 5.0 * torch.randn(lab.shape, generator=g), affine), Volume(lab, affine)
+    heads = {}
+    for how in ("probe", "random"):
+        out = finetune([image], [labels], FinetuneConfig(), out_dir=tmp_path / how, init="random", variant="tiny",
+                       model_overrides={"activation": "leaky"}, steps=1, lr=1e-9, patch_size=32, batch_size=1,
+                       device="cpu", progress=False, head_init=how)
+        heads[how] = load_model_dir(out)[0]
+    meta = read_meta(tmp_path / "probe")
+    sub = prepare_subject(image, labels, meta.label_ids, meta.spacing, meta.normalisation)
+    probe, random = heads["probe"].head, heads["random"].head
+    expected = nn.Conv3d(probe.in_channels, probe.out_channels, 1)
+    init_head_by_probe(expected, heads["probe"].backbone, [sub.image], [sub.classes], seed=0, roi=meta.patch_size)
+    assert torch.allclose(probe.weight, expected.weight, atol=1e-3)
+    assert torch.allclose(probe.bias, expected.bias, atol=1e-3)
+    assert not torch.allclose(random.weight, expected.weight, atol=1e-1)

@@ -13,6 +13,8 @@ from synthvox.errors import InputError
 from synthvox.segmentation.augment import AugmentConfig
 
 TRAIN_MODES = ("all", "decoder", "head")
+#: How the new head starts: a linear probe on the pretrained features (:mod:`synthvox.segmentation.head`) or random weights.
+HEAD_INITS = ("probe", "random")
 
 #: What suits a device when the user gives no budget (``synthvox finetune`` without ``--steps`` or
 #: ``--minutes``): on a GPU the method's 2000 steps of two 96³ patches at the inputs' spacing; on a CPU
@@ -63,6 +65,9 @@ class FinetuneConfig:
         batch_size: patches per step.
         lr: peak learning rate (AdamW); decays to zero along a cosine after a short linear warm-up
             (:func:`synthvox.train.schedule.warmup_decay`, as in pretraining).
+        head_init: how the new 1x1x1 head starts: ``"probe"``, a linear probe on the starting network's
+            features of the training volumes (:mod:`synthvox.segmentation.head`: linear probing, then
+            finetuning), or ``"random"`` weights.
         head_lr_factor: the new 1x1x1 head learns this many times faster than the pretrained network
             (it starts from random weights; with the same rate the network sat near the
             all-background solution for the first hundred steps).
@@ -90,6 +95,7 @@ class FinetuneConfig:
     patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     batch_size: int = 2
     lr: float = 1e-3
+    head_init: str = "probe"
     head_lr_factor: float = 10.0
     dice_background: bool = False
     minutes: float | None = None
@@ -151,6 +157,8 @@ class FinetuneConfig:
         c = dataclasses.replace(self)
         if c.train not in TRAIN_MODES:
             raise InputError(f"--train must be one of {', '.join(TRAIN_MODES)}, got {c.train!r}")
+        if c.head_init not in HEAD_INITS:
+            raise InputError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {c.head_init!r}")
         for name in ("steps", "batch_size", "seed", "keep_checkpoints", "warmup", "val_every", "checkpoint_every"):
             v = getattr(c, name)
             if v is not None or name in ("steps", "batch_size", "seed", "keep_checkpoints"):

@@ -32,20 +32,26 @@ def probe_samples(
     classes: Sequence[torch.Tensor],
     n_classes: int,
     generator: torch.Generator,
+    roi: Sequence[int] | None = None,
     per_class: int = PROBE_VOXELS_PER_CLASS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features ``(N, C)`` and classes ``(N,)`` of up to ``per_class`` voxels of each class of each
     volume, and each class's voxel count over all volumes ``(n_classes,)``.
 
-    ``images`` are ``(1, X, Y, Z)`` model-frame volumes, ``classes`` their ``(1, X, Y, Z)`` class maps.
+    ``images`` are ``(1, X, Y, Z)`` model-frame volumes, ``classes`` their ``(1, X, Y, Z)`` class maps;
+    with ``roi`` the features come window by window (the training patch: what the head will see, and
+    bounded memory on large volumes), else in one pass.
     """
+    from synthvox.models.extract import sliding_window
+
     was_training = backbone.training
     backbone.eval()
     feats, labs = [], []
     counts = torch.zeros(n_classes, dtype=torch.float64)
     try:
         for image, cls in zip(images, classes):
-            f = backbone(image[None].float())[0]  # (C, X, Y, Z)
+            x = image[None].float()
+            f = (backbone(x) if roi is None else sliding_window(backbone, x, roi, x.device))[0]  # (C, X, Y, Z)
             f = f.reshape(f.shape[0], -1).T.float().cpu()
             c = cls.reshape(-1).cpu()
             counts += torch.bincount(c, minlength=n_classes)[:n_classes].double()
@@ -101,13 +107,14 @@ def init_head_by_probe(
     images: Sequence[torch.Tensor],
     classes: Sequence[torch.Tensor],
     seed: int,
+    roi: Sequence[int] | None = None,
 ) -> None:
     """Set the 1x1x1 ``head``'s weights to the linear probe of ``backbone``'s features on the training
-    volumes (:func:`probe_samples`, :func:`fit_probe`); deterministic for a ``seed``."""
+    volumes (:func:`probe_samples` in windows of ``roi``, :func:`fit_probe`); deterministic for a ``seed``."""
     from synthvox.seeding import PROBE_VOXELS, generator
 
     n_classes = head.out_channels
-    x, y, counts = probe_samples(backbone, images, classes, n_classes, generator(seed, PROBE_VOXELS))
+    x, y, counts = probe_samples(backbone, images, classes, n_classes, generator(seed, PROBE_VOXELS), roi)
     weight, bias = fit_probe(x, y, counts)
     with torch.no_grad():
         head.weight.copy_(weight.reshape(head.weight.shape).to(head.weight))

@@ -44,6 +44,7 @@ from synthvox.segmentation.data import (
     label_ids_of,
     prepare_subject,
 )
+from synthvox.segmentation.head import init_head_by_probe
 from synthvox.segmentation.infer import resolve_normalisation
 from synthvox.segmentation.modeldir import (
     BACKBONE_DIR,
@@ -354,6 +355,9 @@ def _finetune_into(
     with torch.random.fork_rng(devices=[]):  # the head's initialisation from the seed, global RNG untouched
         torch.manual_seed(cfg.seed)
         net = SegmentationNet(backbone, c_feat, n_classes).to(device)
+    if cfg.head_init == "probe" and latest is None:  # a resumed run loads its head from the checkpoint
+        init_head_by_probe(net.head, net.backbone, [s.image for s in subjects], [s.classes for s in subjects],
+                           cfg.seed, cfg.patch_size)
     compat = _compat_key(cfg, label_ids, train_spacing)
     # training volumes held out in turn change which subject each step draws from
     compat["held_out_in_turn"] = [plan.val_every, plan.window] if plan.kind == "left out in turn" else None
