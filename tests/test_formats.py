@@ -248,15 +248,6 @@ def test_unreadable_or_unsupported_input_is_one_line_naming_the_formats(tmp_path
     assert not (tmp_path / "r").exists() and not (tmp_path / "f.nii.gz").exists()
 
 
-def test_outputs_stay_nifti(tmp_path):
-    """An output name in another format is refused before any work (writing those is not supported)."""
-    good = tmp_path / "good.nii.gz"
-    nib.save(nib.Nifti1Image(int_image().astype(np.float32), OBLIQUE), str(good))
-    for name in ("out.nrrd", "out.mha", "out.mgz"):
-        line = one_line_error(runner.invoke(app, ["features", str(good), "--out", str(tmp_path / name), "--device", "cpu"]))
-        assert "NIfTI" in line and not (tmp_path / name).exists()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Folders of images
 

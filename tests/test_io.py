@@ -82,8 +82,8 @@ def test_check_output_refuses_existing_and_non_nifti_names(tmp_path):
         io.check_output(existing)
     assert io.check_output(existing, force=True) == existing
     with pytest.raises(InputError, match="NIfTI"):
-        io.check_output(tmp_path / "seg.png", nifti=True)
-    assert io.check_output(tmp_path / "seg.nii", nifti=True) == tmp_path / "seg.nii"
+        io.check_output(tmp_path / "seg.png", image=True)
+    assert io.check_output(tmp_path / "seg.nii", image=True) == tmp_path / "seg.nii"
     with pytest.raises(InputError, match="NIfTI"):  # save refuses too, and writes nothing
         io.save(Volume(torch.zeros(1, 4, 4, 4), np.eye(4)), tmp_path / "v.npy")
     assert not (tmp_path / "v.npy").exists()
@@ -190,7 +190,7 @@ def test_check_writable_creates_nothing_and_names_the_obstacle(tmp_path):
     with pytest.raises(InputError, match="is a file"):
         io.check_writable(tmp_path / "f" / "sub")
     with pytest.raises(InputError, match="is a file"):
-        io.check_output(tmp_path / "f" / "out.nii.gz", nifti=True)
+        io.check_output(tmp_path / "f" / "out.nii.gz", image=True)
     (tmp_path / "d.nii.gz").mkdir()
     with pytest.raises(InputError, match="directory"):
         io.check_output(tmp_path / "d.nii.gz", force=True)

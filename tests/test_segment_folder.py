@@ -79,8 +79,9 @@ def test_everything_is_checked_before_any_work(images, tmp_path):
         segment_folder(images, images, counting)
     with pytest.raises(InputError, match="input folder not found"):
         segment_folder(tmp_path / "nope", tmp_path / "o2", counting)
-    with pytest.raises(InputError, match="not a NIfTI file name"):
-        segment_folder(images, tmp_path / "seg.nii.gz", counting)
+    for name in ("seg.nii.gz", "seg.nrrd"):  # an image file name in any format it could write
+        with pytest.raises(InputError, match="not an image file name"):
+            segment_folder(images, tmp_path / name, counting)
     out = tmp_path / "pred"
     out.mkdir()
     (out / "case_002_0000.nii").write_text("an earlier result")

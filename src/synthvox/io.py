@@ -511,17 +511,21 @@ def save_points(points: np.ndarray, labels: list[str] | None, path: str | os.Pat
     return p
 
 
-def check_output(path: str | os.PathLike, force: bool = False, nifti: bool = False) -> Path:
+def check_output(path: str | os.PathLike, force: bool = False, image: bool = False) -> Path:
     """Check that ``path`` may be written, before any work: refuse an existing file unless ``force``,
     a folder in its place, a place that cannot be written (see :func:`check_writable`), and with
-    ``nifti`` a name without a ``.nii``/``.nii.gz`` suffix."""
+    ``image`` a name in none of the formats :func:`save` writes (one line naming them). The data file
+    a detached ``.nhdr``/``.mhd`` header writes beside it is checked as the header is."""
+    from synthvox.writers import check_writable_format, companions
+
     p = Path(path)
-    if nifti and not is_nifti_path(p):
-        raise InputError(f"output must be a NIfTI file (.nii or .nii.gz): {p}")
-    if p.is_dir():
-        raise InputError(f"output is a directory, expected a file name: {p}")
-    if p.exists() and not force:
-        raise InputError(f"output exists, not overwriting (use --force): {p}")
+    if image:
+        check_writable_format(p)
+    for q in (p, *companions(p)):
+        if q.is_dir():
+            raise InputError(f"output is a directory, expected a file name: {q}")
+        if q.exists() and not force:
+            raise InputError(f"output exists, not overwriting (use --force): {q}")
     check_writable(p.parent)
     return p
 
@@ -736,25 +740,50 @@ def save(
     compress_level: int | None = None,
     comment: str | None = None,
 ) -> Path:
-    """Write a volume to NIfTI atomically, keeping its affine.
+    """Write a volume atomically, keeping its affine, in the format the name asks for
+    (:data:`synthvox.writers.WRITE_FORMATS`; see :mod:`synthvox.writers`).
 
     Args:
         vol: a :class:`Volume` (``(C, X, Y, Z)``), or an array with ``affine`` given.
-        path: ``.nii`` or ``.nii.gz``.
+        path: ``.nii``, ``.nii.gz``, ``.mgz``, ``.mgh``, ``.nrrd``, ``.nhdr``, ``.mha`` or ``.mhd``
+            (NRRD and MetaImage need SimpleITK; ``.nhdr`` and ``.mhd`` write their data beside them).
         affine: the affine when ``vol`` is a bare array.
-        labels: store as the smallest integer type that holds the ids exactly (see :func:`label_dtype`).
+        labels: store as the smallest integer type that holds the ids exactly (see :func:`label_dtype`;
+            MGH holds 32-bit ids at most and refuses larger ones in one line).
         force: overwrite an existing file.
-        vector: store ``C`` channels as a 5D ``(X, Y, Z, 1, C)`` vector image (NIfTI intent 1007),
-            as ITK expects for displacement fields.
+        vector: NIfTI: store ``C`` channels as a 5D ``(X, Y, Z, 1, C)`` vector image (NIfTI intent
+            1007), as ITK expects for displacement fields (NRRD and MetaImage store channels as vector
+            components anyway, MGH as frames).
         compress_level: gzip level 0-9 for ``.nii.gz`` (default: nibabel's, 1). Noisy float images
             hardly compress: level 0 writes a 128³ float32 volume about 10x faster for a file about
             13% larger (what ``synthvox synth`` uses for its views).
-        comment: text stored in the header as a NIfTI comment extension (code 6), which other readers
-            ignore; :func:`read_comment` reads it back from the header alone.
+        comment: NIfTI: text stored in the header as a comment extension (code 6), which other readers
+            ignore; :func:`read_comment` reads it back from the header alone (other formats: not kept).
     """
-    import nibabel as nib
+    from synthvox import writers
 
-    p = check_output(path, force, nifti=True)
+    p = check_output(path, force, image=True)
+    arr, affine = _prepared(vol, affine, p, labels)
+    if compress_level is not None and not 0 <= int(compress_level) <= 9:
+        raise ValueError(f"compress_level must be 0-9, got {compress_level}")
+    writers.write(arr, affine, p, labels=labels, vector=vector, compress_level=compress_level, comment=comment)
+    return p
+
+
+def check_savable(vol: Volume, path: str | os.PathLike, *, labels: bool = False) -> None:
+    """Raise, writing nothing, the :class:`InputError` that :func:`save` would raise for the values of
+    ``vol`` in the format of ``path`` (fractions in a label map, ids beyond MGH's 32-bit integers, values
+    beyond float32): for a command that writes several files, before it writes the first."""
+    from synthvox.writers import check_values
+
+    p = Path(path)
+    arr, _ = _prepared(vol, None, p, labels)
+    check_values(arr, p, labels=labels)
+
+
+def _prepared(vol: Volume | torch.Tensor | np.ndarray, affine: np.ndarray | None, p: Path,
+              labels: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(C, X, Y, Z)`` values of the type :func:`save` stores (see there) and the checked affine."""
     if isinstance(vol, Volume):
         data, affine = vol.data, vol.affine
     else:
@@ -766,12 +795,6 @@ def save(
         arr = arr[None]
     if arr.ndim != 4:
         raise ValueError(f"save() takes (C, X, Y, Z) arrays, got {arr.shape}")
-    if vector:
-        arr = np.moveaxis(arr, 0, -1)[:, :, :, None, :]
-    elif arr.shape[0] == 1:
-        arr = arr[0]
-    else:
-        arr = np.moveaxis(arr, 0, -1)
     affine = check_affine(affine, "output", p)
     if labels:
         arr = arr.astype(label_dtype(arr), copy=False) if arr.dtype.kind in "biu" else _integral(arr, p)
@@ -781,25 +804,7 @@ def save(
         if arr.size and np.abs(arr).max() > np.finfo(np.float32).max:
             raise InputError(f"values up to {float(np.abs(arr).max()):.3g} do not fit float32; not writing {p}")
         arr = arr.astype(np.float32)
-    img = nib.Nifti1Image(arr, affine, dtype=arr.dtype)
-    img.header.set_qform(np.asarray(affine, np.float64), code=1)
-    img.header.set_sform(np.asarray(affine, np.float64), code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    if vector:
-        img.header.set_intent("vector", (), "")
-    if comment is not None:
-        img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", comment.encode()))
-    if compress_level is not None and not 0 <= int(compress_level) <= 9:
-        raise ValueError(f"compress_level must be 0-9, got {compress_level}")
-    with atomic_path(p) as tmp:
-        if compress_level is not None and str(p).lower().endswith(".gz"):
-            import gzip
-
-            with gzip.open(tmp, "wb", compresslevel=int(compress_level)) as f:
-                f.write(img.to_bytes())
-        else:
-            nib.save(img, str(tmp))
-    return p
+    return arr, affine
 
 
 def load_warp(path: str | os.PathLike, what: str = "warp") -> Volume:

@@ -16,7 +16,7 @@ def add_commands(app: typer.Typer) -> None:
     @user_errors
     def features_cmd(
         image: Path = typer.Argument(..., help="3D image (NIfTI, MGZ/MGH, NRRD, MHA/MHD, or a folder holding one DICOM series)."),
-        out: Path = typer.Option(..., "--out", help="Output 4D NIfTI (X, Y, Z, C) on the image's grid."),
+        out: Path = typer.Option(..., "--out", help="Output on the image's grid, in the format its name asks for (.nii.gz: 4D X, Y, Z, C; .mgz/.mgh: frames; .nrrd/.nhdr/.mha/.mhd: a vector image)."),
         weights: str = typer.Option(
             None, "--weights", help="Model directory (e.g. RUN/model); default: the shipped weights; 'random' for an untrained network."
         ),
@@ -36,7 +36,7 @@ def add_commands(app: typer.Typer) -> None:
         from synthvox.models import build_model
         from synthvox.models.extract import image_features
 
-        io.check_output(out, force, nifti=True)
+        io.check_output(out, force, image=True)
         window = None
         if ct_window:
             try:

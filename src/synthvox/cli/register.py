@@ -190,7 +190,7 @@ def add_commands(app: typer.Typer) -> None:
     def apply_cmd(
         image: Path = typer.Argument(None, help="Image or label map to move (in MOVING's space); or --points."),
         warp: Path = typer.Option(..., "--warp", help="warp.nii.gz written by synthvox register."),
-        out: Path = typer.Option(..., "--out", help="Output NIfTI (with --points: .csv, .fcsv or .mrk.json)."),
+        out: Path = typer.Option(..., "--out", help="Output image, in the format its name asks for: .nii.gz, .nii, .mgz, .mgh, .nrrd, .nhdr, .mha, .mhd (with --points: .csv, .fcsv or .mrk.json)."),
         points: Path = typer.Option(None, "--points", help="Landmarks to carry instead of an image (CSV x,y,z RAS mm, .fcsv, .mrk.json): p -> p + d(p), so warp.nii.gz takes FIXED's points to MOVING's and inverse_warp.nii.gz MOVING's to FIXED's (following the moved image)."),
         fixed: Path = typer.Option(None, "--fixed", help="Grid to write onto (default: the warp's, i.e. FIXED's)."),
         labels: bool = typer.Option(False, "--labels", help="Nearest neighbour; label ids kept."),
@@ -219,7 +219,7 @@ def add_commands(app: typer.Typer) -> None:
             io.save_points(mapped, names, out, force=force)
             typer.echo(f"wrote {out} ({len(pts)} points)")
             return
-        io.check_output(out, force, nifti=True)
+        io.check_output(out, force, image=True)
         w = io.load_warp(warp)
         img = io.load_labels(image, what="label map") if labels else io.load(image)
         ref = io.load(fixed, what="fixed image") if fixed else None

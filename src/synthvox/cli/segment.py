@@ -174,7 +174,7 @@ def segment_command(
     ),
     out: Path = typer.Option(
         ..., "-o", "--out",
-        help="Label map to write (.nii or .nii.gz); for a folder of images, the output folder (names as the inputs', NAME.nii.gz for inputs in other formats).",
+        help="Label map to write, in the format its name asks for (.nii.gz, .nii, .mgz, .mgh, .nrrd, .nhdr, .mha, .mhd); for a folder of images, the output folder (names as the inputs', NAME.nii.gz for inputs in other formats).",
     ),
     model: Path | None = typer.Option(None, "--model", help="Model directory written by synthvox finetune (with atlases: one more voter)."),
     atlas_image: list[Path] = typer.Option([], "--atlas-image", help="Atlas image, any contrast (repeat for several): registered onto each image."),
@@ -227,7 +227,7 @@ def segment_command(
     else:
         from synthvox.segmentation.folder import outputs_of
 
-        jobs = [(source, io.check_output(out, force, nifti=True))]
+        jobs = [(source, io.check_output(out, force, image=True))]
         for extra in outputs_of(out, probabilities)[1:]:
             io.check_output(extra, force)
     dev = resolve_device(device)

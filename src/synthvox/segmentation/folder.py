@@ -159,15 +159,15 @@ def folder_outputs(in_dir: str | os.PathLike, out_dir: str | os.PathLike) -> lis
         InputError: ``in_dir`` is not a folder or holds no NIfTI image; ``out_dir`` is a file, looks
             like a file name, or is ``in_dir``.
     """
-    from synthvox.io import is_nifti_path
+    from synthvox.writers import suffix_of
 
     src, dst = Path(in_dir), Path(out_dir)
     if not src.is_dir():
         raise InputError(f"input folder not found: {src}")
     if dst.exists() and not dst.is_dir():
         raise InputError(f"output folder is a file: {dst} (with a folder of images, --out is a folder)")
-    if not dst.exists() and is_nifti_path(dst):
-        raise InputError(f"with a folder of images, --out is a folder, not a NIfTI file name: {dst}")
+    if not dst.exists() and suffix_of(dst) is not None:
+        raise InputError(f"with a folder of images, --out is a folder, not an image file name: {dst}")
     if dst.exists() and dst.resolve() == src.resolve():
         raise InputError(f"the output folder is the input folder {src}: the label maps would replace the images")
     images = nifti_images(src)
@@ -286,6 +286,7 @@ def _segment_one(image_path: Path, out_path: Path, segmenter: Segmenter, probabi
     t0 = time.perf_counter()
     image = io.load(image_path, what=f"image {image_path.name}")
     seg = as_segmentation(segmenter(image))
+    io.check_savable(seg.labels, out_path, labels=True)  # before any file: ids beyond its format's integers
     if probabilities:
         _save_probabilities(seg, out_path)
     ids = sorted(int(i) for i in seg.labels.data.unique().tolist())

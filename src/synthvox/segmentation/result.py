@@ -84,19 +84,21 @@ class EntropyMeter:
 
 
 def probabilities_path(labels_path: str | Path) -> Path:
-    """Where ``--probabilities`` writes the maps of the label map ``labels_path``: ``NAME_probabilities.nii.gz``
-    beside ``NAME.nii.gz`` (the label ids of its channels in ``NAME_probabilities.json``)."""
+    """Where ``--probabilities`` writes the maps of the label map ``labels_path``: ``NAME_probabilities.EXT``
+    beside ``NAME.EXT``, in the label map's format (``.nii.gz`` for a name in none of
+    :data:`synthvox.writers.WRITE_FORMATS`), the label ids of its channels in ``NAME_probabilities.json``."""
+    from synthvox.writers import suffix_of
+
     p = Path(labels_path)
-    name = p.name
-    for ext in (".nii.gz", ".nii"):
-        if name.lower().endswith(ext):
-            return p.with_name(name[: -len(ext)] + "_probabilities" + name[len(name) - len(ext):])
-    return p.with_name(name + "_probabilities.nii.gz")
+    name, ext = p.name, suffix_of(p)
+    if ext is None:
+        return p.with_name(name + "_probabilities.nii.gz")
+    return p.with_name(name[: -len(ext)] + "_probabilities" + name[len(name) - len(ext):])
 
 
 def probabilities_sidecar(labels_path: str | Path) -> Path:
     """The JSON beside :func:`probabilities_path` that names the label id of each channel."""
+    from synthvox.writers import suffix_of
+
     p = probabilities_path(labels_path)
-    name = p.name
-    stem = name[:-7] if name.lower().endswith(".nii.gz") else name[:-4]
-    return p.with_name(stem + ".json")
+    return p.with_name(p.name[: -len(suffix_of(p) or "")] + ".json")
