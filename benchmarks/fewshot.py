@@ -9,7 +9,17 @@ Variants, all at the same budget (steps, patch, batch, learning rate, seed):
 
 - ``random``: the UNet from random initialisation, every parameter trained;
 - ``default``: the pretrained weights (``--weights``, default: the shipped weights), every parameter;
-- ``default-decoder``: the pretrained weights with the encoder frozen.
+- ``default-decoder``: the pretrained weights with the encoder frozen;
+- ``distilled``: atlas accuracy at network speed (``synthvox finetune --atlas-image ... --unlabelled``,
+  :func:`synthvox.segmentation.distill.distil`): the training subjects, as atlases, registered onto
+  ``--unlabelled-subjects`` further subjects (their images only; their labels are never read by it),
+  the pretrained network finetuned on atlases plus fused labels weighted by their confidence, at the
+  same budget. Its row also has the pseudo-labels' own Dice on the unlabelled subjects, their atlas
+  agreement and the registration seconds per unlabelled scan (outside the training budget).
+
+When ``distilled`` runs, every row is scored on the subjects after the training and the unlabelled
+ones (Subj8-11 with 3 training and 4 unlabelled subjects), so that no row has seen a test scan in any
+form, and the plain finetuned rows' monitoring check scores the last unlabelled subject.
 
 Without shipped weights and without ``--weights``, the ``default*`` variants are skipped and the
 reason is printed and recorded. The random network has the architecture of the weights (or
@@ -24,13 +34,16 @@ volume, and the learning curve (training loss every step; Dice on a held-out sub
 Budgets (all overridable): on a GPU 2000 steps of two 96³ patches at the native 2 mm; on the CPU the
 defaults of ``synthvox finetune`` there: a 30-minute budget per finetuned variant (``--minutes``; the
 steps it gives are in the results) of two 48³ patches at 3 mm (the model frame; the label map comes
-back onto the 2 mm grid and is scored there), and 3 test subjects. The training-free rows register
-every training subject (the atlases) onto every test subject with MIND features.
+back onto the 2 mm grid and is scored there), and 3 test subjects (with ``distilled``: all the subjects
+left). The training-free rows register every training subject (the atlases) onto every test subject
+with MIND features. Inference runs MONAI's sliding window at ``--overlap`` (default 0.5, as
+``synthvox segment``); its seconds per 2 mm volume are at ``--threads`` torch threads.
 
     python benchmarks/fewshot.py                               # CPU: 30 min per variant at 3 mm, 48³ patches
     python benchmarks/fewshot.py --train-sizes 3 --variants default,atlas-weighted,ants-majority,finetuned+atlas
     python benchmarks/fewshot.py --device cuda --steps 2000 --patch 96 --test-subjects 0
     python benchmarks/fewshot.py --weights RUN/model --variants default,default-decoder
+    python -m benchmarks.fewshot --train-sizes 3 --variants default,atlas-weighted,distilled --threads 1
 """
 
 from __future__ import annotations
@@ -62,13 +75,18 @@ VARIANTS: dict[str, tuple[str, str]] = {
 #: majority or locally weighted fusion, ANTs SyN with a majority vote (the anchor), and the ``default``
 #: finetuned model's probabilities as one more voter in the weighted fusion.
 ATLAS_METHODS = ("atlas-majority", "atlas-weighted", "ants-majority", "finetuned+atlas")
-ALL_METHODS = (*VARIANTS, *ATLAS_METHODS)
+#: The pretrained network finetuned on the atlases plus their fused labels of the unlabelled subjects.
+DISTILLED = "distilled"
+ALL_METHODS = (*VARIANTS, *ATLAS_METHODS, DISTILLED)
 
 #: Budgets per device (``--quick`` overrides both): steps, patch, batch, test subjects (0: all), val every.
 BUDGETS: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 1_000_000, "minutes": 30.0, "lr": 3e-3, "patch": 48, "batch": 2, "test_subjects": 3, "val_every": None, "spacing": 3.0},
-    "cuda": {"steps": 2000, "minutes": None, "lr": 1e-3, "patch": 96, "batch": 2, "test_subjects": 0, "val_every": 200, "spacing": None},
-    "quick": {"steps": 10, "minutes": None, "lr": 1e-3, "patch": 32, "batch": 1, "test_subjects": 1, "val_every": 5, "spacing": 4.0},
+    "cpu": {"steps": 1_000_000, "minutes": 30.0, "lr": 3e-3, "patch": 48, "batch": 2, "test_subjects": 3, "val_every": None,
+            "spacing": 3.0, "unlabelled_subjects": 4},
+    "cuda": {"steps": 2000, "minutes": None, "lr": 1e-3, "patch": 96, "batch": 2, "test_subjects": 0, "val_every": 200,
+             "spacing": None, "unlabelled_subjects": 4},
+    "quick": {"steps": 10, "minutes": None, "lr": 1e-3, "patch": 32, "batch": 1, "test_subjects": 1, "val_every": 5,
+              "spacing": 4.0, "unlabelled_subjects": 1},
 }
 
 
@@ -148,7 +166,7 @@ def run_one(
     workdir: Path,
 ) -> dict[str, Any]:
     """Finetune one variant on ``train``, then segment and score every ``test`` subject."""
-    from synthvox.segmentation import finetune, load_model_dir, segment_with
+    from synthvox.segmentation import finetune
 
     init, trained = VARIANTS[variant]
     init_arg = str(args.weights) if init == "weights" else "random"
@@ -164,36 +182,96 @@ def run_one(
         progress=False, minutes=args.minutes,
     )
     wall = time.perf_counter() - t0
-    timing = step_seconds(out / "log.csv")
-    curve = read_curve(out / "log.csv")
-    net, meta = load_model_dir(out, device)
+    res = model_row(variant, out, len(train), test, data, names, args, wall)
+    res.update({"init": "random" if init == "random" else str(args.weights), "trained": trained})
+    return res
+
+
+def model_row(variant: str, model: Path, n_train: int, test: list[str], data: dict[str, tuple[Any, Any]],
+              names: list[str], args: argparse.Namespace, wall: float) -> dict[str, Any]:
+    """Segment and score every ``test`` subject with a finetuned model directory (sliding window at
+    ``args.overlap``); the row with its training log's figures."""
+    from synthvox.segmentation import load_model_dir, segment_with
+
+    device = torch.device(args.device)
+    timing = step_seconds(model / "log.csv")
+    curve = read_curve(model / "log.csv")
+    net, meta = load_model_dir(model, device)
     per_subject, inf_s = {}, []
     for s in test:
         image, ref = data[s]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        seg = segment_with(net, meta, image, device=device)
+        seg = segment_with(net, meta, image, device=device, overlap=args.overlap)
         if device.type == "cuda":
             torch.cuda.synchronize()
         inf_s.append(time.perf_counter() - t)
         per_subject[s] = score(seg.data, ref.data, names)
     res = {
         "variant": variant,
-        "init": "random" if init == "random" else str(args.weights),
-        "trained": trained,
-        "n_train": len(train),
+        "n_train": n_train,
         **dice_summary(per_subject, names),
         "s_per_step": timing["s_per_step"],
         "steps_per_s": 1.0 / timing["s_per_step"] if timing["s_per_step"] > 0 else float("nan"),
         "train_s_total": wall,
         "inference_s_per_volume": float(np.mean(inf_s)),
+        "inference_overlap": args.overlap,
         "final_loss": curve["loss"][-1],
         "steps": curve["step"][-1],
         "curve": curve,
     }
-    print(f"  {variant:16s} {len(train)} train: mean Dice {res['mean_dice']:.3f}  {res['s_per_step']:.2f} s/step  "
+    print(f"  {variant:16s} {n_train} train: mean Dice {res['mean_dice']:.3f}  {res['s_per_step']:.2f} s/step  "
           f"inference {res['inference_s_per_volume']:.1f} s/volume  (total {wall:.0f} s)", flush=True)
+    return res
+
+
+def registration_config(args: argparse.Namespace) -> Any:
+    """The atlas registrations' settings: atlas segmentation's default, or with ``--quick`` the
+    registration benchmark's quick solver settings."""
+    from synthvox.registration import RegistrationConfig
+    from synthvox.segmentation.atlas import ATLAS_SPACING
+
+    if args.quick:
+        from registration import QUICK_CONFIG
+
+        return RegistrationConfig(**QUICK_CONFIG)
+    return RegistrationConfig(spacing=ATLAS_SPACING)
+
+
+def run_distilled(train: list[str], unlabelled: list[str], test: list[str], data: dict[str, tuple[Any, Any]],
+                  names: list[str], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The ``distilled`` row: the training subjects registered as atlases onto the ``unlabelled`` ones,
+    the pretrained network finetuned on both (:func:`synthvox.segmentation.distill.distil`, the
+    budget of the other finetuned rows), scored on ``test``. The unlabelled subjects' labels only
+    score the pseudo-labels afterwards."""
+    from synthvox import io
+    from synthvox.segmentation import read_meta
+    from synthvox.segmentation.atlas import Atlas
+    from synthvox.segmentation.distill import distil, labels_path
+
+    out = workdir / f"{DISTILLED}_{len(train)}"
+    t0 = time.perf_counter()
+    distil([Atlas(*data[s], name=s) for s in train], {s: data[s][0] for s in unlabelled}, out_dir=out,
+           registration=registration_config(args), init=str(args.weights), variant=args.variant, steps=args.steps,
+           patch_size=args.patch, batch_size=args.batch, lr=args.lr, device=args.device, seed=args.seed,
+           spacing=args.spacing, val_every=args.val_every, checkpoint_every=None if args.minutes else args.steps,
+           progress=False, minutes=args.minutes)
+    wall = time.perf_counter() - t0
+    record = read_meta(out).train["pseudo_labels"]
+    pseudo = {s: score(io.load_labels(labels_path(out / record["pseudo_dir"], s)).data, data[s][1].data, names)
+              for s in unlabelled}
+    res = model_row(DISTILLED, out, len(train), test, data, names, args, wall)
+    res.update({
+        "init": str(args.weights), "trained": "all", "unlabelled": unlabelled,
+        "pseudo_label_dice": dice_summary(pseudo, names)["mean_dice"],
+        "pseudo_label_agreement": record["mean_agreement"],
+        "pseudo_label_s_per_scan": record["seconds_this_run"] / max(1, record["made"]),
+        "pseudo_min_confidence": record["min_confidence"], "labelled_every": record["labelled_every"],
+        "train_s_total": wall - record["seconds_this_run"],
+    })
+    print(f"  {'':16s} pseudo-labels of {len(unlabelled)} unlabelled subjects: Dice {res['pseudo_label_dice']:.3f}, "
+          f"{res['pseudo_label_s_per_scan']:.1f} s per scan", flush=True)
     return res
 
 
@@ -226,20 +304,14 @@ def run_atlas(methods: list[str], train: list[str], test: list[str], data: dict[
     """The synthvox atlas rows: each training subject registered once onto each test subject (MIND),
     then fused by majority and by local weights (and with the finetuned model's probabilities).
     Seconds per target: the registrations plus that fusion (plus the model's inference)."""
-    from synthvox.registration.features import FeatureExtractor
+    from synthvox.registration.descriptors import FeatureExtractor
     from synthvox.segmentation import atlas as A
 
     device = torch.device(args.device)
     atlases = [A.Atlas(*data[s], name=s) for s in train]
     ids = A.check_atlases(atlases)
     extractor = FeatureExtractor(kind="mind", device=device)
-    from synthvox.registration import RegistrationConfig
-
-    config = RegistrationConfig(spacing=A.ATLAS_SPACING)
-    if args.quick:  # the registration benchmark's quick solver settings
-        from registration import QUICK_CONFIG
-
-        config = RegistrationConfig(**QUICK_CONFIG)
+    config = registration_config(args)
     per: dict[str, dict[str, dict[str, float]]] = {m: {} for m in methods}
     secs: dict[str, list[float]] = {m: [] for m in methods}
     reg_s: list[float] = []
@@ -310,7 +382,7 @@ def plot_curves(results: list[dict[str, Any]], path: Path, val_subject: str) -> 
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = {"random": "tab:gray", "default": "tab:blue", "default-decoder": "tab:orange"}
+    colours = {"random": "tab:gray", "default": "tab:blue", "default-decoder": "tab:orange", DISTILLED: "tab:green"}
     for r in results:
         if "curve" not in r:  # the training-free rows
             continue
@@ -370,8 +442,11 @@ def markdown(payload: dict[str, Any]) -> str:
     for n in sorted({r["n_train"] for r in results}):
         rows = [r for r in results if r["n_train"] == n]
         test = list(rows[0]["per_subject"])
+        unl = payload.get("unlabelled_subjects")
         lines.append(f"**{n} training subject(s)** ({', '.join(payload['train_subjects'][str(n)])}); "
-                     f"{len(test)} test subjects ({', '.join(test)})")
+                     + (f"unlabelled, for distilled: {', '.join(unl)}; " if unl else "")
+                     + f"{len(test)} test subjects ({', '.join(test)}); inference overlap {s.get('overlap', 0.5)}, "
+                     f"{s.get('threads') or 'default'} thread(s)")
         lines.append("")
         table = [["**mean Dice**", *[r["mean_dice"] for r in rows]]]
         table += [[k.replace("_", " "), *[r["per_structure"][k] for r in rows]] for k in names]
@@ -380,6 +455,9 @@ def markdown(payload: dict[str, Any]) -> str:
                   ["finetune s/step", *[r["s_per_step"] for r in rows]],
                   ["training s", *[r["train_s_total"] for r in rows]],
                   ["s/target (registrations + fusion, or inference)", *[r["inference_s_per_volume"] for r in rows]]]
+        if any(r["variant"] == DISTILLED for r in rows):
+            table += [["pseudo-labels: Dice on the unlabelled subjects", *[r.get("pseudo_label_dice", float("nan")) for r in rows]],
+                      ["pseudo-labelling s per unlabelled scan", *[r.get("pseudo_label_s_per_scan", float("nan")) for r in rows]]]
         lines.append(common.md_table(["structure", *[r["variant"] for r in rows]], table))
         lines.append("")
     return "\n".join(lines)
@@ -398,7 +476,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: synthvox finetune's for the device)")
     ap.add_argument("--spacing", type=float, default=None, help="training spacing in mm (CPU default 4, GPU native 2 mm); Dice is always scored on the 2 mm T1 grid")
     ap.add_argument("--val-every", type=int, default=None, help="steps between held-out Dice checks")
-    ap.add_argument("--test-subjects", type=int, default=None, help="score only the first N test subjects (0: all)")
+    ap.add_argument("--test-subjects", type=int, default=None,
+                    help="score only the first N test subjects (0: all; default 3 on the CPU, all with distilled)")
+    ap.add_argument("--unlabelled-subjects", type=int, default=None,
+                    help="with distilled: the N subjects after the largest training set are its unlabelled scans (default 4)")
+    ap.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap of the network rows' inference (segment's 0.5)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: unchanged)")
     ap.add_argument("--seed", type=int, default=0)
@@ -408,13 +490,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = BUDGETS["quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")]
+    budget = dict(budget)
     if args.steps is not None and args.minutes is None:
         budget["minutes"] = None  # a step count replaces the CPU's minutes budget
+    if DISTILLED in args.variants.split(",") and not args.quick:
+        budget["test_subjects"] = 0  # every subject outside the training and unlabelled ones
     for k, v in budget.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.quick and args.train_sizes == "1,3":
         args.train_sizes = "1"
+    if not 0.0 <= args.overlap < 1.0:
+        ap.error(f"--overlap must be in [0, 1), got {args.overlap}")
     return args
 
 
@@ -442,8 +529,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     skipped, weights_note = "", ""
     if args.weights is None:
         args.weights = default_weights_path()
-        if args.weights is None and any(v in VARIANTS and VARIANTS[v][0] == "weights" for v in variants):
-            dropped = [v for v in variants if v in ("default", "default-decoder", "finetuned+atlas")]
+        if args.weights is None and any((v in VARIANTS and VARIANTS[v][0] == "weights") or v == DISTILLED for v in variants):
+            dropped = [v for v in variants if v in ("default", "default-decoder", "finetuned+atlas", DISTILLED)]
             variants = [v for v in variants if v not in dropped]
             skipped = f"skipped {', '.join(dropped)}: no default weights ship yet and no --weights given"
             print(skipped, flush=True)
@@ -462,10 +549,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = list(groups)
     subjects = common.SUBJECTS
     val_subject = subjects[-1]
-    needed: set[str] = {val_subject}
+    unlabelled: list[str] = []
+    if DISTILLED in variants:  # the same test subjects for every row: outside the training and unlabelled ones
+        first = max(sizes)
+        unlabelled = subjects[first:first + args.unlabelled_subjects]
+        if args.unlabelled_subjects < 1 or first + args.unlabelled_subjects >= len(subjects):
+            raise SystemExit(f"--unlabelled-subjects must leave a test subject: 1 to {len(subjects) - first - 1} "
+                             f"after {first} training subjects")
+        val_subject = unlabelled[-1]  # the plain rows' monitoring check: never a test subject
+    needed: set[str] = {val_subject, *unlabelled}
     plan = []
     for n in sizes:
-        train, rest = subjects[:n], subjects[n:]
+        train = subjects[:n]
+        rest = subjects[max(sizes) + len(unlabelled):] if unlabelled else subjects[n:]
         test = rest[: args.test_subjects] if args.test_subjects else rest
         plan.append((train, test))
         needed.update(train, test)
@@ -489,6 +585,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results.extend(run_atlas(atlas_rows, train, test, data, names, args, models))
             if "ants-majority" in variants:
                 results.append(run_ants_majority(train, test, data, names, args, Path(tmp)))
+            if DISTILLED in variants:
+                results.append(run_distilled(train, unlabelled, test, data, names, args, Path(tmp)))
 
     payload: dict[str, Any] = {
         **header,
@@ -501,6 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "label_mapping": "DLMUSE ids -> 14 coarse groups of dlmuse_groups.json (ids 1..14 in file order); other ids -> 0",
         "val_subject": val_subject,
         "train_subjects": {str(len(t)): t for t, _ in plan},
+        "unlabelled_subjects": unlabelled,
         "results": results,
         "peak_rss_mb": common.peak_rss_mb(),
     }
