@@ -9,7 +9,7 @@ Gaussian mixtures, ``scipy.ndimage.zoom`` for the texture octaves and the bias f
 default). Its images are not bit-identical to synthvox's (other random streams and interpolators),
 but they do the same work.
 
-    python benchmarks/bench_appearance.py [--size 128] [--threads 2] [--views 12]
+    python -m benchmarks.bench_appearance [--size 128] [--threads 2] [--views 12]
 
 Prints wall-clock ms per view (mean and median) and process CPU ms per view for each, the ratios,
 the time of a two-view ``render_batch`` call, and a per-step breakdown of synthvox's steps. On a

@@ -9,8 +9,8 @@ bf16 + channels-last, bf16 + channels-last + ``torch.compile``, with batch 1 pai
 synthesis timed separately on the same device. Reports ms per 128^3 pair (synthesis included) and the
 synthesis share.
 
-    python benchmarks/bench_pretrain.py                      # CPU, tiny
-    python benchmarks/bench_pretrain.py --device cuda --batches 1 2 4 --json out.json
+    python -m benchmarks.bench_pretrain                      # CPU, tiny
+    python -m benchmarks.bench_pretrain --device cuda --batches 1 2 4 --json out.json
 """
 
 from __future__ import annotations

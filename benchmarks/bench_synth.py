@@ -9,8 +9,8 @@ Measures, in one run and on the same samples:
 
 Usage::
 
-    python benchmarks/bench_synth.py                 # CPU, 2 threads, 128^3
-    python benchmarks/bench_synth.py --device cuda --batch 8
+    python -m benchmarks.bench_synth                 # CPU, 2 threads, 128^3
+    python -m benchmarks.bench_synth --device cuda --batch 8
 
 Template preparation is a one-off per template (cached for the engine's lifetime, like the method's
 own preprocessing of its templates), so the timed samples are rendered once as a warm-up first.

@@ -35,6 +35,13 @@ RESULTS = BENCH_DIR / "results"
 SUBJECTS = [f"Subj{i}" for i in range(1, 12)]
 
 
+def with_repo_on_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child process that runs a benchmark module (``python -m benchmarks.X``) from any
+    working directory: the repository root first on its ``PYTHONPATH``."""
+    rest = env.get("PYTHONPATH", "")
+    return {**env, "PYTHONPATH": str(REPO) + (os.pathsep + rest if rest else "")}
+
+
 def shared_dir() -> Path:
     """``$SYNTHVOX_SHARED`` or ``../shared`` beside the repository (where CI puts it)."""
     env = os.environ.get("SYNTHVOX_SHARED")

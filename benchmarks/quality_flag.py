@@ -7,7 +7,7 @@ whole batch runs through ``synthvox register --pairs`` (one process, ``--init`` 
 ``moments``); the flag of every pair is read back from ``results.csv`` beside its mean Dice over the
 DLMUSE labels (which the flag does not see). Success: the broken pair flagged, none of the others.
 
-    python benchmarks/quality_flag.py --pairs 6 [--init none]
+    python -m benchmarks.quality_flag --pairs 6 [--init none]
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import registration as reg_bench  # noqa: E402
+from benchmarks import common
+from benchmarks import registration as reg_bench
 
 NAME = "quality_flag"
 

@@ -35,9 +35,9 @@ composed displacement field. HD95 is MONAI's, in mm on the fixed grid. torch and
 Writes ``registration.json``, ``registration.md``, ``registration_dice.png`` (Dice per method) and
 ``registration_qc.png`` (one nichart pair per method) into ``--out`` (default benchmarks/results).
 
-    python benchmarks/registration.py --threads 1                 # CPU: 6 nichart pairs + spine + CT/MR
-    python benchmarks/registration.py --weights RUN/model --methods net,both,ants
-    python benchmarks/registration.py --quick --out /tmp/reg       # one nichart pair, few iterations
+    python -m benchmarks.registration --threads 1                 # CPU: 6 nichart pairs + spine + CT/MR
+    python -m benchmarks.registration --weights RUN/model --methods net,both,ants
+    python -m benchmarks.registration --quick --out /tmp/reg       # one nichart pair, few iterations
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 NAME = "registration"
 METHODS = ("headers", "affine", "ants", "mind", "net", "both")
@@ -351,10 +350,10 @@ def resolve_weights(weights: str | None) -> str | None:
 
 
 def run_worker(method: str, dataset: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """This script as a child process for one (method, dataset); returns its JSON (or an error)."""
+    """This module as a child process for one (method, dataset); returns its JSON (or an error)."""
     out = tmp / f"{method}_{dataset}.json"
     qc = tmp / f"qc_{method}.npz" if dataset == "nichart" else None
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--dataset", dataset,
+    cmd = [sys.executable, "-m", "benchmarks.registration", "--worker", method, "--dataset", dataset,
            "--worker-out", str(out), "--pairs", str(args.pairs), "--device", args.device,
            "--threads", str(args.threads), "--seed", str(args.seed)]
     cmd += [x for p in (args.pair or []) for x in ("--pair", p)]
@@ -370,7 +369,7 @@ def run_worker(method: str, dataset: str, args: argparse.Namespace, tmp: Path) -
     n = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": n}
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=None, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=common.with_repo_on_path(env), stdout=None, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0 or not out.is_file():
         tail = proc.stderr.strip().splitlines()[-8:]
         print(f"[{method}/{dataset}] FAILED (exit {proc.returncode}):\n  " + "\n  ".join(tail), file=sys.stderr)

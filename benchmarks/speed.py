@@ -19,9 +19,9 @@ Stages (each with the baseline measured in the same run where there is a natural
 
 Writes ``speed.json`` and ``speed.md`` into ``--out`` (default ``benchmarks/results``).
 
-    python benchmarks/speed.py                    # CPU, about 5 minutes on one core
-    python benchmarks/speed.py --device cuda
-    python benchmarks/speed.py --quick            # small sizes, a few repetitions (the test suite)
+    python -m benchmarks.speed                    # CPU, about 5 minutes on one core
+    python -m benchmarks.speed --device cuda
+    python -m benchmarks.speed --quick            # small sizes, a few repetitions (the test suite)
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 STAGES = ("engine", "pretrain", "features", "registration", "segmentation")
 
@@ -51,8 +49,7 @@ def _sync(device: torch.device) -> None:
 
 def time_engine(device: torch.device, size: int, pairs: int, numpy_pairs: int) -> dict[str, Any]:
     """Warm engine seconds per pair (median) and the NumPy/SciPy version's, on the same samples."""
-    from bench_synth import numpy_labels, numpy_view
-
+    from benchmarks.bench_synth import numpy_labels, numpy_view
     from synthvox.shapes import load_default_bank
     from synthvox.synth.appearance import AppearanceParams
     from synthvox.synth.engine import SynthConfig, SynthEngine
@@ -100,8 +97,7 @@ def time_engine(device: torch.device, size: int, pairs: int, numpy_pairs: int) -
 
 def time_pretrain(device: torch.device, steps: int, warmup: int, synth_batches: int, prepare: bool) -> dict[str, Any]:
     """Seconds per pretraining step: synthesis + network, and a plain eager loop on the same batches."""
-    from bench_pretrain import time_network, time_synthesis
-
+    from benchmarks.bench_pretrain import time_network, time_synthesis
     from synthvox.train.config import resolve_config
     from synthvox.train.objective import build_engine
 
@@ -200,8 +196,7 @@ def time_registration(device: torch.device, weights: Path | None, quick: bool) -
 def time_segmentation(device: torch.device, variant: str, steps: int, patch: int, batch: int,
                       spacing: float | None) -> dict[str, Any]:
     """Finetune seconds per step and inference seconds per volume (random-init network, a few steps)."""
-    from fewshot import load_subject, step_seconds
-
+    from benchmarks.fewshot import load_subject, step_seconds
     from synthvox.segmentation import FinetuneConfig, finetune, load_model_dir, segment_with
 
     groups = common.dlmuse_groups()

@@ -20,7 +20,7 @@ synthvox's ``report.json`` stages (registration only), and the ANTs script's ``a
 Dice is scored the same way for both from the written moved label maps, on the 14 coarse structures of
 ``dlmuse_groups.json``. Both processes get ``--threads`` threads (torch / ITK / OpenMP).
 
-    python benchmarks/whole_command.py --pairs 6 --threads 1
+    python -m benchmarks.whole_command --pairs 6 --threads 1
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import registration as reg_bench  # noqa: E402
+from benchmarks import common
+from benchmarks import registration as reg_bench
 
 NAME = "whole_command"
 

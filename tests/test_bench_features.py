@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import common  # noqa: E402
-import features  # noqa: E402
+from benchmarks import common, features
 
 
 def _labels() -> np.ndarray:

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import net_share  # noqa: E402
+from benchmarks.research import net_share
 
 
 def test_the_sweep_lists_mind_net_and_every_share_at_every_spacing():

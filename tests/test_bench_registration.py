@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import common  # noqa: E402
-import registration  # noqa: E402
+from benchmarks import common, registration
 
 needs_data = pytest.mark.usefixtures("nichart_dev")  # conftest: skipped locally, a failure in CI
 

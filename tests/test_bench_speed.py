@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import skip_or_fail
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import common  # noqa: E402
-import speed  # noqa: E402
+from benchmarks import common, speed
 
 
 def _positive(x: object) -> bool:

@@ -81,7 +81,7 @@ def test_features_cli(tmp_path) -> None:
 
 
 def test_the_trained_network_carries_its_training_scale(tiny_run, tmp_path) -> None:
-    """The run's model directory, a checkpoint exported by benchmarks/checkpoints.py and one exported by
+    """The run's model directory, a checkpoint exported by benchmarks/research/checkpoints.py and one exported by
     scripts/weights.py all record the scale registration lets the network see images at."""
     import subprocess
     import sys
@@ -93,11 +93,8 @@ def test_the_trained_network_carries_its_training_scale(tiny_run, tmp_path) -> N
     voxel_mm = 144.0 / 32  # the tiny preset: 32^3 label maps over the engine's 144 mm
     assert network_spacing(tiny_run / "model") == voxel_mm
     assert model_card(tiny_run / "model")["training_steps"] >= 3
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import checkpoints
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
+    from benchmarks.research import checkpoints
+
     exported = checkpoints.export_checkpoints(tiny_run, tmp_path / "each")
     assert exported and all(network_spacing(md) == voxel_mm for md in exported)
     res = subprocess.run([sys.executable, str(root / "scripts" / "weights.py"), "export", str(tiny_run), "--model",

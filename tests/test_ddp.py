@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
-from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from test_pretrain import BlobPairs, tiny_cfg
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_pretrain import BlobPairs, tiny_cfg  # noqa: E402
-
-from synthvox.train.checkpointing import list_checkpoints, load_checkpoint  # noqa: E402
-from synthvox.train.distributed import DistInfo, cleanup_distributed, init_distributed  # noqa: E402
-from synthvox.train.objective import batch_loss, build_module, sample_indices  # noqa: E402
-from synthvox.train.pretrain import pretrain  # noqa: E402
+from synthvox.train.checkpointing import list_checkpoints, load_checkpoint
+from synthvox.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from synthvox.train.objective import batch_loss, build_module, sample_indices
+from synthvox.train.pretrain import pretrain
 
 CFG = ("steps=2", "ckpt_every=1", "keep_last=5", "log_every=1", "batch_pairs=1")
 

@@ -287,8 +287,6 @@ def test_training_makes_same_structure_features_closer_across_views(tmp_path, ta
 
 _SCRIPT = textwrap.dedent(
     """
-    import sys
-    sys.path.insert(0, {tests!r})
     from test_pretrain import BlobPairs, tiny_cfg
     from synthvox.train.pretrain import pretrain
     cfg = tiny_cfg("steps=10000", "ckpt_every=2", "keep_last=2", "log_every=1")
@@ -308,8 +306,9 @@ def _wait_for_checkpoint(run: Path, min_step: int, proc: subprocess.Popen, timeo
 
 def test_sigterm_checkpoints_and_sigkill_never_breaks_one(tmp_path) -> None:
     run = tmp_path / "r"
-    script = _SCRIPT.format(tests=str(Path(__file__).parent), run=str(run))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = _SCRIPT.format(run=str(run))
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)  # the child imports this file
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _wait_for_checkpoint(run, 2, proc)
     proc.send_signal(signal.SIGTERM)

@@ -226,11 +226,7 @@ def test_folding_penalty_unfolds_a_folded_field():
 @pytest.mark.slow
 def test_brain_pair_folds_below_a_tenth_of_a_percent():
     """A nichart_dev T1 -> FLAIR pair (two people): Dice as before, folding < 0.1 % (about 70 s)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import common
+    from benchmarks import common
 
     if not common.has_shared_data():
         pytest.skip("shared data (nichart_dev) not found")

@@ -6,8 +6,8 @@ network gets the steps that cost about the same CPU time), then exported and mea
 ``benchmarks/features.py --quick`` (no registration). The last rows combine changes; the best
 measured recipe is the ``cpu`` preset. Each variant's result is kept in ``--work`` so that an interrupted ablation resumes.
 
-    OMP_NUM_THREADS=1 nice python benchmarks/ablation.py [--steps 150] [--only NAME ...]
-    OMP_NUM_THREADS=1 nice python benchmarks/ablation.py --steps 120 --reprobe   # the trained variants, probed again
+    OMP_NUM_THREADS=1 nice python -m benchmarks.research.ablation [--steps 150] [--only NAME ...]
+    OMP_NUM_THREADS=1 nice python -m benchmarks.research.ablation --steps 120 --reprobe   # the trained variants, probed again
 
 Writes ``ablation.json`` and ``ablation.md`` into ``--out`` (default benchmarks/results).
 """
@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 NAME = "ablation"
 #: The recipe of the shipped interim weights (training/carry.safetensors' config), at a short schedule.
@@ -86,7 +85,7 @@ def train(name: str, steps: int, work: Path) -> dict[str, Any]:
 
 
 def probe(name: str, work: Path) -> dict[str, Any]:
-    import features
+    from benchmarks import features
 
     out = work / name / "probe"
     features.main(["--weights", str(work / name / "model"), "--quick", "--reg-pairs", "0", "--out", str(out)])

@@ -9,8 +9,8 @@ the summed synthesis and network seconds up to each step, one thread.
 The markdown gives the table and a straight-line fit of the probe score against log10(CPU-hours),
 extrapolated to the CPU-hours at which it would reach MIND-SSC's score (only a trend, stated as such).
 
-    python benchmarks/checkpoints.py --run training/runs/cpu --log training/log_cpu64.csv --log training/runs/cpu/log.csv
-    python benchmarks/checkpoints.py MODEL_DIR [MODEL_DIR ...] [--reg-pairs 1] [--reg-datasets nichart,spine,ctmr] [--quick]
+    python -m benchmarks.research.checkpoints --run training/runs/cpu --log training/log_cpu64.csv --log training/runs/cpu/log.csv
+    python -m benchmarks.research.checkpoints MODEL_DIR [MODEL_DIR ...] [--reg-pairs 1] [--reg-datasets nichart,spine,ctmr] [--quick]
 
 Each row has the field-of-view term (``fov_pad``: the features' change in the centre of a nichart T1
 padded by 16 voxels, :func:`features.fov_term`) beside the probe's figures and the registration rows.
@@ -31,9 +31,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import features  # noqa: E402
+from benchmarks import common, features
 
 NAME = "checkpoints"
 METRICS = ("score", "knn", "boundary", "interior", "inter")

@@ -15,14 +15,13 @@ Choose the share on pairs other than those that judge it: the default pairs are 
 
 Writes ``net_share.json`` and ``net_share.md`` into ``--out`` (default benchmarks/results).
 
-    python benchmarks/net_share.py --pairs 11 --shares 0.15,0.3,0.5 --spacings card,2
-    python benchmarks/net_share.py --quick --weights MODEL_DIR --out /tmp/share   # one pair, short solver
+    python -m benchmarks.research.net_share --pairs 11 --shares 0.15,0.3,0.5 --spacings card,2
+    python -m benchmarks.research.net_share --quick --weights MODEL_DIR --out /tmp/share   # one pair, short solver
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from registration import QUICK_CONFIG, dataset_pairs, load_pair, resolve_weights  # noqa: E402
+from benchmarks import common
+from benchmarks.registration import QUICK_CONFIG, dataset_pairs, load_pair, resolve_weights
 
 NAME = "net_share"
 
