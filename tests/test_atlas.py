@@ -211,3 +211,20 @@ def test_weighted_fusion_weighs_the_feature_sets_and_sees_the_spacing_as_registr
         f = t.features.reshape(t.features.shape[0], -1)[:, t.foreground.reshape(-1)]
         net_var = float(f[12:].var(dim=1).sum())  # MIND-SSC's 12 channels come first
         assert abs(net_var - share) < 0.05
+
+
+def test_auto_features_are_resolved_by_the_weights_card():
+    """``features="auto"`` with weighted fusion: the card's choice (the shipped card: mind) gives the same
+    labels as naming it. Failed with "unknown feature kind 'auto'" before segment_with_atlases used the
+    resolved kind."""
+    from synthvox.models.card import auto_features
+
+    img = phantom(32)
+    moving, _ = warped_pair(img, amp=2.5)
+    aff = np.eye(4)
+    atlases = [Atlas(Volume(img, aff), Volume(labels_of(img), aff))]
+    chosen = auto_features()  # the shipped weights' card
+    res = segment_with_atlases(Volume(moving, aff), atlases, fusion="weighted", features="auto", config=CFG)
+    named = segment_with_atlases(Volume(moving, aff), atlases, fusion="weighted", features=chosen, config=CFG)
+    assert res.report["features"] == chosen
+    assert torch.equal(res.labels.data, named.labels.data)

@@ -331,7 +331,8 @@ def segment_with_atlases(
         atlases: one or more :class:`Atlas` (image and label map; any contrast).
         fusion: ``"majority"`` or ``"weighted"`` (see the module docs).
         beta: width of the weighting kernel for ``"weighted"`` (smaller: sharper preference).
-        features: registration (and weighting) features: ``"mind"``, ``"net"`` or ``"both"``.
+        features: registration (and weighting) features: ``"mind"``, ``"net"``, ``"both"`` or ``"auto"``
+            (the weights' card decides, :func:`synthvox.registration.network.resolve_features`).
         weights: network weights for ``"net"``/``"both"`` (``None``: the shipped default).
         model: an optional finetuned model directory (``synthvox finetune``) whose probabilities are
             one more voter; its label ids join the atlases'.
@@ -370,6 +371,7 @@ def segment_with_atlases(
 
     config = RegistrationConfig(spacing=ATLAS_SPACING) if config is None else config
     network = resolve_network(features, weights, config, dev)  # once for every atlas
+    features = network.kind  # "auto" resolved by the weights' card
     extractor = None
     if fusion == "weighted":  # the network sees the target's own grid at its spacing, as registration does
         net_mm = network.spacing_mm

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from synthvox.config import check_names
 from synthvox.errors import InputError
 from synthvox.segmentation.augment import AugmentConfig
 
@@ -136,12 +136,7 @@ class FinetuneConfig:
         Raises:
             InputError: a setting that is not a :class:`FinetuneConfig` field (one line).
         """
-        names = [f.name for f in dataclasses.fields(self)]
-        unknown = sorted(set(settings) - set(names))
-        if unknown:
-            close = [m for u in unknown for m in difflib.get_close_matches(u, names, 1)]
-            hint = f" (did you mean {', '.join(close)}?)" if close else f" (the settings: {', '.join(names)})"
-            raise InputError(f"unknown finetuning setting(s): {', '.join(unknown)}{hint}")
+        check_names(settings, [f.name for f in dataclasses.fields(self)], "finetuning setting")
         given = {k: v for k, v in settings.items() if k not in ("steps", "minutes") or v is not None}
         if "steps" in given or "minutes" in given:  # what the caller says replaces the budget
             given = {"steps": MINUTES_STEP_CAP, "minutes": None, **given}
