@@ -37,12 +37,13 @@ steps it gives are in the results) of two 48³ patches at 3 mm (the model frame;
 back onto the 2 mm grid and is scored there), and 3 test subjects (with ``distilled``: all the subjects
 left). The training-free rows register every training subject (the atlases) onto every test subject
 with MIND features. Inference runs MONAI's sliding window at ``--overlap`` (default 0.5, as
-``synthvox segment``); its seconds per 2 mm volume are at ``--threads`` torch threads.
+``synthvox segment``; ``--overlap 0.5,0.1`` scores each network row at both); its seconds per 2 mm
+volume are at ``--threads`` torch threads.
 
-    python benchmarks/fewshot.py                               # CPU: 30 min per variant at 3 mm, 48³ patches
-    python benchmarks/fewshot.py --train-sizes 3 --variants default,atlas-weighted,ants-majority,finetuned+atlas
-    python benchmarks/fewshot.py --device cuda --steps 2000 --patch 96 --test-subjects 0
-    python benchmarks/fewshot.py --weights RUN/model --variants default,default-decoder
+    python -m benchmarks.fewshot                               # CPU: 30 min per variant at 3 mm, 48³ patches
+    python -m benchmarks.fewshot --train-sizes 3 --variants default,atlas-weighted,ants-majority,finetuned+atlas
+    python -m benchmarks.fewshot --device cuda --steps 2000 --patch 96 --test-subjects 0
+    python -m benchmarks.fewshot --weights RUN/model --variants default,default-decoder
     python -m benchmarks.fewshot --train-sizes 3 --variants default,atlas-weighted,distilled --threads 1
 """
 
@@ -53,7 +54,6 @@ import csv
 import importlib.util
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,8 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from benchmarks import common
 
 #: variant name -> (initialisation, trained parameters); "weights" means the pretrained weights.
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -189,40 +188,49 @@ def run_one(
 
 def model_row(variant: str, model: Path, n_train: int, test: list[str], data: dict[str, tuple[Any, Any]],
               names: list[str], args: argparse.Namespace, wall: float) -> dict[str, Any]:
-    """Segment and score every ``test`` subject with a finetuned model directory (sliding window at
-    ``args.overlap``); the row with its training log's figures."""
+    """Segment and score every ``test`` subject with a finetuned model directory, with the sliding window
+    at each of ``args.overlap`` (the row's Dice and seconds at the first; every one's in
+    ``at_overlap``); the row with its training log's figures."""
     from synthvox.segmentation import load_model_dir, segment_with
 
     device = torch.device(args.device)
     timing = step_seconds(model / "log.csv")
     curve = read_curve(model / "log.csv")
     net, meta = load_model_dir(model, device)
-    per_subject, inf_s = {}, []
-    for s in test:
-        image, ref = data[s]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        seg = segment_with(net, meta, image, device=device, overlap=args.overlap)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        inf_s.append(time.perf_counter() - t)
-        per_subject[s] = score(seg.data, ref.data, names)
+    at_overlap = {}
+    for overlap in args.overlap:
+        per_subject, inf_s = {}, []
+        for s in test:
+            image, ref = data[s]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            seg = segment_with(net, meta, image, device=device, overlap=overlap)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            inf_s.append(time.perf_counter() - t)
+            per_subject[s] = score(seg.data, ref.data, names)
+        at_overlap[str(overlap)] = {**dice_summary(per_subject, names), "inference_s_per_volume": float(np.mean(inf_s))}
+    first = at_overlap[str(args.overlap[0])]
     res = {
         "variant": variant,
         "n_train": n_train,
-        **dice_summary(per_subject, names),
+        **{k: v for k, v in first.items() if k != "inference_s_per_volume"},
         "s_per_step": timing["s_per_step"],
         "steps_per_s": 1.0 / timing["s_per_step"] if timing["s_per_step"] > 0 else float("nan"),
         "train_s_total": wall,
-        "inference_s_per_volume": float(np.mean(inf_s)),
-        "inference_overlap": args.overlap,
+        "inference_s_per_volume": first["inference_s_per_volume"],
+        "inference_overlap": args.overlap[0],
+        "at_overlap": {k: {"mean_dice": v["mean_dice"], "inference_s_per_volume": v["inference_s_per_volume"]}
+                       for k, v in at_overlap.items()},
         "final_loss": curve["loss"][-1],
         "steps": curve["step"][-1],
         "curve": curve,
     }
+    others = "".join(f"; at overlap {k}: Dice {v['mean_dice']:.3f}, {v['inference_s_per_volume']:.1f} s/volume"
+                     for k, v in list(res["at_overlap"].items())[1:])
     print(f"  {variant:16s} {n_train} train: mean Dice {res['mean_dice']:.3f}  {res['s_per_step']:.2f} s/step  "
-          f"inference {res['inference_s_per_volume']:.1f} s/volume  (total {wall:.0f} s)", flush=True)
+          f"inference {res['inference_s_per_volume']:.1f} s/volume  (total {wall:.0f} s){others}", flush=True)
     return res
 
 
@@ -233,7 +241,7 @@ def registration_config(args: argparse.Namespace) -> Any:
     from synthvox.segmentation.atlas import ATLAS_SPACING
 
     if args.quick:
-        from registration import QUICK_CONFIG
+        from benchmarks.registration import QUICK_CONFIG
 
         return RegistrationConfig(**QUICK_CONFIG)
     return RegistrationConfig(spacing=ATLAS_SPACING)
@@ -343,8 +351,11 @@ def run_ants_majority(train: list[str], test: list[str], data: dict[str, tuple[A
     the coarse labels moved with ``genericLabel`` and fused by a per-voxel majority vote (ties: the
     first atlas's label)."""
     import ants
-    from registration import ANTS_PARAMS, ANTS_QUICK  # the same preset as the registration benchmark
 
+    from benchmarks.registration import (  # the same preset as the registration benchmark
+        ANTS_PARAMS,
+        ANTS_QUICK,
+    )
     from synthvox import io
 
     if args.threads:
@@ -445,7 +456,7 @@ def markdown(payload: dict[str, Any]) -> str:
         unl = payload.get("unlabelled_subjects")
         lines.append(f"**{n} training subject(s)** ({', '.join(payload['train_subjects'][str(n)])}); "
                      + (f"unlabelled, for distilled: {', '.join(unl)}; " if unl else "")
-                     + f"{len(test)} test subjects ({', '.join(test)}); inference overlap {s.get('overlap', 0.5)}, "
+                     + f"{len(test)} test subjects ({', '.join(test)}); inference overlap {(s.get('overlap') or [0.5])[0]}, "
                      f"{s.get('threads') or 'default'} thread(s)")
         lines.append("")
         table = [["**mean Dice**", *[r["mean_dice"] for r in rows]]]
@@ -455,6 +466,10 @@ def markdown(payload: dict[str, Any]) -> str:
                   ["finetune s/step", *[r["s_per_step"] for r in rows]],
                   ["training s", *[r["train_s_total"] for r in rows]],
                   ["s/target (registrations + fusion, or inference)", *[r["inference_s_per_volume"] for r in rows]]]
+        for k in list(next((r["at_overlap"] for r in rows if "at_overlap" in r), {}))[1:]:
+            table += [[f"mean Dice at overlap {k}", *[r.get("at_overlap", {}).get(k, {}).get("mean_dice", float("nan")) for r in rows]],
+                      [f"s/volume at overlap {k}",
+                       *[r.get("at_overlap", {}).get(k, {}).get("inference_s_per_volume", float("nan")) for r in rows]]]
         if any(r["variant"] == DISTILLED for r in rows):
             table += [["pseudo-labels: Dice on the unlabelled subjects", *[r.get("pseudo_label_dice", float("nan")) for r in rows]],
                       ["pseudo-labelling s per unlabelled scan", *[r.get("pseudo_label_s_per_scan", float("nan")) for r in rows]]]
@@ -480,7 +495,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="score only the first N test subjects (0: all; default 3 on the CPU, all with distilled)")
     ap.add_argument("--unlabelled-subjects", type=int, default=None,
                     help="with distilled: the N subjects after the largest training set are its unlabelled scans (default 4)")
-    ap.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap of the network rows' inference (segment's 0.5)")
+    ap.add_argument("--overlap", default="0.5",
+                    help="sliding-window overlap of the network rows' inference (segment's 0.5); a comma list scores "
+                         "each (the rows' Dice at the first, the others in extra table rows)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: unchanged)")
     ap.add_argument("--seed", type=int, default=0)
@@ -500,8 +517,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.quick and args.train_sizes == "1,3":
         args.train_sizes = "1"
-    if not 0.0 <= args.overlap < 1.0:
-        ap.error(f"--overlap must be in [0, 1), got {args.overlap}")
+    try:
+        args.overlap = [float(v) for v in str(args.overlap).split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--overlap takes numbers in [0, 1), comma-separated, got {args.overlap!r}")
+    if not args.overlap or not all(0.0 <= v < 1.0 for v in args.overlap):
+        ap.error(f"--overlap takes numbers in [0, 1), comma-separated, got {args.overlap}")
     return args
 
 

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import common  # noqa: E402
-import fewshot  # noqa: E402
+from benchmarks import common, fewshot
 
 needs_data = pytest.mark.usefixtures("nichart_dev")  # conftest: skipped locally, a failure in CI
 
@@ -55,7 +49,7 @@ def test_quick_run_writes_results_for_every_variant(tmp_path, one_thread):
     out = tmp_path / "out"
     variants = "random,default,default-decoder,atlas-majority,atlas-weighted,finetuned+atlas,distilled"
     payload = fewshot.main(["--quick", "--steps", "6", "--val-every", "3", "--weights", str(weights), "--variants", variants,
-                            "--out", str(out), "--device", "cpu", "--threads", "1", "--overlap", "0.25"])
+                            "--out", str(out), "--device", "cpu", "--threads", "1", "--overlap", "0.25,0.1"])
     for name in ("fewshot.json", "fewshot.md", "fewshot_curves.png", "fewshot_structures.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "fewshot.json").read_text())
@@ -84,12 +78,13 @@ def test_quick_run_writes_results_for_every_variant(tmp_path, one_thread):
     d = saved["results"][6]  # distilled: Subj1 registered onto Subj2, then 6 steps on both
     assert d["unlabelled"] == ["Subj2"] and list(d["per_subject"]) == ["Subj3"] and d["steps"] == 6
     assert d["curve"]["val_step"] == [3, 6] and d["inference_overlap"] == 0.25 and d["inference_s_per_volume"] > 0
+    assert list(d["at_overlap"]) == ["0.25", "0.1"] and d["at_overlap"]["0.25"]["mean_dice"] == d["mean_dice"]
     assert 0.4 < d["pseudo_label_dice"] <= 1.0 and d["pseudo_label_s_per_scan"] > 0 and 0 < d["pseudo_label_agreement"] <= 1
     table = (out / "fewshot.md").read_text()
     assert ("| structure | random | default | default-decoder | atlas-majority | atlas-weighted | finetuned+atlas "
             "| distilled |") in table
     assert "hippocampus" in table and "unlabelled, for distilled: Subj2" in table
-    assert "pseudo-labels: Dice on the unlabelled subjects" in table
+    assert "pseudo-labels: Dice on the unlabelled subjects" in table and "mean Dice at overlap 0.1" in table
     assert payload["results"][0]["mean_dice"] == res[0]["mean_dice"]
 
 
