@@ -73,7 +73,7 @@ def spacing_of(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
 
 
-#: :func:`snap_affine`'s grids, in units of the power of ten nearest an image's mean voxel size: the
+#: :func:`snap_affine`'s grids, in units of the power of two nearest an image's mean voxel size: the
 #: 3x3 part to 1e-4 of it, the translation to 1e-2 of it (0.1 and 10 micrometres for 1 mm voxels).
 SNAP_LINEAR = 1e-4
 SNAP_TRANSLATION = 1e-2
@@ -86,16 +86,17 @@ def snap_affine(affine: np.ndarray) -> np.ndarray:
     float32 fields (each its own parametrisation), NRRD and MetaImage as decimal text, a DICOM series
     in 16-character strings; copies of one image then read up to about 1e-7 of a voxel apart. The
     entries of the 3x3 part are rounded to :data:`SNAP_LINEAR` and those of the translation to
-    :data:`SNAP_TRANSLATION`, both times the power of ten nearest the mean voxel size (itself read the
-    same from every copy unless that size lies within 1e-7 of ``10**(k + 0.5)``), so such copies snap
-    to the very same matrix, unless an entry lies within its format's rounding of the midpoint between
-    two grid values: of 3000 random oblique headers (voxels of 0.5 to 1.5 mm, origins within 150 mm),
-    5 float32-sform NIfTI, 4 MGZ and 1 NRRD copies snapped elsewhere than the double-precision qform's.
-    The snapped matrix places a voxel of a 256-voxel axis at most about 0.02 voxel from where
-    ``affine`` does.
+    :data:`SNAP_TRANSLATION`, both times the power of two nearest the mean voxel size (itself read the
+    same from every copy unless that size lies within 1e-7 of ``2**(k + 0.5)``: 0.707, 1.414, 2.83 mm),
+    so such copies snap to the very same matrix, unless an entry lies within its format's rounding of
+    the midpoint between two grid values: of 3000 random oblique headers (voxels of 0.5 to 1.5 mm,
+    origins within 150 mm), 5 float32-sform NIfTI, 4 MGZ and 1 NRRD copies snapped elsewhere than the
+    double-precision qform's. The snapped matrix places voxel ``v`` at most ``(0.005 + 5e-5 * sum(v))``
+    times that power of two from where ``affine`` does: 0.06 of a voxel at the far corner of a 256³
+    grid, 0.007 at its origin.
     """
     a = np.asarray(affine, np.float64)
-    scale = 10.0 ** float(np.round(np.log10(float(spacing_of(a).mean()))))
+    scale = 2.0 ** float(np.round(np.log2(float(spacing_of(a).mean()))))
     out = a.copy()
     out[:3, :3] = np.round(a[:3, :3] / (SNAP_LINEAR * scale)) * (SNAP_LINEAR * scale)
     out[:3, 3] = np.round(a[:3, 3] / (SNAP_TRANSLATION * scale)) * (SNAP_TRANSLATION * scale)

@@ -30,8 +30,8 @@ copies of an image in formats that store its header at different precisions (flo
 fields, decimal text) then register bit for bit alike, where the search, a chain of discrete choices
 (the start, the convex search's argmin) and Adam steps, would otherwise turn a 1e-7 mm difference into
 millimetres. The transform found is then taken as it is, a map of world points, and ``compose``
-applies it to the images as their own headers place them (at most about 0.02 voxel from the snapped
-placement).
+applies it to the images as their own headers place them (within 0.06 of a voxel of the snapped
+placement at the far corner of a 256³ grid).
 
 A step that replaces another (a given initial transform instead of :func:`choose_start`: :func:`use_start`, MOVING's
 features computed again on the working grid instead of :func:`moving_onto_working_grid`) is a function
