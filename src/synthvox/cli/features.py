@@ -1,4 +1,4 @@
-"""``synthvox features``: write the network's feature maps of an image as a 4D NIfTI on its grid."""
+"""``synthvox features``: write the network's feature maps of an image on its grid (a 4D NIfTI, or the format the output's name asks for)."""
 
 from __future__ import annotations
 
