@@ -101,7 +101,8 @@ def test_a_finetuned_model_votes_beside_the_atlases(files, tmp_path):
     from synthvox.segmentation import finetune
 
     model = finetune([io.load(files / "atlas1.nii.gz")], [io.load_labels(files / "atlas1_seg.nii.gz")], out_dir=tmp_path / "m",
-                     init="random", variant="tiny", steps=2, patch_size=32, batch_size=1, device="cpu", progress=False)
+                     init="random", variant="tiny", steps=2, patch_size=32, batch_size=1, device="cpu", progress=False,
+                     head_init="random")  # a voter that knows nothing yet (a probe on random features is confidently wrong)
     out = tmp_path / "seg.nii.gz"
     r = runner.invoke(app, ["segment", str(files / "targets" / "case_a.nii.gz"), "--out", str(out), *atlas_args(files, 1),
                             "--model", str(model), "--device", "cpu"])
