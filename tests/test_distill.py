@@ -245,6 +245,8 @@ def test_distillation_mistakes_are_one_line_errors_that_write_nothing(study, tmp
         "--min-confidence": [*atlas, "--unlabelled", str(study / "scans"), "--min-confidence", "1"],
         "--fusion must be one of": [*atlas, "--unlabelled", str(study / "scans"), "--fusion", "staple"],
         "unknown --features": [*atlas, "--unlabelled", str(study / "scans"), "--features", "sift"],
+        "--fusion go(es) with --unlabelled": [*atlas, "--fusion", "majority"],
+        "--features, --min-confidence go(es) with --unlabelled": [*atlas, "--features", "net", "--min-confidence", "0.2"],
     }
     for expect, extra in cases.items():
         assert expect in one_line_error(runner.invoke(app, [*base, *extra])), expect

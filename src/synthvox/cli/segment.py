@@ -28,10 +28,10 @@ def finetune_command(
              "the labelled images are registered onto each and their fused labels trained on as well, each voxel "
              "weighted by the fusion's confidence (kept in MODEL/pseudo/, reused by --resume).",
     ),
-    fusion: str = typer.Option("weighted", "--fusion", help="With --unlabelled: how the atlas labels are fused (weighted or majority)."),
-    features: str = typer.Option("mind", "--features", help="With --unlabelled: registration features (mind, net, both or auto)."),
-    min_confidence: float = typer.Option(
-        0.5, "--min-confidence", help="With --unlabelled: pseudo-labelled voxels less confident than this weigh 0 in the loss."),
+    fusion: str | None = typer.Option(None, "--fusion", help="With --unlabelled: how the atlas labels are fused (weighted, the default, or majority)."),
+    features: str | None = typer.Option(None, "--features", help="With --unlabelled: registration features (mind, the default, net, both or auto)."),
+    min_confidence: float | None = typer.Option(
+        None, "--min-confidence", help="With --unlabelled: pseudo-labelled voxels less confident than this weigh 0 in the loss (default 0.5)."),
     init: str = typer.Option("default", "--init", help="default (shipped pretrained weights), random, or a model directory."),
     variant: str = typer.Option("default", "--variant", help="Network variant for --init random (tiny, default, large)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: 2000 on a GPU; on a CPU a --minutes budget)."),
@@ -99,6 +99,12 @@ def finetune_command(
         raise InputError(f"got {len(image)} {spelled} but {len(label)} {tag}: give one label map per image, in the same order")
     if (val_image is None) != (val_label is None):
         raise InputError("--val-image and --val-label go together: give both or neither")
+    if not unlabelled:
+        given_alone = [n for n, v in (("--fusion", fusion), ("--features", features), ("--min-confidence", min_confidence)) if v is not None]
+        if given_alone:
+            raise InputError(f"{', '.join(given_alone)} go(es) with --unlabelled (the atlas segmentation of unlabelled scans)")
+    fusion, features = fusion or "weighted", features or "mind"
+    min_confidence = 0.5 if min_confidence is None else min_confidence
     if unlabelled:
         check_number("--min-confidence", min_confidence, 0.0, 1.0, high_open=True)
         if val_image is not None:
