@@ -97,7 +97,7 @@ def record(model: Path, registration_json: Path) -> dict[str, Any]:
         InputError: ``model`` is not a readable model directory.
         OSError, ValueError: the result cannot be read or decides nothing (see :func:`decide`).
     """
-    from synthvox.io import atomic_path
+    from synthvox.files import atomic_path
     from synthvox.models.weightsdir import read_model_config
 
     model, cfg = read_model_config(model)

@@ -16,7 +16,7 @@ import torch
 from test_cli_mistakes import one_line_error, tree
 from typer.testing import CliRunner
 
-from synthvox import io
+from synthvox import files, io
 from synthvox.cli import app
 from synthvox.volume import Volume
 
@@ -179,7 +179,7 @@ def test_apply_failing_or_interrupted_leaves_no_file_and_keeps_an_earlier_one(in
     # an earlier output, overwritten with --force by a run that fails while writing: kept as it was
     out.parent.mkdir()
     out.write_bytes(b"earlier")
-    monkeypatch.setattr(io, "atomic_path", raising(exc)(io.atomic_path))
+    monkeypatch.setattr(files, "atomic_path", raising(exc)(files.atomic_path))
     r = runner.invoke(app, [*apply_args(inputs, out), "--force"])
     assert r.exit_code == code, r.output
     assert tree(tmp_path) == ["new", "new/moved.nii.gz"] and out.read_bytes() == b"earlier"

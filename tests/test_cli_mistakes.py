@@ -21,7 +21,7 @@ import torch
 from conftest import make_affine
 from typer.testing import CliRunner
 
-from synthvox import io
+from synthvox import files, io
 from synthvox.cli import app
 from synthvox.models import build_model, save_model
 from synthvox.segmentation.modeldir import SegmentationMeta, SegmentationNet, save_model_dir
@@ -454,7 +454,7 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(inputs, tmp_path
         raise DISK_FULL
         yield  # pragma: no cover
 
-    monkeypatch.setattr(io, "atomic_path", full)
+    monkeypatch.setattr(files, "atomic_path", full)
     args = writing_commands(inputs, str(tmp_path / "new" / "out.nii.gz"), str(tmp_path / "new" / "run"))[command]
     line = one_line_error(runner.invoke(app, args))
     assert "No space left on device" in line

@@ -14,7 +14,7 @@ from test_cli_mistakes import one_line_error, tree
 from test_registration import phantom, warped_pair
 from typer.testing import CliRunner
 
-from synthvox import io
+from synthvox import io, readers
 from synthvox.cli import app
 from synthvox.errors import InputError
 from synthvox.losses.dice_ce import WeightedDiceCELoss
@@ -60,7 +60,7 @@ def atlases_of(d, n: int = 1) -> list[Atlas]:
 
 
 def scans_of(d) -> dict[str, Volume]:
-    return {io.image_stem(p): io.load(p) for p in sorted((d / "scans").iterdir())}
+    return {readers.image_stem(p): io.load(p) for p in sorted((d / "scans").iterdir())}
 
 
 def atlas_args(d, n: int = 1) -> list[str]:

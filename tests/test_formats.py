@@ -6,12 +6,13 @@ The copies are written by the field's libraries, not by synthvox: NRRD, MHA and 
 ITK's own reading of the NIfTI, MGZ/MGH by nibabel, the DICOM series by SimpleITK's GDCM writer, one
 file per slice with its position and orientation tags. The images are oblique and anisotropic.
 
-Shown to fail on broken readers (by editing ``synthvox.io`` by hand, then restoring it): with the LPS
-flip left out of ``_ras_affine``, ``test_every_format_reads_as_the_nifti``,
-``test_affine_equals_simpleitks_reading`` and ``test_register_on_copies_equals_nifti`` fail for every
-SimpleITK format (affine off by up to 80 mm); with SimpleITK's ``Z, Y, X`` axes not reversed in
-``_xyz_array``, the same tests and ``test_label_ids_kept_exactly`` fail on the shape and the data; with
-ITK's direction matrix read transposed, the first two and the small registration test fail.
+Shown to fail on broken readers (by editing them by hand, then restoring them; they were in
+``synthvox.io`` then and are in ``synthvox.readers`` now): with the LPS flip left out of
+``_ras_affine``, ``test_every_format_reads_as_the_nifti``, ``test_affine_equals_simpleitks_reading``
+and ``test_register_on_copies_equals_nifti`` fail for every SimpleITK format (affine off by up to
+80 mm); with SimpleITK's ``Z, Y, X`` axes not reversed in ``_xyz_array``, the same tests and
+``test_label_ids_kept_exactly`` fail on the shape and the data; with ITK's direction matrix read
+transposed, the first two and the small registration test fail.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from conftest import make_affine, require_module, require_shared
 from test_registration import phantom, warped_pair
 from typer.testing import CliRunner
 
-from synthvox import io
+from synthvox import io, readers
 from synthvox.cli import app
 from synthvox.errors import InputError
 from synthvox.registration import register
@@ -155,7 +156,7 @@ def test_every_format_reads_as_the_nifti(fmt, geometry, tmp_path):
     assert copy.data.shape == ref.data.shape == (1, 18, 22, 12)
     np.testing.assert_allclose(copy.affine, ref.affine, atol=1e-4, rtol=0)
     assert torch.equal(copy.data, ref.data)
-    shape, affine = io.grid(write_copy(nifti, fmt, tmp_path / "again"))  # the header alone: the same grid
+    shape, affine = readers.grid(write_copy(nifti, fmt, tmp_path / "again"))  # the header alone: the same grid
     assert shape == (18, 22, 12) and np.allclose(affine, ref.affine, atol=1e-4)
 
 
@@ -274,7 +275,7 @@ def test_a_folder_lists_images_of_every_format_and_names_outputs_nifti(tmp_path)
     with pytest.raises(InputError, match=r"a.nii.gz and a.nrrd .* would both write a.nii.gz"):
         folder_outputs(src, tmp_path / "out")
     series = write_copy(nifti, "dicom", tmp_path)
-    assert io.is_dicom_series(series) and not io.is_dicom_series(src)
+    assert readers.is_dicom_series(series) and not readers.is_dicom_series(src)
     with pytest.raises(InputError, match="it holds a DICOM series: give it as IMAGE"):
         folder_outputs(series, tmp_path / "out")
     # the command: a series given as IMAGE is one image (it gets as far as asking for a model), with -i a folder

@@ -6,7 +6,7 @@ from conftest import make_affine
 
 from synthvox import io
 from synthvox.errors import InputError
-from synthvox.volume import Volume
+from synthvox.volume import Volume, check_affine
 
 
 def test_roundtrip_keeps_affine_and_values(tmp_path, blob_labels, smooth_image):
@@ -176,7 +176,7 @@ def test_degenerate_affines_are_refused_on_read_and_write(tmp_path, affine, matc
     with pytest.raises(InputError, match=match):
         io.load(p)
     with pytest.raises(InputError, match=match):
-        io.check_affine(affine, "warp")
+        check_affine(affine, "warp")
     with pytest.raises(InputError, match=match):
         io.save(torch.ones(1, 4, 5, 6), tmp_path / "out.nii.gz", affine)
     assert not (tmp_path / "out.nii.gz").exists()

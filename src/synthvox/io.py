@@ -1,17 +1,18 @@
-"""The only module that reads or writes image files (nibabel; SimpleITK for NRRD, MetaImage, DICOM).
+"""Reading and writing image files, and the other inputs and outputs of the commands (transforms,
+landmarks, output checks, clean-up of a failed command's files).
 
 Every reader checks its input and raises :class:`synthvox.errors.InputError` with a one-line message
 for a user's mistake; every writer writes to a temporary file beside the target and renames it into
 place, so an output is never half-written, and refuses to overwrite unless ``force`` is set.
+:func:`load` checks and converts what :mod:`synthvox.readers` opens in each format (nibabel; SimpleITK
+for NRRD, MetaImage, DICOM); :func:`save` checks and prepares what :mod:`synthvox.writers` writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,226 +20,13 @@ import numpy as np
 import torch
 
 from synthvox.errors import InputError
-from synthvox.volume import Volume
+from synthvox.files import atomic_path, current_umask
+from synthvox.itk import simpleitk
+from synthvox.readers import first_line, is_nifti_path, open_image
+from synthvox.volume import Volume, check_affine
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-#: Image files :func:`load` reads with nibabel (NIfTI, FreeSurfer's MGH and its gzipped MGZ).
-NIBABEL_SUFFIXES = (*NIFTI_SUFFIXES, ".mgz", ".mgh")
-#: Image files :func:`load` reads with SimpleITK (NRRD with attached or detached header, MetaImage).
-SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-IMAGE_SUFFIXES = NIBABEL_SUFFIXES + SITK_SUFFIXES
-#: The formats :func:`load` reads, as the one-line errors name them.
-ACCEPTED_FORMATS = ("NIfTI (.nii, .nii.gz), MGZ/MGH (.mgz, .mgh), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) "
-                    "or a folder holding one DICOM series")
 #: Refuse volumes above this many voxels per channel (about 4 GB as float32 for one channel).
 MAX_VOXELS = 1024**3
-
-
-def is_nifti_path(path: str | os.PathLike) -> bool:
-    name = str(path).lower()
-    return name.endswith(NIFTI_SUFFIXES)
-
-
-def is_image_path(path: str | os.PathLike) -> bool:
-    """Whether the name of a file is one of the formats :func:`load` reads (DICOM series are folders)."""
-    return str(path).lower().endswith(IMAGE_SUFFIXES)
-
-
-def image_stem(path: str | os.PathLike) -> str:
-    """A file's name without its image suffix (``scan.nii.gz`` -> ``scan``); a folder's name as it is."""
-    name = Path(path).name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _not_a_format(what: str, p: Path) -> InputError:
-    return InputError(f"{what} is not in a format synthvox reads ({ACCEPTED_FORMATS}): {p}")
-
-
-def _unreadable(what: str, p: Path, why: str) -> InputError:
-    return InputError(f"cannot read {what} {p} ({why}); synthvox reads {ACCEPTED_FORMATS}")
-
-
-def check_image_path(path: str | os.PathLike, what: str = "image") -> Path:
-    """Refuse, with one line naming :data:`ACCEPTED_FORMATS`, a path :func:`load` cannot read: missing,
-    another suffix, or a folder that holds no DICOM series (reads no voxel data; checks before slow work)."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} not found: {p}")
-    if p.is_dir():
-        _dicom_files(p, what)
-    elif not is_image_path(p):
-        raise _not_a_format(what, p)
-    return p
-
-
-@dataclasses.dataclass
-class _Opened:
-    """An image file opened without its voxels: shape as ``(X, Y, Z[, C])``, the affine as stored
-    (RAS, unchecked) and the reader of the voxels in that axis order."""
-
-    shape: tuple[int, ...]
-    affine: np.ndarray
-    read: Callable[[], np.ndarray]
-
-
-def _open_image(p: Path, what: str) -> _Opened:
-    """Open ``p`` by its format (see :data:`ACCEPTED_FORMATS`); reads the header only, except for a DICOM series."""
-    if not p.exists():
-        raise InputError(f"{what} not found: {p}")
-    if p.is_dir():
-        return _open_dicom(p, what)
-    if not is_image_path(p):
-        raise _not_a_format(what, p)
-    if str(p).lower().endswith(NIBABEL_SUFFIXES):
-        import nibabel as nib
-
-        try:
-            img = nib.load(str(p))
-        except Exception as exc:  # nibabel raises many types for corrupt files
-            raise _unreadable(what, p, _first_line(exc)) from None
-        return _Opened(tuple(int(s) for s in img.shape), np.asarray(img.affine, np.float64),
-                       lambda: np.asanyarray(img.dataobj))
-    sitk = _simpleitk(f"reading {p.name}")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    try:
-        with _itk_quiet(sitk):
-            reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise _unreadable(what, p, _itk_error(exc)) from None
-    dim = reader.GetDimension()
-    size = tuple(int(s) for s in reader.GetSize())
-    comps = int(reader.GetNumberOfComponents())
-    affine = _ras_affine(reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin(), dim)
-
-    def read() -> np.ndarray:
-        try:
-            with _itk_quiet(sitk):
-                image = reader.Execute()
-        except RuntimeError as exc:
-            raise InputError(f"cannot read the data of {what} {p}: {_itk_error(exc)}") from None
-        return _xyz_array(sitk.GetArrayFromImage(image), dim)
-
-    return _Opened(size + ((comps,) if comps > 1 else ()), affine, read)
-
-
-def _ras_affine(direction: tuple[float, ...], spacing: tuple[float, ...], origin: tuple[float, ...],
-                dim: int) -> np.ndarray:
-    """The RAS voxel-to-world affine of an ITK image (direction x spacing and origin, in LPS); an image
-    of 2 dimensions gets a third axis of 1 mm, one of 4 or more its first 3 (the 4th is time or channels)."""
-    n = min(dim, 3)
-    d = np.eye(3)
-    d[:n, :n] = np.asarray(direction, np.float64).reshape(dim, dim)[:n, :n]
-    s = np.ones(3)
-    s[:n] = np.asarray(spacing, np.float64)[:n]
-    o = np.zeros(3)
-    o[:n] = np.asarray(origin, np.float64)[:n]
-    lps = np.eye(4)
-    lps[:3, :3] = d * s
-    lps[:3, 3] = o
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-
-
-def _xyz_array(arr: np.ndarray, dim: int) -> np.ndarray:
-    """SimpleITK's array (axes reversed: ``Z, Y, X`` then components) in ``X, Y, Z[, C]`` order."""
-    order = list(range(dim))[::-1] + list(range(dim, arr.ndim))
-    return arr.transpose(order)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _itk_error(exc: BaseException) -> str:
-    """The useful line of an ITK exception (its text starts with the source file and line)."""
-    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
-    for line in lines:
-        if line.lower().startswith("description:"):
-            return line.split(":", 1)[1].strip()
-    text = lines[-1] if lines else type(exc).__name__
-    return text.removeprefix("sitk::ERROR:").strip()
-
-
-@contextlib.contextmanager
-def _itk_quiet(sitk) -> Iterator[None]:  # noqa: ANN001 - the module
-    """ITK's multi-line warnings off while reading (what matters is refused in one line instead)."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def _dicom_files(p: Path, what: str) -> list[str]:
-    """The files of the one DICOM series in folder ``p``, in slice order (GDCM's), or a one-line error."""
-    sitk = _simpleitk(f"reading the DICOM series {p}")
-    try:
-        with _itk_quiet(sitk):
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
-            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])) if len(ids) == 1 else []
-    except RuntimeError as exc:
-        raise InputError(f"cannot read {what} {p}: {_itk_error(exc)}") from None
-    if not ids:
-        raise InputError(f"{what} is a folder without a DICOM series; expected {ACCEPTED_FORMATS}: {p}")
-    if len(ids) > 1:
-        raise InputError(f"{what} folder holds {len(ids)} DICOM series; give a folder that holds one: {p}")
-    return files
-
-
-def is_dicom_series(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder that holds a DICOM series (one :func:`load` reads as an image)."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    try:
-        import SimpleITK as sitk
-    except ImportError:  # then no DICOM series can be read: the folder is what it otherwise is
-        return False
-    try:
-        with _itk_quiet(sitk):
-            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
-    except RuntimeError:
-        return False
-
-
-def _open_dicom(p: Path, what: str) -> _Opened:
-    """Read the DICOM series in folder ``p`` with SimpleITK (GDCM): slices sorted along their normal,
-    rescale slope and intercept applied; refuses slices that are not evenly spaced."""
-    sitk = _simpleitk(f"reading the DICOM series {p}")
-    files = _dicom_files(p, what)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
-    try:
-        with _itk_quiet(sitk):  # uneven slices are refused below, in one line
-            image = reader.Execute()
-    except RuntimeError as exc:
-        raise _unreadable(what, p, _itk_error(exc)) from None
-    if len(files) > 2:
-        _check_slice_spacing(reader, len(files), what, p)
-    dim = image.GetDimension()
-    arr = _xyz_array(sitk.GetArrayFromImage(image), dim)
-    return _Opened(tuple(int(s) for s in arr.shape),
-                   _ras_affine(image.GetDirection(), image.GetSpacing(), image.GetOrigin(), dim), lambda: arr)
-
-
-def _check_slice_spacing(reader, n: int, what: str, p: Path) -> None:  # noqa: ANN001 - a SimpleITK reader
-    """Refuse a series whose slice positions (ImagePositionPatient along the slice normal) are not
-    evenly spaced within 1% (a missing slice, a gap): one spacing for all would misplace them."""
-    try:
-        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
-        cos = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
-    except (RuntimeError, ValueError):
-        return  # no positions (not a slice stack): nothing to check
-    normal = np.cross(cos[:3], cos[3:6])
-    steps = np.diff(pos @ normal)
-    if steps.size and np.abs(steps - steps.mean()).max() > 0.01 * max(abs(steps.mean()), 1e-6):
-        raise InputError(f"{what} has unevenly spaced slices ({abs(steps).min():.4g} to {abs(steps).max():.4g} mm "
-                         f"apart: a missing slice?): {p}")
 
 
 def load(
@@ -251,7 +39,7 @@ def load(
 ) -> Volume:
     """Read a 3D image into a :class:`Volume` of shape ``(1, X, Y, Z)`` with its RAS affine.
 
-    Formats (:data:`ACCEPTED_FORMATS`): NIfTI and MGZ/MGH through nibabel; NRRD, MetaImage and a folder
+    Formats (:data:`synthvox.readers.ACCEPTED_FORMATS`): NIfTI and MGZ/MGH through nibabel; NRRD, MetaImage and a folder
     holding one DICOM series through SimpleITK (``pip install 'synthvox[formats]'``), whose LPS
     direction x spacing and origin become the RAS affine and whose ``Z, Y, X`` arrays become ``X, Y, Z``.
 
@@ -267,7 +55,7 @@ def load(
             non-integer labels, or a volume too large for memory.
     """
     p = Path(path)
-    opened = _open_image(p, what)
+    opened = open_image(p, what)
     shape = opened.shape
     # Drop trailing singleton dimensions (a 3D image stored as X, Y, Z, 1)
     while len(shape) > 3 and shape[-1] == 1:
@@ -314,28 +102,6 @@ MAX_LABEL_ID = np.iinfo(np.int64).max
 MAX_INTENSITY = 1e30
 
 
-def check_affine(affine: np.ndarray, what: str, path: str | os.PathLike | None = None) -> np.ndarray:
-    """A 4x4 float64 voxel-to-world affine, or an :class:`InputError` when it is unusable.
-
-    Refuses non-finite entries, a singular or nearly singular 3x3 part (zero, duplicated or
-    collinear axes) and voxel sizes outside 1e-6 to 1e6 mm (a nanometre to a kilometre), all of which
-    make every later resampling step fail or produce garbage. Readers of images, label maps and
-    warps use it, and :func:`save` checks the affine it writes.
-    """
-    where = f": {path}" if path is not None else ""
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4) or not np.isfinite(a).all():
-        raise InputError(f"{what} has an invalid (non-finite or malformed) affine{where}")
-    lin = a[:3, :3]
-    spacing = np.sqrt((lin**2).sum(axis=0))
-    if np.any(spacing < 1e-6) or np.any(spacing > 1e6):
-        raise InputError(f"{what} has voxel sizes {tuple(float(f'{s:.3g}') for s in spacing)} mm, outside 1e-6 to 1e6 mm{where}")
-    # |det| relative to the product of the column norms: 1 for orthogonal axes, 0 for collinear ones
-    if abs(np.linalg.det(lin)) < 1e-6 * float(np.prod(spacing)):
-        raise InputError(f"{what} has a degenerate (singular) affine: its voxel axes are collinear{where}")
-    return a
-
-
 def _float32_array(arr: np.ndarray, what: str, p: Path) -> np.ndarray:
     """``arr`` as float32, refusing values that float32 cannot hold or compute with."""
     if arr.dtype.kind not in "biuf":
@@ -380,15 +146,6 @@ def load_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
 TRANSFORM_SUFFIXES = (".txt", ".tfm", ".mat")
 
 
-def _simpleitk(why: str):  # noqa: ANN202 - the module
-    """SimpleITK, or a one-line :class:`InputError` saying how to install it."""
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        raise InputError(f"{why} needs SimpleITK: pip install 'synthvox[formats]' (or SimpleITK)") from None
-    return sitk
-
-
 def load_transform(path: str | os.PathLike, what: str = "initial transform") -> np.ndarray:
     """Read a linear transform file as a 4x4 fixed-world to moving-world matrix in RAS (synthvox's
     world affines; see :func:`synthvox.volume.itk_to_ras_matrix`).
@@ -409,7 +166,7 @@ def load_transform(path: str | os.PathLike, what: str = "initial transform") -> 
         raise InputError(f"{what} not found: {p}" if not p.exists() else f"{what} is not a file: {p}")
     if not p.name.lower().endswith(TRANSFORM_SUFFIXES):
         raise InputError(f"{what} must be {accepted}: {p}")
-    sitk = _simpleitk(f"reading the {what}")
+    sitk = simpleitk(f"reading the {what}")
     try:
         tx = sitk.ReadTransform(str(p))
     except RuntimeError:
@@ -554,39 +311,6 @@ def check_writable(folder: str | os.PathLike, what: str = "output") -> Path:
     return target
 
 
-_UMASK_LOCK = threading.Lock()
-
-
-def _umask() -> int:
-    """The process's umask (read by setting and restoring it, under a lock: files may be written from
-    several threads at once, and two interleaved reads would leave the umask at 0)."""
-    with _UMASK_LOCK:
-        umask = os.umask(0)
-        os.umask(umask)
-    return umask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(p.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = _umask()
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
-    try:
-        yield tmp_path
-        # writers that replace the file (safetensors) bring back mkstemp's 0600: set it again
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, p)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def label_dtype(arr: np.ndarray) -> np.dtype:
     """The smallest NIfTI integer type that holds every id of ``arr`` exactly.
 
@@ -709,7 +433,7 @@ def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
                     for sig in (signal.SIGINT, signal.SIGTERM):
                         old[sig] = signal.signal(sig, lambda signum, frame: deferred.append(signum))
                 try:
-                    umask = _umask()
+                    umask = current_umask()
                     for f in sorted(stage.iterdir()):
                         if f.is_file():
                             os.chmod(f, 0o666 & ~umask)
@@ -821,7 +545,7 @@ def load_warp(path: str | os.PathLike, what: str = "warp") -> Volume:
         img = nib.load(str(p))
         arr = np.asanyarray(img.dataobj)
     except Exception as exc:
-        raise InputError(f"cannot read {what} {p}: {_first_line(exc)}") from None
+        raise InputError(f"cannot read {what} {p}: {first_line(exc)}") from None
     if arr.ndim == 5 and arr.shape[3] == 1:
         arr = arr[:, :, :, 0, :]
     if arr.ndim != 4 or arr.shape[3] != 3 or arr.dtype.kind not in "biuf":
@@ -831,23 +555,6 @@ def load_warp(path: str | os.PathLike, what: str = "warp") -> Volume:
         raise InputError(f"{what} contains NaN or infinite values (or values beyond float32): {p}")
     affine = check_affine(img.affine, what, p)
     return Volume(torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0))), affine)
-
-
-def grid(path: str | os.PathLike, what: str = "image") -> tuple[tuple[int, ...], np.ndarray]:
-    """The spatial shape and voxel-to-world affine of an image from its header alone (no data read; a
-    DICOM series is read whole), as :func:`load` would give them: for checking many files' grids before
-    any work (a batch of pairs).
-
-    Raises:
-        InputError: missing file, another format (see :data:`ACCEPTED_FORMATS`), an unreadable header,
-            or an unusable affine.
-    """
-    p = Path(path)
-    opened = _open_image(p, what)
-    shape = opened.shape
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape[:3], check_affine(opened.affine, what, p)
 
 
 def read_comment(path: str | os.PathLike) -> str | None:

@@ -6,6 +6,7 @@ write files (that is :mod:`synthvox.io`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,6 +278,28 @@ def itk_to_ras_matrix(matrix_lps: np.ndarray) -> np.ndarray:
 
 
 ras_to_itk_matrix = itk_to_ras_matrix
+
+
+def check_affine(affine: np.ndarray, what: str, path: str | os.PathLike | None = None) -> np.ndarray:
+    """A 4x4 float64 voxel-to-world affine, or an :class:`InputError` when it is unusable.
+
+    Refuses non-finite entries, a singular or nearly singular 3x3 part (zero, duplicated or
+    collinear axes) and voxel sizes outside 1e-6 to 1e6 mm (a nanometre to a kilometre), all of which
+    make every later resampling step fail or produce garbage. Readers of images, label maps and
+    warps use it, and :func:`synthvox.io.save` checks the affine it writes.
+    """
+    where = f": {path}" if path is not None else ""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise InputError(f"{what} has an invalid (non-finite or malformed) affine{where}")
+    lin = a[:3, :3]
+    spacing = np.sqrt((lin**2).sum(axis=0))
+    if np.any(spacing < 1e-6) or np.any(spacing > 1e6):
+        raise InputError(f"{what} has voxel sizes {tuple(float(f'{s:.3g}') for s in spacing)} mm, outside 1e-6 to 1e6 mm{where}")
+    # |det| relative to the product of the column norms: 1 for orthogonal axes, 0 for collinear ones
+    if abs(np.linalg.det(lin)) < 1e-6 * float(np.prod(spacing)):
+        raise InputError(f"{what} has a degenerate (singular) affine: its voxel axes are collinear{where}")
+    return a
 
 
 def check_world_matrix(matrix: np.ndarray, what: str = "the initial transform") -> np.ndarray:

@@ -2,7 +2,7 @@
 
 :func:`synthvox.io.save` checks the output and prepares the array (channels, label or float types);
 the writers here put it on disk, each into a temporary place beside the target that is renamed into
-place only when complete (:func:`synthvox.io.atomic_path`, or a temporary folder for the formats
+place only when complete (:func:`synthvox.files.atomic_path`, or a temporary folder for the formats
 that write a header and a data file), so an output is never half-written:
 
 - NIfTI (``.nii``, ``.nii.gz``) through nibabel, the affine as sform and qform;
@@ -12,7 +12,7 @@ that write a header and a data file), so an output is never half-written:
   with ``NAME.zraw``) through SimpleITK, gzip-compressed; the RAS affine becomes ITK's LPS direction,
   spacing and origin, and a multi-channel volume a vector image.
 
-Every non-NIfTI file's header is read back (:func:`synthvox.io.grid`, as :func:`synthvox.io.load`
+Every non-NIfTI file's header is read back (:func:`synthvox.readers.grid`, as :func:`synthvox.io.load`
 reads it) before it is renamed into place, and refused unless it gives the grid and affine it was
 given.
 """
@@ -28,7 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from synthvox import files
 from synthvox.errors import InputError
+from synthvox.itk import itk_error, itk_quiet, simpleitk
+from synthvox.readers import grid
 
 NIFTI_WRITE = (".nii", ".nii.gz")
 MGH_WRITE = (".mgz", ".mgh")
@@ -68,14 +71,8 @@ def check_writable_format(path: str | os.PathLike) -> str:
     if s is None:
         raise InputError(f"output must be an image file in {WRITE_FORMATS}: {path}")
     if s in ITK_WRITE:
-        _simpleitk(f"writing {Path(path).name}")
+        simpleitk(f"writing {Path(path).name}")
     return s
-
-
-def _simpleitk(why: str):  # noqa: ANN202 - the module
-    from synthvox.io import _simpleitk as sitk_or_error
-
-    return sitk_or_error(why)
 
 
 def write(arr: np.ndarray, affine: np.ndarray, path: Path, *, labels: bool, vector: bool = False,
@@ -98,8 +95,6 @@ def _write_nifti(arr: np.ndarray, affine: np.ndarray, p: Path, *, vector: bool, 
                  comment: str | None) -> None:
     import nibabel as nib
 
-    from synthvox.io import atomic_path
-
     if vector:
         data = np.moveaxis(arr, 0, -1)[:, :, :, None, :]
     else:
@@ -112,7 +107,7 @@ def _write_nifti(arr: np.ndarray, affine: np.ndarray, p: Path, *, vector: bool, 
         img.header.set_intent("vector", (), "")
     if comment is not None:
         img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", comment.encode()))
-    with atomic_path(p) as tmp:
+    with files.atomic_path(p) as tmp:
         if compress_level is not None and str(p).lower().endswith(".gz"):
             import gzip
 
@@ -136,14 +131,12 @@ def check_values(arr: np.ndarray, p: Path, *, labels: bool) -> None:
 def _write_mgh(arr: np.ndarray, affine: np.ndarray, p: Path, *, labels: bool) -> None:
     import nibabel as nib
 
-    from synthvox.io import atomic_path
-
     check_values(arr, p, labels=labels)
     if arr.dtype.kind in "biu" and arr.dtype not in [np.dtype(t) for t in _MGH_INTS]:
         arr = arr.astype(np.int32)
     data = arr[0] if arr.shape[0] == 1 else np.moveaxis(arr, 0, -1)
     img = nib.MGHImage(np.ascontiguousarray(data), np.asarray(affine, np.float64))
-    with atomic_path(p) as tmp:
+    with files.atomic_path(p) as tmp:
         nib.save(img, str(tmp))
         _check_back(tmp, p, data.shape[:3], affine)
 
@@ -158,8 +151,7 @@ def itk_geometry(affine: np.ndarray) -> tuple[list[float], list[float], list[flo
 
 
 def _write_itk(arr: np.ndarray, affine: np.ndarray, p: Path) -> None:
-    sitk = _simpleitk(f"writing {p.name}")
-    from synthvox.io import _itk_error, _itk_quiet
+    sitk = simpleitk(f"writing {p.name}")
 
     if arr.shape[0] == 1:
         image = sitk.GetImageFromArray(np.ascontiguousarray(arr[0].transpose(2, 1, 0)))
@@ -171,10 +163,10 @@ def _write_itk(arr: np.ndarray, affine: np.ndarray, p: Path) -> None:
     image.SetOrigin(origin)
     with _atomic_folder(p) as tmp:
         try:
-            with _itk_quiet(sitk):
+            with itk_quiet(sitk):
                 sitk.WriteImage(image, str(tmp), useCompression=True)
         except RuntimeError as exc:
-            raise InputError(f"cannot write {p}: {_itk_error(exc)}") from None
+            raise InputError(f"cannot write {p}: {itk_error(exc)}") from None
         expected = {tmp.name, *(c.name for c in companions(tmp))}
         made = {f.name for f in tmp.parent.iterdir()}
         if made != expected:
@@ -187,13 +179,11 @@ def _atomic_folder(path: Path) -> Iterator[Path]:
     """Yield ``NAME`` inside a temporary folder beside ``path``; on success move what was written there
     into ``path``'s folder (data files first, the header last: a header is never there without its
     data), else delete it."""
-    from synthvox.io import _umask
-
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield stage / path.name
-        umask = _umask()
+        umask = files.current_umask()
         for f in sorted(stage.iterdir(), key=lambda f: f.name == path.name):
             os.chmod(f, 0o666 & ~umask)
             os.replace(f, path.parent / f.name)
@@ -204,8 +194,6 @@ def _atomic_folder(path: Path) -> Iterator[Path]:
 def _check_back(written: Path, p: Path, shape: tuple[int, ...], affine: np.ndarray) -> None:
     """Refuse a file whose header, read as :func:`synthvox.io.load` reads it, gives another grid than
     ``shape`` and ``affine`` (within a thousandth of a voxel, and float32 precision of the origin)."""
-    from synthvox.io import grid
-
     got_shape, got = grid(written, what="written file")
     a = np.asarray(affine, np.float64)
     spacing = float(np.linalg.norm(a[:3, :3], axis=0).min())

@@ -136,22 +136,22 @@ def finetune_command(
 
 def _unlabelled_files(paths: list[Path]) -> list[Path]:
     """The image files that ``--unlabelled`` names: every image of a folder (as ``segment -i``), or the file itself."""
-    from synthvox import io
+    from synthvox import readers
     from synthvox.errors import InputError
     from synthvox.segmentation.folder import nifti_images
 
     files: list[Path] = []
     for p in paths:
-        if p.is_dir() and not io.is_dicom_series(p):
+        if p.is_dir() and not readers.is_dicom_series(p):
             found = nifti_images(p)
             if not found:
-                raise InputError(f"--unlabelled: no images ({', '.join('*' + s for s in io.IMAGE_SUFFIXES)}) in {p}")
+                raise InputError(f"--unlabelled: no images ({', '.join('*' + s for s in readers.IMAGE_SUFFIXES)}) in {p}")
             files += found
         else:
-            files.append(io.check_image_path(p, what="unlabelled image"))
+            files.append(readers.check_image_path(p, what="unlabelled image"))
     names: dict[str, Path] = {}
     for f in files:
-        other = names.setdefault(io.image_stem(f).lower(), f)
+        other = names.setdefault(readers.image_stem(f).lower(), f)
         if other != f:
             raise InputError(f"--unlabelled: {other} and {f} have the same name: their pseudo-labels would share files; rename one")
     return files
@@ -161,13 +161,14 @@ def _distil(image_paths: list[Path], images: list, labels: list, scans: list[Pat
             min_confidence: float, device: torch.device, resume: bool, force: bool, chosen: dict) -> Path:
     """``finetune --unlabelled``: every scan read and every option checked, then :func:`~synthvox.segmentation.distill.distil`."""
     from synthvox import io
+    from synthvox.readers import image_stem
     from synthvox.registration.network import resolve_features
     from synthvox.segmentation.atlas import Atlas, check_fusion
     from synthvox.segmentation.distill import distil
 
     check_fusion(fusion)
     features = resolve_features(features, None)
-    unlabelled = {io.image_stem(p): io.load(p, what=f"unlabelled image {p.name}") for p in scans}
+    unlabelled = {image_stem(p): io.load(p, what=f"unlabelled image {p.name}") for p in scans}
     atlases = [Atlas(im, lab, name=p.name) for p, im, lab in zip(image_paths, images, labels)]
     return distil(atlases, unlabelled, out_dir=out, fusion=fusion, features=features, min_confidence=min_confidence,
                   device=device, resume=resume, force=force, **chosen)
@@ -211,6 +212,7 @@ def segment_command(
     from synthvox import io
     from synthvox.cli.common import resolve_device
     from synthvox.errors import InputError
+    from synthvox.readers import is_dicom_series
 
     # Options first, then every output, then the model: all before any image is read.
     if not 0 <= overlap < 1:
@@ -223,7 +225,7 @@ def segment_command(
     if source is None:
         raise InputError("nothing to segment: give IMAGE, or -i DIR for a folder of images")
     # A folder given with -i is a folder of image files; given as IMAGE, a folder holding a DICOM series is one image.
-    folder = source.is_dir() and not (image is not None and io.is_dicom_series(source))
+    folder = source.is_dir() and not (image is not None and is_dicom_series(source))
     from synthvox.segmentation import folder_jobs
 
     if folder:

@@ -45,6 +45,7 @@ def shapes(
     from synthvox import io
     from synthvox.cli.common import check_number, resolve_device
     from synthvox.errors import InputError
+    from synthvox.readers import check_image_path
     from synthvox.shapes.bank import build_bank
 
     del seed  # building is deterministic
@@ -60,7 +61,7 @@ def shapes(
         raise InputError(f"--max-extent must be 0 (no cap) or at least 2, got {max_extent}")
     # Check every path before the slow part, so a typo in the last file fails at once.
     for p in label_maps:
-        io.check_image_path(p, what="label map")
+        check_image_path(p, what="label map")
     if len({p.resolve() for p in label_maps}) != len(label_maps):
         raise InputError("the same label map is given more than once")
     sources = [source_name(p) for p in label_maps]

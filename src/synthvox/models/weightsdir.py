@@ -70,7 +70,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
     """
     from safetensors.torch import save_file
 
-    from synthvox.io import atomic_path
+    from synthvox.files import atomic_path
 
     net = _unwrap(model)
     if not isinstance(net, UNet):

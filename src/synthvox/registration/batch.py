@@ -91,7 +91,7 @@ class BatchResult:
 def default_name(fixed: Path, moving: Path) -> str:
     """A pair's folder name when the CSV gives none: ``MOVING_to_FIXED`` (file names without their
     image suffix)."""
-    from synthvox.io import image_stem
+    from synthvox.readers import image_stem
 
     return f"{image_stem(moving)}_to_{image_stem(fixed)}"
 
@@ -168,7 +168,7 @@ def check_pairs(pairs: Sequence[Pair], source: str = "the pairs") -> None:
     Raises:
         PairsError: one line per problem, each naming its row.
     """
-    from synthvox import io
+    from synthvox.readers import grid
 
     problems: list[str] = []
     seen: dict[str, int] = {}
@@ -189,7 +189,7 @@ def check_pairs(pairs: Sequence[Pair], source: str = "the pairs") -> None:
             if path is None:
                 continue
             try:
-                grids[column] = io.grid(path, what=column.replace("_", " "))
+                grids[column] = grid(path, what=column.replace("_", " "))
             except InputError as exc:
                 problems.append(f"{where}: {exc}")
         for column, image in _ON_GRID.items():
@@ -316,6 +316,7 @@ def _register_one(pair: Pair, out: Path, *, network: Any, device: torch.device, 
                   warn: Callable[[str], None]) -> str | None:
     """Register one pair and write its folder; ``None``, or the one-line error (then in ``error.txt``)."""
     from synthvox import io
+    from synthvox.files import atomic_path
     from synthvox.registration.pipeline import register
 
     folder = out / pair.name
@@ -342,7 +343,7 @@ def _register_one(pair: Pair, out: Path, *, network: Any, device: torch.device, 
         res.save(folder, force=True, title=f"{pair.moving.name} -> {pair.fixed.name} ({network.kind})")
     except Exception as exc:  # one pair's failure is recorded, the batch goes on (Ctrl-C is not caught)
         message = one_line(exc)
-        with io.atomic_path(folder / ERROR_FILE) as tmp:
+        with atomic_path(folder / ERROR_FILE) as tmp:
             tmp.write_text(message + "\n")
         return message
     (folder / ERROR_FILE).unlink(missing_ok=True)
@@ -412,12 +413,12 @@ def _cell(v: Any) -> str:
 
 def write_results(pairs: Sequence[Pair], out: str | os.PathLike) -> list[dict[str, Any]]:
     """Write ``out/results.csv`` (atomically) for every pair from what is on disk; returns its rows."""
-    from synthvox import io
+    from synthvox.files import atomic_path
 
     rows = results_rows(pairs, out)
     dice_cols = sorted({k for r in rows for k in r if k.startswith("dice_")}, key=lambda k: int(k[5:]) if k[5:].lstrip("-").isdigit() else 0)
     columns = [*RESULT_COLUMNS, *dice_cols]
-    with io.atomic_path(Path(out) / RESULTS_TABLE) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(Path(out) / RESULTS_TABLE) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:

@@ -139,7 +139,7 @@ def nifti_images(folder: Path) -> list[Path]:
     """The image files directly in ``folder`` (hidden files left out), sorted by name: every format
     :func:`synthvox.io.load` reads as a file (NIfTI, MGZ/MGH, NRRD, MHA/MHD); a DICOM series, a folder
     itself, is not one of them (segment it as one image: ``synthvox segment SERIES_DIR --out SEG``)."""
-    from synthvox.io import is_image_path
+    from synthvox.readers import is_image_path
 
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and is_image_path(p))
 
@@ -147,7 +147,7 @@ def nifti_images(folder: Path) -> list[Path]:
 def label_map_name(image: Path) -> str:
     """The label map's name in the output folder: the image's own for NIfTI, ``NAME.nii.gz`` for the
     other formats (``scan.nrrd`` -> ``scan.nii.gz``): outputs are NIfTI."""
-    from synthvox.io import image_stem, is_nifti_path
+    from synthvox.readers import image_stem, is_nifti_path
 
     return image.name if is_nifti_path(image) else image_stem(image) + ".nii.gz"
 
@@ -172,7 +172,7 @@ def folder_outputs(in_dir: str | os.PathLike, out_dir: str | os.PathLike) -> lis
         raise InputError(f"the output folder is the input folder {src}: the label maps would replace the images")
     images = nifti_images(src)
     if not images:
-        from synthvox.io import IMAGE_SUFFIXES, is_dicom_series
+        from synthvox.readers import IMAGE_SUFFIXES, is_dicom_series
 
         series = " (it holds a DICOM series: give it as IMAGE to segment it as one image)" if is_dicom_series(src) else ""
         raise InputError(f"no images ({', '.join('*' + s for s in IMAGE_SUFFIXES)}) in {src}{series}")

@@ -193,7 +193,7 @@ def read_meta(path: str | os.PathLike) -> SegmentationMeta:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically."""
-    from synthvox.io import atomic_path
+    from synthvox.files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -203,7 +203,7 @@ def save_model_dir(net: SegmentationNet, meta: SegmentationMeta, path: str | os.
     """Write ``net`` and ``meta`` as a model directory (each file atomically, the description last)."""
     from safetensors.torch import save_file
 
-    from synthvox.io import atomic_path
+    from synthvox.files import atomic_path
     from synthvox.models import save_model
 
     p = Path(path)

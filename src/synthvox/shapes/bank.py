@@ -227,7 +227,8 @@ class ShapeBank:
             path: the output file; ``.npz`` is expected.
             force: overwrite an existing file.
         """
-        from synthvox.io import atomic_path, check_output
+        from synthvox.files import atomic_path
+        from synthvox.io import check_output
 
         p = check_output(path, force)
         sizes = np.array([q.size for q in self._packed], dtype=np.int64)

@@ -184,7 +184,7 @@ def pretrain(
     task.params = [p for p in task.train_module.parameters() if p.requires_grad]
 
     if info.is_main:
-        from synthvox.io import atomic_path
+        from synthvox.files import atomic_path
 
         with atomic_path(out / "config.yaml") as tmp:
             tmp.write_text(dump_yaml(cfg))

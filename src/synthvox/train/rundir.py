@@ -53,7 +53,7 @@ def prepare_run_dir(out: Path, owned: Sequence[str], resume: bool, force: bool, 
 
 def truncate_log(path: Path, step: int) -> None:
     """Drop the rows of a CSV log after ``step`` (the first column), keeping the header."""
-    from synthvox.io import atomic_path
+    from synthvox.files import atomic_path
 
     if not path.is_file():
         return
