@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from synthvox.errors import InputError
+from synthvox.files import atomic_path
 from synthvox.segmentation.result import Segmentation, as_segmentation
 from synthvox.volume import Volume
 
@@ -264,7 +265,7 @@ def segment_files(
                     if out_dir is None:
                         raise
                     failed[Path(image_path).name] = one_line(exc)
-                    with io.atomic_path(error_path(out_path)) as tmp:
+                    with atomic_path(error_path(out_path)) as tmp:
                         tmp.write_text(failed[Path(image_path).name] + "\n")
                 bar.update(1)
             if out_dir is not None:
@@ -320,7 +321,7 @@ def _save_probabilities(seg: Segmentation, out_path: Path) -> None:
     if seg.probabilities is None:
         raise InputError("this segmenter gives no probability maps (--probabilities needs a model or atlases)")
     io.save(seg.probabilities, probabilities_path(out_path), force=True)
-    with io.atomic_path(probabilities_sidecar(out_path)) as tmp:
+    with atomic_path(probabilities_sidecar(out_path)) as tmp:
         tmp.write_text(json.dumps({"label_ids": list(seg.label_ids), "axis": 3,
                                    "file": probabilities_path(out_path).name}, indent=1) + "\n")
 
@@ -331,12 +332,11 @@ def write_quality_table(done: Sequence[Segmented], path: Path) -> Path:
     then those not segmented yet, so a study's failures head the table."""
     import csv
 
-    from synthvox import io
 
     order = {"failed": 0, "done": 1, "pending": 2}
     rows = sorted(done, key=lambda d: (order.get(d.status, 1), d.quality is None,
                                        d.quality if d.quality is not None else 0.0, d.image.name))
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "labels", "quality", "measure", "labels_present", "seconds", "status", "error"])
         for d in rows:
