@@ -209,8 +209,15 @@ def predict(
     probabilities: bool = False,
 ) -> Segmentation:
     """Segment ``image`` with an already loaded network: its label map, the quality figure
-    (``1 - mean entropy``) and, with ``probabilities``, the per-label probability maps on its grid."""
-    from synthvox.segmentation.result import ENTROPY, Segmentation
+    (``1 - mean entropy``, times the volume agreement when the model records its training volumes:
+    :mod:`synthvox.segmentation.result`) and, with ``probabilities``, the per-label probability maps on its grid."""
+    from synthvox.segmentation.result import (
+        ENTROPY,
+        ENTROPY_VOLUME,
+        Segmentation,
+        label_volumes_ml,
+        volume_agreement,
+    )
 
     device = torch.device(device)
     check_image(image)
@@ -222,12 +229,17 @@ def predict(
     labels, kept, quality = probabilities_on_grid(
         prob, frame.affine, image.shape, image.affine, meta.label_ids, keep=probabilities
     )
+    seg = Volume(labels, image.affine.copy())
+    measure = ENTROPY
+    if meta.label_volumes_ml:  # a scan cut off by its field of view is confident but lacks structures
+        quality *= volume_agreement(label_volumes_ml(seg), meta.label_volumes_ml)
+        measure = ENTROPY_VOLUME
     return Segmentation(
-        labels=Volume(labels, image.affine.copy()),
+        labels=seg,
         probabilities=None if kept is None else Volume(kept, image.affine.copy()),
         label_ids=tuple(int(i) for i in meta.label_ids),
         quality=quality,
-        measure=ENTROPY,
+        measure=measure,
     )
 
 

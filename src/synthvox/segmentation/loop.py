@@ -56,6 +56,7 @@ from synthvox.segmentation.modeldir import (
     save_model_dir,
     write_json,
 )
+from synthvox.segmentation.result import mean_label_volumes_ml
 from synthvox.segmentation.validation import ValidationPlan, plan_validation, validate
 from synthvox.train.checkpointing import load_latest
 from synthvox.train.rundir import check_run_dir
@@ -323,7 +324,7 @@ def finetune(
     with run_folder(out, owned, resume, force, what="a model"):
         return _finetune_into(
             out, cfg, latest, backbone, source, subjects, plan, label_ids, train_spacing,
-            normalisation, device, progress, deadline, pseudo, pseudo_subjects,
+            normalisation, device, progress, deadline, pseudo, pseudo_subjects, mean_label_volumes_ml(labels),
         )
 
 
@@ -343,6 +344,7 @@ def _finetune_into(
     deadline: float | None = None,
     pseudo: PseudoLabels | None = None,
     pseudo_subjects: Sequence[Subject] = (),
+    label_volumes: dict[str, float] | None = None,
 ) -> Path:
     """The training run of :func:`finetune` (:class:`synthvox.train.runner.Runner` around
     :class:`_Finetuning`), writing into the prepared folder ``out``; then the model directory.
@@ -379,6 +381,7 @@ def _finetune_into(
         train={**cfg.to_json(), "init_source": source, "n_train": len(subjects), "val_source": plan.summary,
                "val_kind": plan.kind, "val_held_out": plan.held_out},
         flip_augmented=bool(cfg.augment.flip),
+        label_volumes_ml=dict(label_volumes or {}),
     )
     if pseudo is not None:
         meta.train["n_pseudo"] = len(pseudo_subjects)

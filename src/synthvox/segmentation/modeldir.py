@@ -53,6 +53,9 @@ class SegmentationMeta:
         train: the resolved finetuning configuration (JSON-serialisable).
         history: summary of the run (steps done, last and best validation Dice, ...).
         flip_augmented: whether training used random flips (test-time flips assume it did).
+        label_volumes_ml: the mean volume (mL) of each foreground label over the training label maps,
+            keyed by the label id as text; the quality figure compares a segmentation's volumes with
+            them (empty for models written before it was recorded: the figure is then the entropy's alone).
     """
 
     label_ids: list[int]
@@ -64,6 +67,7 @@ class SegmentationMeta:
     train: dict[str, Any] = field(default_factory=dict)
     history: dict[str, Any] = field(default_factory=dict)
     flip_augmented: bool = False
+    label_volumes_ml: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -111,6 +115,10 @@ class SegmentationMeta:
                 raise bad(key, "a JSON object")
         if not isinstance(d.get("flip_augmented", False), bool):
             raise bad("flip_augmented", "true or false")
+        volumes = d.get("label_volumes_ml", {})
+        if not isinstance(volumes, dict) or not all(
+                isinstance(k, str) and k.isdigit() and int(k) in ids and _is_number(v) and v >= 0 for k, v in volumes.items()):
+            raise bad("label_volumes_ml", "an object from training label ids (as text) to volumes in mL")
         return cls(
             label_ids=[int(i) for i in ids],
             spacing=[float(v) for v in spacing],
@@ -121,6 +129,7 @@ class SegmentationMeta:
             train=dict(d.get("train", {})),
             history=dict(d.get("history", {})),
             flip_augmented=bool(d.get("flip_augmented", False)),
+            label_volumes_ml={k: float(v) for k, v in volumes.items()},
         )
 
 
