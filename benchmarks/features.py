@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,12 +62,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Until scripts/cpu_accumulate.sh (running as this is written) starts the probe as a module
-# (``python3 -m benchmarks.features``), it starts this file as a script: the repository root then goes
-# on the path here. Remove this line with that change.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import common  # noqa: E402
-from benchmarks.registration import group_index  # noqa: E402
+from benchmarks import common
+from benchmarks.registration import group_index
 
 NAME = "features"
 #: nichart_dev subjects whose T1 and FLAIR headers agree (see ../shared/data/README.md).

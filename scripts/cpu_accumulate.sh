@@ -31,4 +31,4 @@ timeout -s TERM "$BUDGET" nice -n 10 python3 -m synthvox pretrain --config "$PRE
   --device cpu progress=false "$@" 2>&1 | tail -n 5
 echo "pretrain exited after $(( $(date +%s) - start )) s"
 python3 scripts/weights.py export "$RUN" --carry "$RUN/carry.safetensors" --model "$RUN/model" --hardware "CPU, 1 thread" || exit 5
-[ -n "${SKIP_PROBE:-}" ] || nice -n 10 python3 benchmarks/features.py --weights shipped --weights "$RUN/model" --out "$RUN/probe" --quick
+[ -n "${SKIP_PROBE:-}" ] || nice -n 10 python3 -m benchmarks.features --weights shipped --weights "$RUN/model" --out "$RUN/probe" --quick
