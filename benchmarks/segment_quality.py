@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --model or --atlases (one of them)")
     from synthvox import io
     from synthvox.metrics import dice_per_label
+    from synthvox.volume import Volume
 
     common.require_shared_data()
     groups = common.dlmuse_groups()
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         for a in atlases:
             p = common.nichart_paths(a)
             lab = io.load_labels(p["dlmuse"])
-            from synthvox.volume import Volume
-
             io.save(Volume(coarse_labels(lab.data, groups), lab.affine), root / f"atlas_{a}.nii.gz", labels=True)
             cmd += ["--atlas-image", str(p["t1"]), "--atlas-label", str(root / f"atlas_{a}.nii.gz")]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}

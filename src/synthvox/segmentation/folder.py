@@ -332,7 +332,6 @@ def write_quality_table(done: Sequence[Segmented], path: Path) -> Path:
     then those not segmented yet, so a study's failures head the table."""
     import csv
 
-
     order = {"failed": 0, "done": 1, "pending": 2}
     rows = sorted(done, key=lambda d: (order.get(d.status, 1), d.quality is None,
                                        d.quality if d.quality is not None else 0.0, d.image.name))
